@@ -1,0 +1,37 @@
+# The README's commands. `make demo` and `make test` set everything up on a fresh machine first.
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+TORCH_SPEC ?= torch==2.14.1
+STAMP := .venv/.lmobj-deps
+
+.PHONY: demo test build lint bench gpu-check clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH_SPEC)" numpy ninja pytest pytest-benchmark ruff matplotlib "triton>=3.6"
+	touch $@
+
+# Incremental (ninja) in-place build of lmobj_kernels._C, then the editable install that puts `lmobj` on PATH.
+build: $(STAMP)
+	$(PY) setup.py --quiet build_ext --inplace
+	test -f .venv/.lmobj-editable || (LMOBJ_SKIP_EXT=1 $(PIP) install --quiet --no-build-isolation --no-deps -e . && touch .venv/.lmobj-editable)
+
+demo: build
+	.venv/bin/lmobj verify
+	.venv/bin/lmobj bench --quick
+
+test: build lint
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	.venv/bin/ruff check .
+
+bench: build
+	.venv/bin/lmobj bench
+
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+clean:
+	rm -rf build lmobj_kernels/_C*.so .venv/.lmobj-editable

@@ -1,0 +1,181 @@
+// CPU kernels of the cross-entropy family: one pass per row for the forward, one for the gradient,
+// float32 accumulation whatever the input dtype. Rows run in parallel (at::parallel_for).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "common/cross_entropy_row.h"
+#include "ops_checks.h"
+
+namespace lmobj {
+namespace {
+
+// z (capped if asked) of one row as float: a view of the input when no conversion is needed, else the scratch.
+template <typename T>
+const float* row_as_float(const T* x, int64_t V, const CEOptions& o, std::vector<float>& scratch) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (o.softcap <= 0.0f) return x;
+  }
+  scratch.resize(V);
+  float* z = scratch.data();
+  if (o.softcap > 0.0f) {
+    const float c = o.softcap, inv_c = 1.0f / o.softcap;
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) z[j] = c * fast_tanhf(static_cast<float>(x[j]) * inv_c);
+  } else {
+    for (int64_t j = 0; j < V; ++j) z[j] = static_cast<float>(x[j]);
+  }
+  return z;
+}
+
+// lse, sum of z, of one row of floats.
+inline void row_stats(const float* z, int64_t V, float& lse, float& sum_z) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < V; ++j) m = z[j] > m ? z[j] : m;
+  float s = 0.0f, sz = 0.0f;
+#pragma omp simd reduction(+ : s, sz)
+  for (int64_t j = 0; j < V; ++j) {
+    s += fast_expf(z[j] - m);
+    sz += z[j];
+  }
+  lse = m + std::log(s);
+  sum_z = sz;
+}
+
+// d loss_row / d z_raw, times g, written as T. z holds the capped values when a cap is set; it may alias `out`
+// (in-place gradient), so the target's entry is computed before the loop overwrites it.
+template <typename T>
+void row_grad(const float* z, int64_t V, int64_t y, float lse, float g, const CEOptions& o, T* out) {
+  const float coef = g * (1.0f + 2.0f * o.z_loss * lse), uni = g * o.smoothing / static_cast<float>(V);
+  const float inv_c = o.softcap > 0.0f ? 1.0f / o.softcap : 0.0f;
+  const bool valid = y >= 0 && y < V;
+  const float zy = valid ? z[y] : 0.0f, ty = zy * inv_c;
+  const float dy = (fast_expf(zy - lse) * coef - uni - g * (1.0f - o.smoothing)) * (1.0f - ty * ty);
+#pragma omp simd
+  for (int64_t j = 0; j < V; ++j) {
+    float t = z[j] * inv_c;  // 0 without a cap
+    out[j] = static_cast<T>((fast_expf(z[j] - lse) * coef - uni) * (1.0f - t * t));
+  }
+  if (valid) {
+    out[y] = static_cast<T>(dy);
+  } else {
+    for (int64_t j = 0; j < V; ++j) out[j] = static_cast<T>(std::numeric_limits<float>::quiet_NaN());
+  }
+}
+
+template <typename T>
+void ce_forward_rows(const T* x, const int64_t* target, int64_t N, int64_t V, int64_t ld, const CEOptions& o,
+                     float* loss, float* lse_out, T* grad_inplace) {
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1)), [&](int64_t b, int64_t e) {
+    std::vector<float> scratch;
+    for (int64_t r = b; r < e; ++r) {
+      const T* row = x + r * ld;
+      const float* z = row_as_float(row, V, o, scratch);
+      float lse, sum_z;
+      row_stats(z, V, lse, sum_z);
+      const int64_t y = row_target(target, o.row_offset + r, o.shift_len, o.ignore_index);
+      const bool valid = y >= 0 && y < V;
+      loss[r] = ce_row_loss(lse, valid ? z[y] : 0.0f, sum_z, V, y, o);
+      lse_out[r] = lse;
+      if (grad_inplace != nullptr) {
+        T* out = grad_inplace + r * ld;
+        if (y == o.ignore_index) {
+          for (int64_t j = 0; j < V; ++j) out[j] = static_cast<T>(0.0f);
+        } else {
+          row_grad(z, V, y, lse, 1.0f, o, out);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void ce_backward_rows(const float* grad_loss, const T* x, const int64_t* target, const float* lse, int64_t N,
+                      int64_t V, int64_t ld, const CEOptions& o, T* out) {
+  at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1)), [&](int64_t b, int64_t e) {
+    std::vector<float> scratch;
+    for (int64_t r = b; r < e; ++r) {
+      const int64_t y = row_target(target, o.row_offset + r, o.shift_len, o.ignore_index);
+      T* orow = out + r * V;
+      if (y == o.ignore_index) {
+        for (int64_t j = 0; j < V; ++j) orow[j] = static_cast<T>(0.0f);
+        continue;
+      }
+      const float* z = row_as_float(x + r * ld, V, o, scratch);
+      row_grad(z, V, y, lse[r], grad_loss[r], o, orow);
+    }
+  });
+}
+
+#define LMOBJ_DISPATCH_FLOATS(dtype, NAME, ...)                                         \
+  switch (dtype) {                                                                    \
+    case at::kFloat: { using scalar_t = float; __VA_ARGS__(); break; }                \
+    case at::kHalf: { using scalar_t = c10::Half; __VA_ARGS__(); break; }             \
+    case at::kBFloat16: { using scalar_t = c10::BFloat16; __VA_ARGS__(); break; }     \
+    default: TORCH_CHECK(false, NAME ": logits must be float32, float16 or bfloat16"); \
+  }
+
+std::tuple<at::Tensor, at::Tensor> ce_fwd_impl(const at::Tensor& logits, const at::Tensor& target, int64_t row_offset,
+                                               int64_t shift_len, int64_t ignore_index, double ls, double zl,
+                                               double cap, bool inplace_grad) {
+  check_ce_args("lmobj::ce_fwd", logits, target, row_offset, shift_len);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  auto loss = at::empty({N}, logits.options().dtype(at::kFloat));
+  auto lse = at::empty({N}, logits.options().dtype(at::kFloat));
+  const CEOptions o{row_offset, shift_len, ignore_index, float(ls), float(zl), float(cap)};
+  LMOBJ_DISPATCH_FLOATS(logits.scalar_type(), "lmobj::ce_fwd", [&] {
+    const scalar_t* x = logits.const_data_ptr<scalar_t>();
+    scalar_t* g = inplace_grad ? logits.mutable_data_ptr<scalar_t>() : nullptr;
+    ce_forward_rows<scalar_t>(x, target.const_data_ptr<int64_t>(), N, V, logits.stride(0), o,
+                              loss.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>(), g);
+  });
+  return {loss, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> ce_fwd_cpu(const at::Tensor& logits, const at::Tensor& target, int64_t row_offset,
+                                              int64_t shift_len, int64_t ignore_index, double ls, double zl,
+                                              double cap) {
+  return ce_fwd_impl(logits, target, row_offset, shift_len, ignore_index, ls, zl, cap, false);
+}
+
+std::tuple<at::Tensor, at::Tensor> ce_fwd_bwd_cpu(at::Tensor& logits, const at::Tensor& target, int64_t row_offset,
+                                                  int64_t shift_len, int64_t ignore_index, double ls, double zl,
+                                                  double cap) {
+  return ce_fwd_impl(logits, target, row_offset, shift_len, ignore_index, ls, zl, cap, true);
+}
+
+at::Tensor ce_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target,
+                      const at::Tensor& lse, int64_t row_offset, int64_t shift_len, int64_t ignore_index, double ls,
+                      double zl, double cap) {
+  check_ce_args("lmobj::ce_bwd", logits, target, row_offset, shift_len);
+  check_row_vector("lmobj::ce_bwd", "grad_loss", grad_loss, logits.size(0));
+  check_row_vector("lmobj::ce_bwd", "lse", lse, logits.size(0));
+  const int64_t N = logits.size(0), V = logits.size(1);
+  auto out = at::empty({N, V}, logits.options());
+  const CEOptions o{row_offset, shift_len, ignore_index, float(ls), float(zl), float(cap)};
+  LMOBJ_DISPATCH_FLOATS(logits.scalar_type(), "lmobj::ce_bwd", [&] {
+    ce_backward_rows<scalar_t>(grad_loss.const_data_ptr<float>(), logits.const_data_ptr<scalar_t>(),
+                               target.const_data_ptr<int64_t>(), lse.const_data_ptr<float>(), N, V, logits.stride(0),
+                               o, out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lmobj, CPU, m) {
+  m.impl("ce_fwd", &ce_fwd_cpu);
+  m.impl("ce_bwd", &ce_bwd_cpu);
+  m.impl("ce_fwd_bwd_", &ce_fwd_bwd_cpu);
+}
+
+}  // namespace lmobj

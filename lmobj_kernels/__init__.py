@@ -1,0 +1,37 @@
+"""lmobj-kernels: fused kernels for language-model pre-training objectives (causal LM, masked LM, denoising)."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from lmobj_kernels._backend import BACKENDS, available_backends  # noqa: E402
+from lmobj_kernels._build_info import build_info  # noqa: E402
+from lmobj_kernels.losses import (  # noqa: E402
+    CausalLMLoss,
+    CrossEntropyLoss,
+    LinearCrossEntropyLoss,
+    MaskedLMLoss,
+    Seq2SeqLMLoss,
+    causal_lm_loss,
+    cross_entropy,
+    linear_cross_entropy,
+    masked_lm_loss,
+    seq2seq_lm_loss,
+)
+
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "build_info",
+    "__version__",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "causal_lm_loss",
+    "seq2seq_lm_loss",
+    "masked_lm_loss",
+    "CrossEntropyLoss",
+    "LinearCrossEntropyLoss",
+    "CausalLMLoss",
+    "MaskedLMLoss",
+    "Seq2SeqLMLoss",
+]

@@ -1,0 +1,244 @@
+"""Op registration of the cross-entropy family (layers in the style of quack: ops -> autograd -> functional API).
+
+- C++ ops `lmobj::ce_fwd / ce_bwd / ce_fwd_bwd_` (schemas in csrc/lmobj.cpp, CPU and CUDA kernels): fakes here.
+- Triton ops `lmobj::ce_fwd_triton / ce_bwd_triton / ce_fwd_bwd_triton_`: torch.library custom ops over
+  triton_kernels/cross_entropy.py.
+- Chunked linear cross-entropy `lmobj::linear_ce_sum / linear_ce_rows / linear_ce_rows_bwd`: matmuls in chunks of
+  rows with a row kernel of the chosen backend in between, so the (N, V) logits never exist at once.
+Forward and backward are separate ops, every op has a fake, so torch.compile(fullgraph=True) traces through them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lmobj_kernels._backend import _C, triton_module
+
+_C()  # loads the C++ schemas (TORCH_LIBRARY(lmobj)) before the fakes below refer to them
+
+
+def _rows_fake(logits, *args):
+    n = logits.shape[0]
+    return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
+
+
+if _C() is not None:
+    torch.library.register_fake("lmobj::ce_fwd")(_rows_fake)
+    torch.library.register_fake("lmobj::ce_fwd_bwd_")(_rows_fake)
+
+    @torch.library.register_fake("lmobj::ce_bwd")
+    def _(grad_loss, logits, *args):
+        return logits.new_empty(logits.shape)
+
+
+# ---- Triton row ops ----
+@torch.library.custom_op("lmobj::ce_fwd_triton", mutates_args=())
+def ce_fwd_triton(logits: Tensor, target: Tensor, row_offset: int, shift_len: int, ignore_index: int,
+                  label_smoothing: float, z_loss: float, softcap: float) -> tuple[Tensor, Tensor]:
+    return triton_module("cross_entropy").ce_forward(logits, target, row_offset, shift_len, ignore_index,
+                                                      label_smoothing, z_loss, softcap)
+
+
+@torch.library.custom_op("lmobj::ce_fwd_bwd_triton_", mutates_args=("logits",))
+def ce_fwd_bwd_triton_(logits: Tensor, target: Tensor, row_offset: int, shift_len: int, ignore_index: int,
+                       label_smoothing: float, z_loss: float, softcap: float) -> tuple[Tensor, Tensor]:
+    return triton_module("cross_entropy").ce_forward(logits, target, row_offset, shift_len, ignore_index,
+                                                      label_smoothing, z_loss, softcap, grad_inplace=True)
+
+
+@torch.library.custom_op("lmobj::ce_bwd_triton", mutates_args=())
+def ce_bwd_triton(grad_loss: Tensor, logits: Tensor, target: Tensor, lse: Tensor, row_offset: int, shift_len: int,
+                  ignore_index: int, label_smoothing: float, z_loss: float, softcap: float) -> Tensor:
+    return triton_module("cross_entropy").ce_backward(grad_loss, logits, target, lse, row_offset, shift_len,
+                                                       ignore_index, label_smoothing, z_loss, softcap)
+
+
+ce_fwd_triton.register_fake(_rows_fake)
+ce_fwd_bwd_triton_.register_fake(_rows_fake)
+
+
+@ce_bwd_triton.register_fake
+def _(grad_loss, logits, *args):
+    return logits.new_empty(logits.shape)
+
+
+@functools.lru_cache(maxsize=None)
+def row_ops(backend: str):
+    """(forward, backward, fused forward + in-place gradient) row kernels of a backend."""
+    if backend == "triton":
+        return torch.ops.lmobj.ce_fwd_triton, torch.ops.lmobj.ce_bwd_triton, torch.ops.lmobj.ce_fwd_bwd_triton_
+    return torch.ops.lmobj.ce_fwd, torch.ops.lmobj.ce_bwd, torch.ops.lmobj.ce_fwd_bwd_
+
+
+# ---- autograd of the row ops (cross_entropy over given logits) ----
+def _ce_setup(ctx, inputs, output):
+    logits, target, *opts = inputs
+    ctx.save_for_backward(logits, target, output[1])
+    ctx.opts = opts
+
+
+def _make_ce_backward(backend: str):
+    def backward(ctx, grad_loss, grad_lse):  # lse is returned detached by the public API
+        logits, target, lse = ctx.saved_tensors
+        grad = row_ops(backend)[1](grad_loss.float().contiguous(), logits, target, lse, *ctx.opts)
+        return (grad,) + (None,) * 7
+
+    return backward
+
+
+if _C() is not None:
+    torch.library.register_autograd("lmobj::ce_fwd", _make_ce_backward("cpu"), setup_context=_ce_setup)
+ce_fwd_triton.register_autograd(_make_ce_backward("triton"), setup_context=_ce_setup)
+
+
+# ---- chunked linear cross-entropy ----
+def _mm_f32_accumulate(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc (float32) += a @ b; float32 accumulation across chunks whatever the dtype of a and b."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda and _addmm_out_dtype_works():
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)  # cuBLAS: low-precision inputs, float32 C
+    else:
+        acc.add_(torch.mm(a, b))
+
+
+@functools.lru_cache(maxsize=None)
+def _addmm_out_dtype_works() -> bool:
+    try:
+        x = torch.ones(2, 2, device="cuda", dtype=torch.bfloat16)
+        acc = torch.zeros(2, 2, device="cuda")
+        torch.addmm(acc, x, x, out_dtype=torch.float32, out=acc)
+        return bool(acc[0, 0] == 2)
+    except (RuntimeError, TypeError):
+        return False
+
+
+def _chunks(hidden, weight, bias, target, opts, chunk, backend, need, grad_rows=None, lse=None):
+    """The loop shared by the linear ops. Modes: grad_rows None and need all False: forward only;
+    grad_rows None and need: forward with in-place gradients for a sum of row losses (the fused path);
+    grad_rows given: backward with per-row weights (recomputes each chunk's logits)."""
+    n, d = hidden.shape
+    v = weight.shape[0]
+    need_dh, need_dw, need_db = need
+    fwd, bwd, fused = row_ops(backend)
+    loss = hidden.new_empty(n, dtype=torch.float32) if grad_rows is None else None
+    lse_out = hidden.new_empty(n, dtype=torch.float32) if grad_rows is None else None
+    dh = hidden.new_empty((n, d)) if need_dh else hidden.new_empty(0)
+    dw32 = weight.new_zeros((v, d), dtype=torch.float32) if need_dw else None
+    db32 = weight.new_zeros(v, dtype=torch.float32) if need_db else None
+    grads = any(need)
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        h = hidden[s:e]
+        logits = torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
+        if grad_rows is None:
+            op = fused if grads else fwd
+            loss[s:e], lse_out[s:e] = op(logits, target, s, *opts)
+            g = logits  # now the gradient of the chunk's summed loss (fused), or unused
+        else:
+            g = bwd(grad_rows[s:e], logits, target, lse[s:e], s, *opts)
+        if not grads:
+            continue
+        if need_dh:
+            torch.mm(g, weight, out=dh[s:e])
+        if need_dw:
+            _mm_f32_accumulate(dw32, g.t(), h)
+        if need_db:
+            db32.add_(g.sum(0, dtype=torch.float32))
+    dw = dw32.to(weight.dtype) if need_dw else weight.new_empty(0)
+    db = db32.to(weight.dtype) if need_db else weight.new_empty(0)
+    return loss, lse_out, dh, dw, db
+
+
+@torch.library.custom_op("lmobj::linear_ce_sum", mutates_args=())
+def linear_ce_sum(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, shift_len: int,
+                  ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, chunk_size: int,
+                  backend: str, need_dh: bool, need_dw: bool, need_db: bool
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Sum of row losses (float32 scalar), lse per row, and the gradients of that sum (empty when not needed),
+    computed in the same pass: each chunk's logits are turned into their gradient in place, then dh and dW."""
+    opts = (shift_len, ignore_index, label_smoothing, z_loss, softcap)
+    loss, lse, dh, dw, db = _chunks(hidden, weight, bias, target, opts, chunk_size, backend,
+                                    (need_dh, need_dw, need_db and bias is not None))
+    return loss.sum(), lse, dh, dw, db
+
+
+@linear_ce_sum.register_fake
+def _(hidden, weight, bias, target, shift_len, ignore_index, ls, zl, cap, chunk, backend, need_dh, need_dw, need_db):
+    n, d = hidden.shape
+    v = weight.shape[0]
+    return (hidden.new_empty((), dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32),
+            hidden.new_empty((n, d) if need_dh else (0,)), weight.new_empty((v, d) if need_dw else (0,)),
+            weight.new_empty((v,) if need_db and bias is not None else (0,)))
+
+
+def _sum_setup(ctx, inputs, output):
+    ctx.has_bias = inputs[2] is not None
+    ctx.save_for_backward(*output[2:])
+
+
+def _sum_backward(ctx, g, _g_lse, _g_dh, _g_dw, _g_db):
+    dh, dw, db = ctx.saved_tensors
+    # Scaled in place: these buffers belong to this op alone. A second backward through the same graph fails
+    # autograd's version check instead of returning twice-scaled gradients.
+    scale = g.to(dh.dtype) if dh.numel() else g
+    gh = dh.mul_(scale) if ctx.needs_input_grad[0] else None
+    gw = dw.mul_(g.to(dw.dtype)) if ctx.needs_input_grad[1] else None
+    gb = db.mul_(g.to(db.dtype)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return (gh, gw, gb) + (None,) * 11
+
+
+linear_ce_sum.register_autograd(_sum_backward, setup_context=_sum_setup)
+
+
+@torch.library.custom_op("lmobj::linear_ce_rows", mutates_args=())
+def linear_ce_rows(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, shift_len: int,
+                   ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, chunk_size: int,
+                   backend: str) -> tuple[Tensor, Tensor]:
+    """Per-row loss and lse; the backward (linear_ce_rows_bwd) recomputes each chunk's logits."""
+    opts = (shift_len, ignore_index, label_smoothing, z_loss, softcap)
+    loss, lse, *_ = _chunks(hidden, weight, bias, target, opts, chunk_size, backend, (False, False, False))
+    return loss, lse
+
+
+@linear_ce_rows.register_fake
+def _(hidden, *args):
+    return _rows_fake(hidden)
+
+
+@torch.library.custom_op("lmobj::linear_ce_rows_bwd", mutates_args=())
+def linear_ce_rows_bwd(grad_rows: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                       lse: Tensor, shift_len: int, ignore_index: int, label_smoothing: float, z_loss: float,
+                       softcap: float, chunk_size: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    opts = (shift_len, ignore_index, label_smoothing, z_loss, softcap)
+    _, _, dh, dw, db = _chunks(hidden, weight, bias, target, opts, chunk_size, backend,
+                               (True, True, bias is not None), grad_rows=grad_rows.float().contiguous(), lse=lse)
+    return dh, dw, db
+
+
+@linear_ce_rows_bwd.register_fake
+def _(grad_rows, hidden, weight, bias, *args):
+    return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), weight.new_empty(
+        (weight.shape[0],) if bias is not None else (0,))
+
+
+def _rows_setup(ctx, inputs, output):
+    hidden, weight, bias, target, *opts = inputs
+    ctx.has_bias = bias is not None
+    ctx.opts = opts
+    ctx.save_for_backward(hidden, weight, bias, target, output[1])
+
+
+def _rows_backward(ctx, grad_rows, _grad_lse):
+    hidden, weight, bias, target, lse = ctx.saved_tensors
+    shift_len, ii, ls, zl, cap, chunk, backend = ctx.opts
+    dh, dw, db = linear_ce_rows_bwd(grad_rows, hidden, weight, bias, target, lse, shift_len, ii, ls, zl, cap, chunk,
+                                    backend)
+    return (dh, dw, db if ctx.has_bias else None) + (None,) * 8
+
+
+linear_ce_rows.register_autograd(_rows_backward, setup_context=_rows_setup)

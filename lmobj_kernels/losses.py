@@ -1,0 +1,332 @@
+"""Fused cross-entropy losses for causal LM, masked LM and seq2seq (ALGORITHMS.md, "Cross-entropy family").
+
+Every function checks its arguments, picks a backend (`backend=` or LMOBJ_BACKEND, else the fastest measured),
+and runs forward and backward as separate ops. Reductions: "none" (per row, 0 at ignored rows), "sum", "mean"
+(over non-ignored rows). Unlike `F.cross_entropy`, "mean" over a batch whose every target is ignored is 0 with a
+zero gradient, not NaN. The returned lse (`return_lse=True`) is detached: it carries no gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from lmobj_kernels import _loss_ops
+from lmobj_kernels._backend import resolve
+from lmobj_kernels.reference import losses as ref
+
+_REDUCTIONS = ("none", "sum", "mean")
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---- argument checks: ValueError / TypeError naming the argument ----
+def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size=None):
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+    if not isinstance(z_loss, (int, float)) or not (z_loss >= 0.0 and math.isfinite(z_loss)):
+        raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
+    if softcap is not None and (not isinstance(softcap, (int, float)) or not (softcap > 0 and math.isfinite(softcap))):
+        raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+
+
+def _check_tensor(name: str, t, dtypes=_FLOATS):
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes and t.dtype != torch.float64:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _check_target(name: str, target, shape, device):
+    if not isinstance(target, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"{name} must hold integer class ids (int64), got {target.dtype}")
+    if tuple(target.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(target.shape)}")
+    if target.device != device:
+        raise ValueError(f"{name} is on {target.device} but the inputs are on {device}")
+
+
+def _check_target_range(name: str, target: Tensor, num_classes: int, ignore_index: int) -> None:
+    """Targets outside [0, V) (other than ignore_index) are an error. On the CPU this reads the values; on a GPU
+    (or while compiling) it is a device-side assert, so no host synchronisation. The kernels never read out of
+    bounds either way: they write NaN for such a row."""
+    ok = ((target >= 0) & (target < num_classes)) | (target == ignore_index)
+    if target.is_cuda or torch.compiler.is_compiling():
+        torch._assert_async(ok.all(), f"{name} holds a class id outside [0, {num_classes}) that is not ignore_index")
+    elif not bool(ok.all()):
+        bad = target[~ok][0].item()
+        raise ValueError(f"{name} holds class id {bad}, outside [0, {num_classes}) and not ignore_index={ignore_index}")
+
+
+def _reduce(rows: Tensor, count: Tensor, reduction: str) -> Tensor:
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    return total if reduction == "sum" else total / count.clamp(min=1).to(total.dtype)
+
+
+def _float_or_float64_backend(backend: str, *tensors: Tensor) -> str:
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        if backend not in ("auto", "torch"):
+            raise TypeError(f"float64 inputs run only on the torch backend, not {backend!r}")
+        return "torch"
+    return backend
+
+
+# ---- cross-entropy over given logits ----
+def cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Drop-in for `F.cross_entropy` on (N, V) or (B, S, V) logits with class-index targets of shape logits[:-1].
+
+    loss_row = (1-e)(lse - z_y) + e(lse - mean z) + a lse^2 after an optional soft cap z <- c tanh(z/c)
+    (e = label_smoothing, a = z_loss, c = softcap). Accumulates in float32; the gradient has the logits' dtype.
+    With `return_lse`, also returns the per-row log-sum-exp (float32, detached), shaped like `target`.
+    """
+    _check_tensor("logits", logits)
+    _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    if logits.dim() < 2:
+        raise ValueError(f"logits must be (N, V) or (B, S, V), got shape {tuple(logits.shape)}")
+    if logits.shape[-1] == 0:
+        raise ValueError("logits must have at least one class (last dimension is 0)")
+    _check_target("target", target, logits.shape[:-1], logits.device)
+    V = logits.shape[-1]
+    flat = logits.reshape(-1, V)
+    tgt = target.reshape(-1).to(torch.int64)
+    _check_target_range("target", tgt, V, ignore_index)
+    name = resolve(_float_or_float64_backend(backend, logits), logits.device, "cross_entropy")
+    if name == "torch":
+        rows, lse = ref.cross_entropy_rows(flat, tgt, ignore_index, label_smoothing, z_loss, softcap)
+    else:
+        if flat.stride(-1) != 1:
+            flat = flat.contiguous()
+        fwd = _loss_ops.row_ops(name)[0]
+        rows, lse = fwd(flat, tgt.contiguous(), 0, 0, ignore_index, float(label_smoothing), float(z_loss),
+                        float(softcap or 0.0))
+    loss = _reduce(rows, (tgt != ignore_index).sum(), reduction)
+    if reduction == "none":
+        loss = loss.reshape(target.shape).to(logits.dtype if logits.dtype == torch.float64 else torch.float32)
+    if return_lse:
+        return loss, lse.detach().reshape(target.shape)
+    return loss
+
+
+# ---- linear + cross-entropy without materialising the logits ----
+def _default_chunk(n: int, v: int, d: int) -> int:
+    """Rows per chunk: a logits chunk about the size of the hidden states (Liger-Kernel's rule), 64 rows at least."""
+    per = max(1, math.ceil(v / max(d, 1)))
+    return max(64, min(n, 1 << max(0, math.ceil(n / per) - 1).bit_length()))
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    *,
+    bias: Tensor | None = None,
+    shift: bool = False,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Cross-entropy of z = hidden @ weight.T (+ bias) without materialising the (N, V) logits.
+
+    hidden: (..., D); weight: (V, D) (the LM head / tied embedding); target: hidden.shape[:-1].
+    shift=True scores position t against target t+1 along the second-to-last axis of hidden (causal LM; the last
+    position of each sequence is ignored) without copying the labels. The rows run in chunks of `chunk_size`
+    (default: a logits chunk about the size of `hidden`), which bounds the extra memory. With a scalar reduction
+    the gradients are computed during the forward (no second pass over the logits) and scaled in backward.
+    """
+    _check_tensor("hidden", hidden)
+    _check_tensor("weight", weight)
+    _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size)
+    if hidden.dim() < 1 or (shift and hidden.dim() < 2):
+        raise ValueError(f"hidden must be (..., D){' with a sequence axis for shift=True' if shift else ''}, "
+                         f"got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be (V, D), got shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight has width {weight.shape[1]} but hidden has D = {hidden.shape[-1]}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one row (V = 0)")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        _check_tensor("bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],) or bias.device != hidden.device:
+            raise ValueError(f"bias must have shape ({weight.shape[0]},) on {hidden.device}")
+    if torch.is_autocast_enabled(hidden.device.type):  # like F.linear under autocast
+        dt = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
+        raise TypeError(f"hidden, weight and bias must share one dtype, got {hidden.dtype}, {weight.dtype}"
+                        f"{', ' + str(bias.dtype) if bias is not None else ''}")
+    _check_target("target", target, hidden.shape[:-1], hidden.device)
+    V, D = weight.shape
+    seq = hidden.shape[-2] if shift else 0
+    h = hidden.reshape(-1, D)
+    tgt = target.reshape(-1).to(torch.int64).contiguous()
+    _check_target_range("target", tgt, V, ignore_index)
+    count = ((target[..., 1:] if shift else target) != ignore_index).sum()
+    name = resolve(_float_or_float64_backend(backend, hidden, weight), hidden.device, "linear_cross_entropy")
+    cap = float(softcap or 0.0)
+    if name == "torch":
+        t = ref.shift_targets(target.to(torch.int64), ignore_index).reshape(-1) if shift else tgt
+        rows, lse = ref.linear_cross_entropy_rows(h, weight, t, bias, ignore_index, label_smoothing, z_loss, softcap)
+        loss = _reduce(rows, count, reduction)
+    else:
+        h = h.contiguous()
+        chunk = chunk_size or _default_chunk(h.shape[0], V, D)
+        args = (seq, ignore_index, float(label_smoothing), float(z_loss), cap, chunk, name)
+        if reduction == "none" or not torch.is_grad_enabled():
+            rows, lse = _loss_ops.linear_ce_rows(h, weight, bias, tgt, *args)
+            loss = _reduce(rows, count, reduction)
+        else:
+            need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+            total, lse, *_ = _loss_ops.linear_ce_sum(h, weight, bias, tgt, *args, *need)
+            loss = total if reduction == "sum" else total / count.clamp(min=1).to(total.dtype)
+    if reduction == "none":
+        loss = loss.reshape(target.shape)
+    if return_lse:
+        return loss, lse.detach().reshape(target.shape)
+    return loss
+
+
+def causal_lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, **kwargs) -> Tensor | tuple[Tensor, Tensor]:
+    """Next-token loss of a decoder: hidden (B, S, D), labels (B, S) = the input ids (positions to skip set to
+    ignore_index). Position t is scored against labels t+1; no label copy. Options as `linear_cross_entropy`."""
+    return linear_cross_entropy(hidden, weight, labels, shift=True, **kwargs)
+
+
+def seq2seq_lm_loss(decoder_hidden: Tensor, weight: Tensor, labels: Tensor, *, hidden_scale: float | None = None,
+                    **kwargs) -> Tensor | tuple[Tensor, Tensor]:
+    """Decoder loss of an encoder-decoder (T5, BART): labels (B, T) are already the targets of each position.
+    `hidden_scale` multiplies the decoder states first (T5 with tied embeddings uses d_model ** -0.5)."""
+    if hidden_scale is not None:
+        if not isinstance(hidden_scale, (int, float)) or not math.isfinite(hidden_scale):
+            raise ValueError(f"hidden_scale must be a finite float, got {hidden_scale!r}")
+        decoder_hidden = decoder_hidden * hidden_scale
+    return linear_cross_entropy(decoder_hidden, weight, labels, shift=False, **kwargs)
+
+
+def masked_lm_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    max_predictions: int | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    **kwargs,
+) -> Tensor:
+    """MLM loss: only positions whose label is not ignore_index go through the LM head.
+
+    hidden (B, S, D) or (N, D); labels hidden.shape[:-1]. The masked rows are gathered, scored with the fused
+    linear cross-entropy, and their gradient scattered back (zeros elsewhere). Without `max_predictions` the
+    number of masked rows is read once on the host; with it (per sequence, like BERT's max_predictions_per_seq,
+    i.e. a total of B * max_predictions rows) shapes are static: no host sync, CUDA-graph and torch.compile
+    friendly. More masked rows than that bound is an error (a device-side assert on a GPU).
+    reduction "none" returns a loss per position (0 where the label is ignored).
+    """
+    _check_tensor("hidden", hidden)
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden must be (B, S, D) or (N, D), got shape {tuple(hidden.shape)}")
+    _check_target("labels", labels, hidden.shape[:-1], hidden.device)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    D = hidden.shape[-1]
+    flat_h = hidden.reshape(-1, D)
+    flat_l = labels.reshape(-1).to(torch.int64)
+    mask = flat_l != ignore_index
+    if max_predictions is None:
+        idx = mask.nonzero().squeeze(1)
+        sel_labels = flat_l.index_select(0, idx)
+    else:
+        if not isinstance(max_predictions, int) or isinstance(max_predictions, bool) or max_predictions < 1:
+            raise ValueError(f"max_predictions must be a positive int, got {max_predictions!r}")
+        rows_per_bound = hidden.shape[0] if hidden.dim() >= 3 else 1
+        size = min(flat_l.numel(), max_predictions * rows_per_bound)
+        if torch.compiler.is_compiling() or hidden.is_cuda:
+            torch._assert_async(mask.sum() <= size, "masked_lm_loss: more masked positions than max_predictions")
+        elif int(mask.sum()) > size:
+            raise ValueError(f"labels mark {int(mask.sum())} positions, more than max_predictions allows ({size})")
+        idx = torch.nonzero_static(mask, size=size, fill_value=-1).squeeze(1)
+        pad = idx < 0
+        idx = idx.clamp(min=0)
+        sel_labels = torch.where(pad, torch.full_like(idx, ignore_index), flat_l.index_select(0, idx))
+    sel = flat_h.index_select(0, idx)
+    out = linear_cross_entropy(sel, weight, sel_labels, bias=bias, ignore_index=ignore_index, reduction=reduction,
+                               **kwargs)
+    if reduction != "none":
+        return out
+    rows = (out[0] if isinstance(out, tuple) else out)
+    full = rows.new_zeros(flat_l.numel()).index_add(0, idx, rows)
+    return full.reshape(labels.shape)
+
+
+# ---- modules ----
+class CrossEntropyLoss(nn.Module):
+    """Module form of `cross_entropy`: forward(logits, target)."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.options = options
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        return cross_entropy(logits, target, **self.options)
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """Module form of `linear_cross_entropy`: forward(hidden, weight, target, bias=None)."""
+
+    fn = staticmethod(linear_cross_entropy)
+
+    def __init__(self, **options):
+        super().__init__()
+        self.options = options
+
+    def forward(self, hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None) -> Tensor:
+        return type(self).fn(hidden, weight, target, bias=bias, **self.options)
+
+
+class CausalLMLoss(LinearCrossEntropyLoss):
+    """Module form of `causal_lm_loss`: forward(hidden, weight, labels, bias=None)."""
+
+    fn = staticmethod(causal_lm_loss)
+
+
+class Seq2SeqLMLoss(LinearCrossEntropyLoss):
+    """Module form of `seq2seq_lm_loss`: forward(decoder_hidden, weight, labels, bias=None)."""
+
+    fn = staticmethod(seq2seq_lm_loss)
+
+
+class MaskedLMLoss(LinearCrossEntropyLoss):
+    """Module form of `masked_lm_loss`: forward(hidden, weight, labels, bias=None)."""
+
+    fn = staticmethod(masked_lm_loss)

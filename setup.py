@@ -62,5 +62,6 @@ setup(
     ext_modules=[e for e in [_extension()] if e is not None],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
     package_dir={"lmobj_kernels": "lmobj_kernels", "lmobj_kernels.triton_kernels": "triton_kernels"},
-    packages=["lmobj_kernels", "lmobj_kernels.reference", "lmobj_kernels.train", "lmobj_kernels.triton_kernels"],
+    packages=["lmobj_kernels", "lmobj_kernels.reference", "lmobj_kernels.train", "lmobj_kernels.verify",
+              "lmobj_kernels.triton_kernels"],
 )

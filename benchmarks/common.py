@@ -1,0 +1,83 @@
+"""Shared pieces of the benchmark scripts: timing, memory, tables, and the JSON result file of DESIGN.md."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import time
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def machine() -> dict:
+    m = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    try:
+        import triton
+
+        m["triton"] = triton.__version__
+    except ImportError:
+        m["triton"] = None
+    if torch.cuda.is_available():
+        m["gpu"] = torch.cuda.get_device_name()
+    else:
+        m["cpu"] = platform.processor() or platform.machine()
+        m["cores"] = os.cpu_count()
+    return m
+
+
+def commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       cwd=os.path.dirname(os.path.abspath(__file__))).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def time_cpu(fn, warmup: int = 1, repeat: int = 5) -> float:
+    """Median wall time in seconds of fn() on the CPU."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def time_gpu(fn, warmup_ms: int = 25, rep_ms: int = 100) -> float:
+    """Median time in seconds of fn() on the GPU (triton.testing.do_bench: CUDA events, cache flushed)."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median") / 1e3
+
+
+def max_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max([len(c)] + [len(x[i]) for x in cells]) for i, c in enumerate(cols)]
+    line = lambda xs: "  ".join(x.ljust(w) for x, w in zip(xs, widths))  # noqa: E731
+    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(x) for x in cells])
+
+
+def write_results(name: str, rows: list[dict], where: str | None = None) -> str:
+    """benchmarks/results/<name>-<machine>-<date>.json with rows {bench, backend, shape, metric, value, unit}."""
+    where = where or RESULTS
+    os.makedirs(where, exist_ok=True)
+    kind = "gpu" if torch.cuda.is_available() else "cpu"
+    date = datetime.date.today().isoformat()
+    path = os.path.join(where, f"{name}-{kind}-{date}.json")
+    with open(path, "w") as f:
+        json.dump({"machine": machine(), "commit": commit(), "date": date, "rows": rows}, f, indent=1)
+    return path

@@ -1,0 +1,46 @@
+"""Shared test helpers: backends that can run here, the low-precision rule, GPU marker handling."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from lmobj_kernels._backend import available_backends
+
+HAS_GPU = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run benchmarks/gpu_check.sh on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def backends_here(device: str = "cpu", include_torch: bool = False) -> list[str]:
+    """Kernel backends that run on `device` here: cpu (C++), triton (interpreted on CPU when TRITON_INTERPRET=1)."""
+    names = available_backends(torch.device(device))
+    return [b for b in names if include_torch or b != "torch"]
+
+
+def assert_lowp_close(out, ref64, plain, factor=2.0, floor=1e-6, what="output"):
+    """DESIGN.md's rule: |out - ref64| <= factor * |plain - ref64| + floor (max norm), where `plain` is plain
+    PyTorch in the same precision as `out`. NaN never passes."""
+    out, ref64, plain = out.detach().double(), ref64.detach().double(), plain.detach().double()
+    assert torch.isfinite(out).all(), f"{what}: non-finite values"
+    err = float((out - ref64).abs().max()) if out.numel() else 0.0
+    bound = factor * (float((plain - ref64).abs().max()) if plain.numel() else 0.0) + floor
+    assert err <= bound, f"{what}: max error {err:.3g} > bound {bound:.3g}"
+
+
+@pytest.fixture
+def gen():
+    """A fresh seed per test run (printed on failure through the test id's repr of the seed)."""
+    seed = int(os.environ.get("LMOBJ_TEST_SEED", torch.seed() % (2**31)))
+    g = torch.Generator().manual_seed(seed)
+    g.seed_value = seed
+    return g

@@ -183,12 +183,14 @@ def _sum_setup(ctx, inputs, output):
 
 def _sum_backward(ctx, g, _g_lse, _g_dh, _g_dw, _g_db):
     dh, dw, db = ctx.saved_tensors
-    # Scaled in place: these buffers belong to this op alone. A second backward through the same graph fails
-    # autograd's version check instead of returning twice-scaled gradients.
-    scale = g.to(dh.dtype) if dh.numel() else g
-    gh = dh.mul_(scale) if ctx.needs_input_grad[0] else None
-    gw = dw.mul_(g.to(dw.dtype)) if ctx.needs_input_grad[1] else None
-    gb = db.mul_(g.to(db.dtype)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    # Eager: scale in place, these buffers belong to this op alone (a second backward through the same graph then
+    # fails autograd's version check rather than returning twice-scaled gradients). While tracing (torch.compile,
+    # opcheck) tensors are subclasses and the functional form is used.
+    eager = type(dh) is torch.Tensor and not torch.compiler.is_compiling()
+    scale = lambda t: (t.mul_(g.to(t.dtype)) if eager else t * g.to(t.dtype))  # noqa: E731
+    gh = scale(dh) if ctx.needs_input_grad[0] else None
+    gw = scale(dw) if ctx.needs_input_grad[1] else None
+    gb = scale(db) if ctx.has_bias and ctx.needs_input_grad[2] else None
     return (gh, gw, gb) + (None,) * 11
 
 

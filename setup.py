@@ -42,7 +42,8 @@ def _extension():
     cxx = ["-O3", "-fopenmp-simd"]  # the C++ standard comes from torch (C++20 for 2.14)
     if platform.machine() in ("x86_64", "AMD64"):
         cxx += ["-mavx2", "-mfma"]  # the CPU kernels' inner loops auto-vectorise with these
-    define = [("LMOBJ_WITH_CUDA", "1" if with_cuda else "0"), ("LMOBJ_CUDA_ARCHS", f'"{os.environ["TORCH_CUDA_ARCH_LIST"]}"' if with_cuda else '""'),
+    archs = os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else ""
+    define = [("LMOBJ_WITH_CUDA", "1" if with_cuda else "0"), ("LMOBJ_CUDA_ARCHS", f'"{archs}"'),
               ("LMOBJ_TORCH_VERSION", f'"{torch.__version__}"')]
     include = [os.path.join(ROOT, "csrc")]
     print(f"[lmobj setup] torch {torch.__version__} (cuda {torch.version.cuda}), CUDA_HOME={CUDA_HOME}, "

@@ -1,4 +1,5 @@
-"""Backend choice and availability: `cuda` (csrc/cuda), `triton` (triton_kernels), `cpu` (csrc/cpu), `torch` (reference).
+"""Backend choice and availability: `cuda` (csrc/cuda), `triton` (triton_kernels), `cpu` (csrc/cpu),
+`torch` (reference/).
 
 `backend="auto"` (or the LMOBJ_BACKEND environment variable) picks, for CUDA tensors, the backend the benchmarks
 measured fastest for that op (FASTEST_ON_GPU), and for CPU tensors the C++ CPU kernel, else the reference.

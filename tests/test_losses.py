@@ -7,7 +7,7 @@ import torch
 
 import lmobj_kernels as L
 from lmobj_kernels import _loss_ops
-from tests.conftest import HAS_GPU, assert_lowp_close, backends_here
+from tests.conftest import assert_lowp_close, backends_here
 
 CPU_BACKENDS = backends_here("cpu")  # cpu (C++), triton (interpreted when TRITON_INTERPRET=1)
 OPTS = [dict(), dict(label_smoothing=0.1), dict(z_loss=1e-3), dict(softcap=4.0, label_smoothing=0.05, z_loss=1e-4)]

@@ -95,18 +95,18 @@ def make_inputs(bench: str, size: dict, device: str, dtype: torch.dtype, seed: i
     if bench in ("linear_ce", "head"):
         n, d, v = size["N"], size["D"], size["V"]
         h = torch.randn(n, d, generator=g).to(device, dtype).requires_grad_()
-        w = (torch.randn(v, d, generator=g) / d**0.5).to(device, dtype).requires_grad_()
+        w = torch.randn(v, d, generator=g).div_(d**0.5).to(device, dtype).requires_grad_()
         t = torch.randint(0, v, (n,), generator=g).to(device)
         return h, w, t
     if bench == "masked_lm":
         b, s, d, v = size["B"], size["S"], size["D"], size["V"]
         h = torch.randn(b, s, d, generator=g).to(device, dtype).requires_grad_()
-        w = (torch.randn(v, d, generator=g) / d**0.5).to(device, dtype).requires_grad_()
+        w = torch.randn(v, d, generator=g).div_(d**0.5).to(device, dtype).requires_grad_()
         labels = torch.randint(0, v, (b, s), generator=g)
         labels[torch.rand(b, s, generator=g) >= 0.15] = -100
         return h, w, labels.to(device)
     n, v = size["N"], size["V"]
-    x = (torch.randn(n, v, generator=g) * 2).to(device, dtype).requires_grad_()
+    x = torch.randn(n, v, generator=g).mul_(2).to(device, dtype).requires_grad_()
     return x, torch.randint(0, v, (n,), generator=g).to(device)
 
 
@@ -137,6 +137,8 @@ CPU_IMPLS = {
 
 
 def measure_cpu_child(bench: str, impl: str, size: dict, repeat: int) -> dict:
+    # Inputs are made without large temporaries: a freed temporary would raise max RSS before the base is read and
+    # hide that much of the contender's own memory.
     closure(bench, impl, make_inputs(bench, QUICK_SIZES[bench], "cpu", torch.float32))()  # load libraries first
     inputs = make_inputs(bench, size, "cpu", torch.float32)
     base = common.max_rss_bytes()
@@ -193,6 +195,9 @@ def measure_gpu(bench: str, impl: str, size: dict, dtype: torch.dtype) -> dict |
     fn = closure(bench, impl, inputs)
     try:
         fn()
+        for t in inputs:  # peak = growth over the inputs alone: the gradients count
+            if isinstance(t, torch.Tensor):
+                t.grad = None
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()

@@ -214,6 +214,9 @@ def measure_gpu(bench: str, impl: str, size: dict, dtype: torch.dtype) -> dict |
 
 
 def run_gpu(quick: bool) -> list[dict]:
+    from lmobj_kernels import _loss_ops
+
+    print(f"  dW accumulation through cuBLAS addmm(out_dtype=float32): {_loss_ops._addmm_out_dtype_works()}")
     rows = []
     plan = [
         ("cross_entropy", dict(N=8192, V=32000), torch.bfloat16, ["lmobj-cuda", "lmobj-triton", "torch"]),

@@ -178,6 +178,10 @@ def _(hidden, weight, bias, target, shift_len, ignore_index, ls, zl, cap, chunk,
 def _sum_setup(ctx, inputs, output):
     ctx.has_bias = inputs[2] is not None
     ctx.save_for_backward(*output[2:])
+    # Only the loss carries a gradient: without these, autograd would materialise zero gradients the size of the
+    # saved dh and dW for the unused outputs (a dW-sized allocation in every backward).
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)
 
 
 def _sum_backward(ctx, g, _g_lse, _g_dh, _g_dw, _g_db):
@@ -229,6 +233,7 @@ def _(grad_rows, hidden, weight, bias, *args):
 
 def _rows_setup(ctx, inputs, output):
     hidden, weight, bias, target, *opts = inputs
+    ctx.mark_non_differentiable(output[1])
     ctx.has_bias = bias is not None
     ctx.opts = opts
     ctx.save_for_backward(hidden, weight, bias, target, output[1])

@@ -22,6 +22,8 @@ def _table(rows: list[dict], cols: list[str]) -> str:
 
 
 def cmd_verify(args) -> int:
+    if args.triton_interpret:  # before any Triton kernel module is imported
+        os.environ["TRITON_INTERPRET"] = "1"
     from lmobj_kernels import verify
 
     rows = verify.run(args.device, args.family or None)
@@ -66,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser("verify", help="check every op on every available backend against the reference")
     v.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     v.add_argument("--family", action="append", help="only this family (repeatable)")
+    v.add_argument("--triton-interpret", action="store_true",
+                   help="also run the Triton kernels on the CPU through Triton's interpreter (slow; small sizes)")
     v.set_defaults(fn=cmd_verify)
     b = sub.add_parser("bench", help="run the benchmark scripts (benchmarks/bench_*.py)")
     b.add_argument("--quick", action="store_true", help="small sizes, a few seconds each")

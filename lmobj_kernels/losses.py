@@ -130,17 +130,18 @@ def cross_entropy(
 
 
 # ---- linear + cross-entropy without materialising the logits ----
-# Bytes of logits one chunk may hold on a GPU. Each chunk's dW update reads and writes the whole float32 (V, D)
-# accumulator, so few large chunks are fast and many small ones are bound by that traffic: 1 GiB runs Llama-3's
-# head at 8192 tokens in 4 chunks. On the CPU the matmuls dominate and memory is scarcer: a chunk's logits are about
-# the size of the hidden states (the "aspect ratio" rule of Liger-Kernel and PyTorch's chunked loss).
-GPU_CHUNK_BYTES = 1 << 30
+# Bytes of logits one chunk may hold. Each chunk's dW update reads and writes the whole float32 (V, D)
+# accumulator and is a matmul with K = rows of the chunk, so few large chunks are fast and many small ones are bound
+# by that traffic. Measured on the CPU (N=4096, D=768, V=50257, fp32, fwd+bwd, one loaded 2-core machine): 64 rows
+# 24.3 s, 256 rows 15.4 s, 1024 rows 13.4 s, eager PyTorch 15.6-17.9 s. 1 GiB runs Llama-3's head at 8192 tokens
+# in 4 chunks on a GPU. Smaller `chunk_size` trades time for memory.
+CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
 
 
-def _default_chunk(n: int, v: int, d: int, elt: int, device: torch.device) -> int:
-    """Rows per chunk (64 at least)."""
-    rows = GPU_CHUNK_BYTES // max(1, v * elt) if device.type == "cuda" else (n * d) // max(1, v)
-    return max(1, min(n, max(64, rows)))
+def _default_chunk(n: int, v: int, elt: int, device: torch.device) -> int:
+    """Rows per chunk: as many as fit CHUNK_BYTES of logits, 64 at least."""
+    budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"])
+    return max(1, min(n, max(64, budget // max(1, v * elt))))
 
 
 def linear_cross_entropy(
@@ -164,8 +165,8 @@ def linear_cross_entropy(
     hidden: (..., D); weight: (V, D) (the LM head / tied embedding); target: hidden.shape[:-1].
     shift=True scores position t against target t+1 along the second-to-last axis of hidden (causal LM; the last
     position of each sequence is ignored) without copying the labels. The rows run in chunks of `chunk_size`
-    (default: a logits chunk of at most 1 GiB on a GPU, about the size of `hidden` on the CPU), which bounds the
-    extra memory: the chunk's logits plus a float32 accumulator for the weight gradient. With a scalar reduction
+    (default: a logits chunk of at most 1 GiB on a GPU, 64 MiB on the CPU), which bounds the extra memory: the
+    chunk's logits plus a float32 accumulator for the weight gradient. With a scalar reduction
     the gradients are computed during the forward (no second pass over the logits) and scaled in backward.
     """
     _check_tensor("hidden", hidden)
@@ -208,7 +209,7 @@ def linear_cross_entropy(
         loss = _reduce(rows, count, reduction)
     else:
         h = h.contiguous()
-        chunk = chunk_size or _default_chunk(h.shape[0], V, D, h.element_size(), h.device)
+        chunk = chunk_size or _default_chunk(h.shape[0], V, h.element_size(), h.device)
         args = (seq, ignore_index, float(label_smoothing), float(z_loss), cap, chunk, name)
         if reduction == "none" or not torch.is_grad_enabled():
             rows, lse = _loss_ops.linear_ce_rows(h, weight, bias, tgt, *args)

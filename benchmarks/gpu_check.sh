@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The one command for a GPU machine (DESIGN.md, "On a GPU"): build for this card only, run the GPU tests
 # (CUDA and compiled Triton), compute-sanitizer on small cases of each CUDA kernel, the benchmarks at real sizes,
-# and a report with card, driver, versions, commit and every figure. Must finish in under 8 minutes.
+# and a report with card, driver, versions, commit and every figure. Finishes within GPU_CHECK_SECONDS (default
+# 470, under DESIGN.md's 8 minutes): each stage gets a time cap, shrunk to what is left, and says when it was cut.
 #   usage: benchmarks/gpu_check.sh [OUT_DIR] [family ...]     (families: losses corruption attention train)
-# Peers that are pure Python (liger-kernel, cut-cross-entropy) are installed with --no-deps from .wheels/ if present.
+# Pure-Python peers (liger-kernel, cut-cross-entropy) are installed with --no-deps from .wheels/ when present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results}
@@ -12,10 +13,14 @@ FAMILIES=${*:-losses corruption attention train}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-')
-DATE=$(date -u +%Y-%m-%d)
-REPORT="$OUT/gpu-check-${GPU}-${DATE}.md"
+REPORT="$OUT/gpu-check-${GPU}-$(date -u +%Y-%m-%d-%H%M).md"
 T0=$(date +%s)
+BUDGET=${GPU_CHECK_SECONDS:-470}
 step() { echo; echo "## $1 (t=$(( $(date +%s) - T0 ))s)"; }
+# cap CAP: the stage's limit in seconds, at most what is left of the budget (minus a reserve for the report)
+cap() { local left=$(( BUDGET - ($(date +%s) - T0) - 10 )); (( left < $1 )) && echo $(( left > 5 ? left : 5 )) || echo "$1"; }
+run_capped() { local c; c=$(cap "$1"); shift; timeout "$c" "$@"; local rc=$?; (( rc == 124 )) && echo "!! cut at ${c}s"; return $rc; }
+export PYTHONUNBUFFERED=1
 {
 echo "# gpu_check report"
 echo
@@ -23,7 +28,7 @@ echo "- date: $(date -u +%FT%TZ)"
 echo "- commit: ${LMOBJ_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
 echo "- card: $(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader)"
 echo "- nvcc: $(nvcc --version | tail -1)"
-echo "- families: $FAMILIES"
+echo "- families: $FAMILIES; budget ${BUDGET}s"
 $PY -c "import torch, triton, sys; print(f'- python {sys.version.split()[0]}, torch {torch.__version__} (cuda {torch.version.cuda}), triton {triton.__version__}')"
 
 step "build (this card only)"
@@ -31,21 +36,18 @@ CAP=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())"
 export TORCH_CUDA_ARCH_LIST=$CAP FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
 echo "TORCH_CUDA_ARCH_LIST=$CAP"
 LMOBJ_SKIP_EXT=1 $PY -m pip install --quiet --no-build-isolation --no-deps -e . 2>&1 | tail -3
-$PY setup.py --quiet build_ext --inplace 2>&1 | grep -v "^$" | tail -5
+$PY setup.py --quiet build_ext --inplace 2>&1 | grep -E "error|warning: " | head -20
 if ls .wheels/*.whl >/dev/null 2>&1; then $PY -m pip install --quiet --no-deps .wheels/*.whl 2>&1 | tail -2; fi
-$PY -m lmobj_kernels.cli info | head -40
+$PY -m lmobj_kernels.cli info | tr -d '\n ' | head -c 1500; echo
 
 step "GPU tests"
 TESTS=""
 for f in $FAMILIES; do [ -f "tests/test_$f.py" ] && TESTS="$TESTS tests/test_$f.py"; done
-timeout 240 $PY -m pytest -q -m gpu -p no:cacheprovider $TESTS 2>&1 | tail -30
-
-step "lmobj verify --device cuda"
-timeout 60 $PY -m lmobj_kernels.cli verify --device cuda 2>&1 | tail -40
+run_capped 200 $PY -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -rfE --tb=line $TESTS 2>&1 | tail -40
 
 step "compute-sanitizer (memcheck) on small cases"
 if command -v compute-sanitizer >/dev/null; then
-  timeout 150 compute-sanitizer --tool memcheck --error-exitcode 3 $PY benchmarks/sanitize_cases.py $FAMILIES 2>&1 \
+  run_capped 60 compute-sanitizer --tool memcheck --error-exitcode 3 $PY benchmarks/sanitize_cases.py $FAMILIES 2>&1 \
     | grep -v "^========= COMPUTE-SANITIZER" | tail -15
   echo "compute-sanitizer exit: ${PIPESTATUS[0]}"
 else
@@ -56,7 +58,7 @@ step "benchmarks (--gpu)"
 for f in $FAMILIES; do
   if [ -f "benchmarks/bench_$f.py" ]; then
     echo "### bench_$f"
-    timeout 300 $PY benchmarks/bench_$f.py --gpu --out "$OUT" 2>&1 | tail -40
+    run_capped 150 $PY benchmarks/bench_$f.py --gpu --out "$OUT" 2>&1 | tail -45
   fi
 done
 step "done"

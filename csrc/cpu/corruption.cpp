@@ -1,0 +1,203 @@
+// CPU kernels of the corruption family (ALGORITHMS.md, "Randomness", "T5 span corruption", "MLM masking").
+// One row at a time, rows in parallel (at::parallel_for). Cuts of a random composition are the k-1 slots with the
+// smallest (Philox key, slot index) pairs, found with nth_element (linear time): the same set the CUDA and
+// Triton kernels find with a threshold search and the reference with a sort.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "common/philox.h"
+#include "common/span_math.h"
+#include "corruption_checks.h"
+
+namespace lmobj {
+namespace {
+
+// cut[j] = 1 for the `want` slots j < m with the smallest (key_j, j); keys from `stream` of row `row`.
+void select_cuts(uint64_t seed, int64_t row, uint32_t stream, int64_t m, int64_t want, std::vector<uint8_t>& cut,
+                 std::vector<uint64_t>& comp, std::vector<uint64_t>& sorted) {
+  cut.assign(static_cast<size_t>(std::max<int64_t>(m, 0)), 0);
+  if (want <= 0 || m <= 0) return;
+  comp.resize(m);
+  for (int64_t b = 0; b * 4 < m; ++b) {
+    const Philox4 r = philox_row(seed, row, stream, static_cast<uint32_t>(b));
+    for (int w = 0; w < 4 && b * 4 + w < m; ++w) {
+      const int64_t j = b * 4 + w;
+      comp[j] = (static_cast<uint64_t>(r.v[w]) << 32) | static_cast<uint64_t>(j);
+    }
+  }
+  if (want >= m) {
+    std::fill(cut.begin(), cut.end(), 1);
+    return;
+  }
+  sorted.assign(comp.begin(), comp.end());
+  std::nth_element(sorted.begin(), sorted.begin() + (want - 1), sorted.end());
+  const uint64_t thr = sorted[want - 1];
+  for (int64_t j = 0; j < m; ++j) cut[j] = comp[j] <= thr;
+}
+
+std::tuple<at::Tensor, at::Tensor> span_corrupt_cpu(const at::Tensor& input_ids, const at::Tensor& lengths,
+                                                    const at::Tensor& seed, int64_t row_offset, double noise_density,
+                                                    double mean_span_length, const at::Tensor& sentinel_ids,
+                                                    int64_t eos_id, int64_t pad_id, int64_t label_pad_id,
+                                                    int64_t inputs_width, int64_t targets_width) {
+  check_span_args("lmobj::span_corrupt", input_ids, lengths, seed, sentinel_ids, row_offset, inputs_width,
+                  targets_width);
+  const int64_t B = input_ids.size(0), S = input_ids.size(1), ld = input_ids.stride(0);
+  const float r = static_cast<float>(noise_density), m = static_cast<float>(mean_span_length);
+  const int64_t* len = lengths.const_data_ptr<int64_t>();
+  const int64_t NS = sentinel_ids.numel();
+  for (int64_t b = 0; b < B; ++b) {  // host-side guards: the Python API already checked these
+    TORCH_CHECK(len[b] >= 0 && len[b] <= S, "lmobj::span_corrupt: lengths[", b, "] = ", len[b],
+                " is outside [0, ", S, "]");
+    const SpanCounts c = span_counts(len[b], r, m);
+    TORCH_CHECK(c.k <= NS, "lmobj::span_corrupt: row ", b, " needs ", c.k, " sentinels, only ", NS, " given");
+    TORCH_CHECK(span_inputs_len(len[b], c) <= inputs_width && span_targets_len(c) <= targets_width,
+                "lmobj::span_corrupt: inputs_width/targets_width too small for row ", b);
+  }
+  auto inputs = at::empty({B, inputs_width}, input_ids.options());
+  auto targets = at::empty({B, targets_width}, input_ids.options());
+  const int64_t* x = input_ids.const_data_ptr<int64_t>();
+  const int64_t* sent = sentinel_ids.const_data_ptr<int64_t>();
+  int64_t* oi_base = inputs.mutable_data_ptr<int64_t>();
+  int64_t* ot_base = targets.mutable_data_ptr<int64_t>();
+  const uint64_t sd = static_cast<uint64_t>(seed.const_data_ptr<int64_t>()[0]);
+  at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+    std::vector<uint8_t> cut_noise, cut_keep;
+    std::vector<uint64_t> comp, sorted;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t L = len[b], g = row_offset + b;
+      const int64_t* row = x + b * ld;
+      int64_t* in = oi_base + b * inputs_width;
+      int64_t* tg = ot_base + b * targets_width;
+      const SpanCounts c = span_counts(L, r, m);
+      int64_t oi = 0, ot = 0;
+      if (c.n == 0) {
+        for (int64_t p = 0; p < L; ++p) in[oi++] = row[p];
+      } else {
+        const int64_t nkeep = L - c.n;
+        select_cuts(sd, g, kStreamSpanNoise, c.n - 1, c.k - 1, cut_noise, comp, sorted);
+        select_cuts(sd, g, kStreamSpanKeep, nkeep - 1, c.k - 1, cut_keep, comp, sorted);
+        int64_t p = 0, jn = 0, jx = 0;
+        for (int64_t q = 0; q < c.k; ++q) {
+          for (bool end = false; !end; ++jx) {  // non-noise run q
+            in[oi++] = row[p++];
+            end = jx == nkeep - 1 || cut_keep[jx];
+          }
+          in[oi++] = sent[q];
+          tg[ot++] = sent[q];
+          for (bool end = false; !end; ++jn) {  // noise run q
+            tg[ot++] = row[p++];
+            end = jn == c.n - 1 || cut_noise[jn];
+          }
+        }
+      }
+      in[oi++] = eos_id;
+      tg[ot++] = eos_id;
+      for (; oi < inputs_width; ++oi) in[oi] = pad_id;
+      for (; ot < targets_width; ++ot) tg[ot] = label_pad_id;
+    }
+  });
+  return {inputs, targets};
+}
+
+std::tuple<at::Tensor, at::Tensor> mlm_mask_cpu(const at::Tensor& input_ids, const std::optional<at::Tensor>& word_ids,
+                                                const at::Tensor& seed, int64_t row_offset,
+                                                const at::Tensor& special_ids, bool exact, int64_t select_threshold,
+                                                int64_t mask_threshold, int64_t random_threshold, int64_t random_low,
+                                                int64_t random_range, int64_t mask_id, int64_t ignore_index) {
+  check_mlm_args("lmobj::mlm_mask", input_ids, word_ids, seed, special_ids, row_offset, select_threshold,
+                 mask_threshold, random_threshold, random_range);
+  const int64_t B = input_ids.size(0), S = input_ids.size(1), ld = input_ids.stride(0);
+  auto out = at::empty({B, S}, input_ids.options());
+  auto labels = at::empty({B, S}, input_ids.options());
+  const int64_t* x = input_ids.const_data_ptr<int64_t>();
+  const bool words = word_ids.has_value();
+  const int64_t* wid = words ? word_ids->const_data_ptr<int64_t>() : nullptr;
+  const int64_t wld = words ? word_ids->stride(0) : 0;
+  const int64_t* sp = special_ids.const_data_ptr<int64_t>();
+  const int64_t nsp = special_ids.numel();
+  const uint64_t sd = static_cast<uint64_t>(seed.const_data_ptr<int64_t>()[0]);
+  int64_t* o_base = out.mutable_data_ptr<int64_t>();
+  int64_t* l_base = labels.mutable_data_ptr<int64_t>();
+  at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+    std::vector<Philox4> draws(S);
+    std::vector<uint8_t> elig(S), unit(S);
+    std::vector<int64_t> start(S);
+    std::vector<uint64_t> comp, sorted;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t g = row_offset + b;
+      const int64_t* row = x + b * ld;
+      const int64_t* wrow = words ? wid + b * wld : nullptr;
+      int64_t* o = o_base + b * S;
+      int64_t* lab = l_base + b * S;
+      // Eligible tokens; a selection unit is an eligible token, or with word ids the first token of a run of
+      // eligible tokens sharing a word id (>= 0). start[p] = the unit that decides token p.
+      comp.clear();
+      int64_t cur = -1;
+      for (int64_t p = 0; p < S; ++p) {
+        bool e = true;
+        for (int64_t s = 0; s < nsp; ++s) e = e && row[p] != sp[s];
+        if (words) e = e && wrow[p] >= 0;
+        elig[p] = e;
+        draws[p] = philox_row(sd, g, kStreamMLM, static_cast<uint32_t>(p));
+        bool u = e;
+        if (words) u = e && (p == 0 || !elig[p - 1] || wrow[p - 1] != wrow[p]);
+        unit[p] = u;
+        if (u) cur = p;
+        start[p] = e ? cur : -1;
+        if (u) {
+          const uint32_t key = words ? draws[p].v[3] : draws[p].v[0];
+          comp.push_back((static_cast<uint64_t>(key) << 32) | static_cast<uint64_t>(p));
+        }
+      }
+      uint64_t thr = 0;
+      int64_t want = 0;
+      if (exact) {
+        want = mlm_exact_count(static_cast<int64_t>(comp.size()), select_threshold);
+        if (want > 0) {
+          sorted.assign(comp.begin(), comp.end());
+          std::nth_element(sorted.begin(), sorted.begin() + (want - 1), sorted.end());
+          thr = sorted[want - 1];
+        }
+      }
+      for (int64_t p = 0; p < S; ++p) {
+        bool sel = false;
+        if (start[p] >= 0) {
+          const int64_t u = start[p];
+          const uint32_t key = words ? draws[u].v[3] : draws[u].v[0];
+          if (exact) {
+            sel = want > 0 && ((static_cast<uint64_t>(key) << 32) | static_cast<uint64_t>(u)) <= thr;
+          } else {
+            sel = static_cast<int64_t>(key) < select_threshold;
+          }
+        }
+        if (!sel) {
+          o[p] = row[p];
+          lab[p] = ignore_index;
+          continue;
+        }
+        lab[p] = row[p];
+        const int64_t v = draws[p].v[1];
+        o[p] = v < mask_threshold ? mask_id
+               : v < random_threshold ? draw_id(draws[p].v[2], random_low, random_range)
+                                      : row[p];
+      }
+    }
+  });
+  return {out, labels};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lmobj, CPU, m) {
+  m.impl("span_corrupt", &span_corrupt_cpu);
+  m.impl("mlm_mask", &mlm_mask_cpu);
+}
+
+}  // namespace lmobj

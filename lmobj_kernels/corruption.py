@@ -107,6 +107,13 @@ def _id_list(name: str, ids, vocab_size: Optional[int]) -> list[int]:
     return out
 
 
+@torch._dynamo.assume_constant_result
+def _resolve(backend: str, device: str) -> str:
+    """_backend.resolve as a constant of a torch.compile graph (resolve itself imports and caches, which Dynamo
+    does not trace)."""
+    return resolve(backend, torch.device(device), "corruption")
+
+
 # ---- seeds and small constant tensors ----
 def seed_tensor(seed=None, generator: Optional[torch.Generator] = None, device=None) -> Tensor:
     """The int64 [1] seed tensor the ops take, on `device`, without a device synchronisation."""
@@ -169,6 +176,15 @@ def _check_mean_span(m) -> None:
         raise TypeError(f"mean_span_length must be a float, got {type(m).__name__}")
     if not (math.isfinite(m) and m >= 1.0):
         raise ValueError(f"mean_span_length must be a finite float >= 1, got {m}")
+
+
+@torch._dynamo.assume_constant_result
+def _fixed_plan(S: int, noise_density: float, mean_span_length: float) -> tuple[int, int, int]:
+    """(inputs width, targets width, spans) of rows of S tokens: host arithmetic that torch.compile treats as a
+    constant of the graph (it would otherwise trace the NumPy calls into tensors)."""
+    ins, tgs = ref.span_output_lengths([S], noise_density, mean_span_length)
+    k = ref.span_counts([S], noise_density, mean_span_length)[1]
+    return int(ins[0]), int(tgs[0]), int(k[0])
 
 
 def _host_lengths(lengths, B: int, S: int) -> np.ndarray:
@@ -237,8 +253,8 @@ def span_corrupt(
 
     if lengths is None:
         host_len = None
-        in_w, tg_w = (int(v[0]) for v in ref.span_output_lengths([S], noise_density, mean_span_length))
-        k_max = int(ref.span_counts([S], noise_density, mean_span_length)[1][0]) if B else 0
+        in_w, tg_w, k_max = _fixed_plan(S, float(noise_density), float(mean_span_length))
+        k_max = k_max if B else 0
     else:
         host_len = _host_lengths(lengths, B, S)
         ins, tgs = ref.span_output_lengths(host_len, noise_density, mean_span_length)
@@ -266,7 +282,7 @@ def span_corrupt(
         raise ValueError(f"a row of this batch needs {k_max} noise spans but only {what} are available; pass a "
                          f"larger max_sentinels (or more sentinel_ids) to allow it")
 
-    name = resolve(backend, dev, "corruption")
+    name = _resolve(backend, str(dev))
     x = input_ids if input_ids.dtype == torch.int64 else input_ids.to(torch.int64)
     if x.numel() and x.stride(-1) != 1:
         x = x.contiguous()
@@ -373,7 +389,7 @@ def mlm_mask(
     if x.numel() and x.stride(-1) != 1:
         x = x.contiguous()
     _check_id_values("input_ids", x, vocab_size)
-    name = resolve(backend, dev, "corruption")
+    name = _resolve(backend, str(dev))
     seed_t = seed_tensor(seed, generator, dev)
     thr = (_threshold(mask_prob), _threshold(mask_replace_prob), _threshold(mask_replace_prob + random_replace_prob))
     if name == "torch":

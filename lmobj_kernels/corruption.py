@@ -78,6 +78,10 @@ def _check_id_values(name: str, t: Tensor, vocab_size: Optional[int], valid: Opt
     while compiling it is a device-side assert (no host synchronisation). The kernels never index with ids."""
     if t.numel() == 0:
         return
+    if valid is None and not (t.is_cuda or torch.compiler.is_compiling()):
+        lo, hi = torch.aminmax(t)  # one pass; the error path below names the first bad id
+        if int(lo) >= 0 and (vocab_size is None or int(hi) < vocab_size):
+            return
     ok = t >= 0
     if vocab_size is not None:
         ok = ok & (t < vocab_size)
@@ -311,8 +315,12 @@ def span_corrupt(
     start = pad_id if decoder_start_id is None else decoder_start_id
     dec = torch.cat([torch.full((B, 1), start, dtype=torch.int64, device=dev), labels[:, :-1]], dim=1)
     dec = torch.where(dec < 0, pad_id, dec)
-    attn = (torch.arange(in_w, device=dev)[None, :] < in_len[:, None]).to(torch.int64)
-    dattn = (torch.arange(tg_w, device=dev)[None, :] < tg_len[:, None]).to(torch.int64)
+    if host_len is None:  # fixed-length rows: every position is real
+        attn = torch.ones((B, in_w), dtype=torch.int64, device=dev)
+        dattn = torch.ones((B, tg_w), dtype=torch.int64, device=dev)
+    else:
+        attn = (torch.arange(in_w, device=dev)[None, :] < in_len[:, None]).to(torch.int64)
+        dattn = (torch.arange(tg_w, device=dev)[None, :] < tg_len[:, None]).to(torch.int64)
     return SpanCorruptionOutput(inputs, attn, in_len, labels, tg_len, dec, dattn)
 
 

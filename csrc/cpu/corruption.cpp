@@ -18,27 +18,83 @@
 namespace lmobj {
 namespace {
 
+constexpr int kLanes = 8;
+
+// Philox blocks c0 .. c0 + 7 of one row and stream: out[4 l + w] = word w of block c0 + l (the layout of
+// philox_draw). Written as lane loops, which GCC/Clang vectorise (AVX2 vpmuludq): ~5x the scalar speed.
+inline void philox8(uint64_t seed, int64_t row, uint32_t stream, uint32_t c0, uint32_t* out) {
+  uint32_t x0[kLanes], x1[kLanes], x2[kLanes], x3[kLanes];
+  const uint64_t g = static_cast<uint64_t>(row);
+  for (int l = 0; l < kLanes; ++l) {
+    x0[l] = c0 + static_cast<uint32_t>(l);
+    x1[l] = static_cast<uint32_t>(g);
+    x2[l] = static_cast<uint32_t>(g >> 32);
+    x3[l] = stream;
+  }
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int i = 0; i < 10; ++i) {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) {
+      const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * x0[l];
+      const uint64_t p2 = static_cast<uint64_t>(0xCD9E8D57u) * x2[l];
+      const uint32_t n0 = static_cast<uint32_t>(p2 >> 32) ^ x1[l] ^ k0;
+      const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ x3[l] ^ k1;
+      x1[l] = static_cast<uint32_t>(p2);
+      x3[l] = static_cast<uint32_t>(p0);
+      x0[l] = n0;
+      x2[l] = n2;
+    }
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    out[4 * l] = x0[l];
+    out[4 * l + 1] = x1[l];
+    out[4 * l + 2] = x2[l];
+    out[4 * l + 3] = x3[l];
+  }
+}
+
+// Draws 0 .. m-1 of a row's stream (draw j = word j % 4 of block j / 4), into keys (resized to a multiple of 32).
+inline void row_draws(uint64_t seed, int64_t row, uint32_t stream, int64_t m, std::vector<uint32_t>& keys) {
+  keys.resize(static_cast<size_t>((m + 4 * kLanes - 1) / (4 * kLanes) * (4 * kLanes)));
+  for (int64_t j = 0; j < m; j += 4 * kLanes) philox8(seed, row, stream, static_cast<uint32_t>(j / 4), &keys[j]);
+}
+
+// The `want`-th smallest (key << 32 | index) among m keys. A pass keeps the candidates under a generous estimate
+// of the quantile (uniform keys), so nth_element sorts a few dozen values; all of them if the estimate falls short.
+inline uint64_t kth_smallest(const uint32_t* keys, const uint8_t* valid, int64_t m, int64_t want,
+                             std::vector<uint64_t>& cand) {
+  const double q = (2.0 * static_cast<double>(want) + 32.0) / static_cast<double>(m);
+  const uint64_t lim = q >= 1.0 ? (uint64_t(1) << 32) : static_cast<uint64_t>(q * 4294967296.0);
+  cand.resize(static_cast<size_t>(m));
+  uint64_t* c = cand.data();
+  int64_t cnt = 0;
+  for (int pass = 0; pass < 2; ++pass) {
+    const uint64_t l = pass == 0 ? lim : (uint64_t(1) << 32);
+    cnt = 0;
+    for (int64_t j = 0; j < m; ++j) {  // branch-free compaction
+      c[cnt] = (static_cast<uint64_t>(keys[j]) << 32) | static_cast<uint64_t>(j);
+      cnt += (valid == nullptr || valid[j]) & (keys[j] < l);
+    }
+    if (cnt >= want) break;
+  }
+  std::nth_element(c, c + (want - 1), c + cnt);
+  return c[want - 1];
+}
+
 // cut[j] = 1 for the `want` slots j < m with the smallest (key_j, j); keys from `stream` of row `row`.
 void select_cuts(uint64_t seed, int64_t row, uint32_t stream, int64_t m, int64_t want, std::vector<uint8_t>& cut,
-                 std::vector<uint64_t>& comp, std::vector<uint64_t>& sorted) {
+                 std::vector<uint32_t>& keys, std::vector<uint64_t>& cand) {
   cut.assign(static_cast<size_t>(std::max<int64_t>(m, 0)), 0);
   if (want <= 0 || m <= 0) return;
-  comp.resize(m);
-  for (int64_t b = 0; b * 4 < m; ++b) {
-    const Philox4 r = philox_row(seed, row, stream, static_cast<uint32_t>(b));
-    for (int w = 0; w < 4 && b * 4 + w < m; ++w) {
-      const int64_t j = b * 4 + w;
-      comp[j] = (static_cast<uint64_t>(r.v[w]) << 32) | static_cast<uint64_t>(j);
-    }
-  }
   if (want >= m) {
     std::fill(cut.begin(), cut.end(), 1);
     return;
   }
-  sorted.assign(comp.begin(), comp.end());
-  std::nth_element(sorted.begin(), sorted.begin() + (want - 1), sorted.end());
-  const uint64_t thr = sorted[want - 1];
-  for (int64_t j = 0; j < m; ++j) cut[j] = comp[j] <= thr;
+  row_draws(seed, row, stream, m, keys);
+  const uint64_t thr = kth_smallest(keys.data(), nullptr, m, want, cand);
+  for (int64_t j = 0; j < m; ++j) cut[j] = ((static_cast<uint64_t>(keys[j]) << 32) | static_cast<uint64_t>(j)) <= thr;
 }
 
 std::tuple<at::Tensor, at::Tensor> span_corrupt_cpu(const at::Tensor& input_ids, const at::Tensor& lengths,
@@ -69,7 +125,8 @@ std::tuple<at::Tensor, at::Tensor> span_corrupt_cpu(const at::Tensor& input_ids,
   const uint64_t sd = static_cast<uint64_t>(seed.const_data_ptr<int64_t>()[0]);
   at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
     std::vector<uint8_t> cut_noise, cut_keep;
-    std::vector<uint64_t> comp, sorted;
+    std::vector<uint32_t> keys;
+    std::vector<uint64_t> cand;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t L = len[b], g = row_offset + b;
       const int64_t* row = x + b * ld;
@@ -81,8 +138,8 @@ std::tuple<at::Tensor, at::Tensor> span_corrupt_cpu(const at::Tensor& input_ids,
         for (int64_t p = 0; p < L; ++p) in[oi++] = row[p];
       } else {
         const int64_t nkeep = L - c.n;
-        select_cuts(sd, g, kStreamSpanNoise, c.n - 1, c.k - 1, cut_noise, comp, sorted);
-        select_cuts(sd, g, kStreamSpanKeep, nkeep - 1, c.k - 1, cut_keep, comp, sorted);
+        select_cuts(sd, g, kStreamSpanNoise, c.n - 1, c.k - 1, cut_noise, keys, cand);
+        select_cuts(sd, g, kStreamSpanKeep, nkeep - 1, c.k - 1, cut_keep, keys, cand);
         int64_t p = 0, jn = 0, jx = 0;
         for (int64_t q = 0; q < c.k; ++q) {
           for (bool end = false; !end; ++jx) {  // non-noise run q
@@ -126,55 +183,48 @@ std::tuple<at::Tensor, at::Tensor> mlm_mask_cpu(const at::Tensor& input_ids, con
   int64_t* o_base = out.mutable_data_ptr<int64_t>();
   int64_t* l_base = labels.mutable_data_ptr<int64_t>();
   at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
-    std::vector<Philox4> draws(S);
+    std::vector<uint32_t> draws;  // 4 words per position: w0 token key, w1 80/10/10, w2 random id, w3 word key
     std::vector<uint8_t> elig(S), unit(S);
     std::vector<int64_t> start(S);
-    std::vector<uint64_t> comp, sorted;
+    std::vector<uint32_t> keys(S);
+    std::vector<uint64_t> cand;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t g = row_offset + b;
       const int64_t* row = x + b * ld;
       const int64_t* wrow = words ? wid + b * wld : nullptr;
       int64_t* o = o_base + b * S;
       int64_t* lab = l_base + b * S;
+      row_draws(sd, g, kStreamMLM, 4 * S, draws);
       // Eligible tokens; a selection unit is an eligible token, or with word ids the first token of a run of
       // eligible tokens sharing a word id (>= 0). start[p] = the unit that decides token p.
-      comp.clear();
-      int64_t cur = -1;
+      int64_t cur = -1, E = 0;
       for (int64_t p = 0; p < S; ++p) {
         bool e = true;
         for (int64_t s = 0; s < nsp; ++s) e = e && row[p] != sp[s];
         if (words) e = e && wrow[p] >= 0;
         elig[p] = e;
-        draws[p] = philox_row(sd, g, kStreamMLM, static_cast<uint32_t>(p));
         bool u = e;
         if (words) u = e && (p == 0 || !elig[p - 1] || wrow[p - 1] != wrow[p]);
         unit[p] = u;
+        E += u;
         if (u) cur = p;
         start[p] = e ? cur : -1;
-        if (u) {
-          const uint32_t key = words ? draws[p].v[3] : draws[p].v[0];
-          comp.push_back((static_cast<uint64_t>(key) << 32) | static_cast<uint64_t>(p));
-        }
+        keys[p] = words ? draws[4 * p + 3] : draws[4 * p];
       }
       uint64_t thr = 0;
       int64_t want = 0;
       if (exact) {
-        want = mlm_exact_count(static_cast<int64_t>(comp.size()), select_threshold);
-        if (want > 0) {
-          sorted.assign(comp.begin(), comp.end());
-          std::nth_element(sorted.begin(), sorted.begin() + (want - 1), sorted.end());
-          thr = sorted[want - 1];
-        }
+        want = mlm_exact_count(E, select_threshold);
+        if (want > 0) thr = kth_smallest(keys.data(), unit.data(), S, want, cand);
       }
       for (int64_t p = 0; p < S; ++p) {
         bool sel = false;
         if (start[p] >= 0) {
           const int64_t u = start[p];
-          const uint32_t key = words ? draws[u].v[3] : draws[u].v[0];
           if (exact) {
-            sel = want > 0 && ((static_cast<uint64_t>(key) << 32) | static_cast<uint64_t>(u)) <= thr;
+            sel = want > 0 && ((static_cast<uint64_t>(keys[u]) << 32) | static_cast<uint64_t>(u)) <= thr;
           } else {
-            sel = static_cast<int64_t>(key) < select_threshold;
+            sel = static_cast<int64_t>(keys[u]) < select_threshold;
           }
         }
         if (!sel) {
@@ -183,9 +233,9 @@ std::tuple<at::Tensor, at::Tensor> mlm_mask_cpu(const at::Tensor& input_ids, con
           continue;
         }
         lab[p] = row[p];
-        const int64_t v = draws[p].v[1];
+        const int64_t v = draws[4 * p + 1];
         o[p] = v < mask_threshold ? mask_id
-               : v < random_threshold ? draw_id(draws[p].v[2], random_low, random_range)
+               : v < random_threshold ? draw_id(draws[4 * p + 2], random_low, random_range)
                                       : row[p];
       }
     }

@@ -147,39 +147,43 @@ def run_gpu(rows, sizes):
     backends = [b for b in ("cuda", "triton") if b in available_backends(dev)]
     peer = hf_mlm_peer()
     for B, S in sizes:
-        shape = f"{B}x{S}"
-        x = torch.randint(2, 32000, (B, S), device=dev)
-        seed = torch.tensor([1], device=dev)
-        for b in backends:
-            out = C.span_corrupt(x, vocab_size=VOCAB_T5, eos_id=EOS_T5, seed=seed, backend=b)
-            want = C.span_corrupt(x[:4].cpu(), vocab_size=VOCAB_T5, eos_id=EOS_T5, seed=1, backend="cpu")
-            assert torch.equal(out.input_ids[:4].cpu(), want.input_ids), f"{b} differs from the CPU kernel"
-            t = common.time_gpu(lambda b=b: C.span_corrupt(x, vocab_size=VOCAB_T5, eos_id=EOS_T5, seed=seed,
-                                                           backend=b))
-            bench(rows, "span_corrupt", b, shape, t, B * S)
-            t = common.time_gpu(lambda b=b: C.mlm_mask(x, mask_id=MASK_BERT, vocab_size=VOCAB_BERT,
-                                                       special_ids=SPECIAL_BERT, seed=seed, backend=b))
-            bench(rows, "mlm_mask", b, shape, t, B * S)
-        xc = x.cpu()
-        t = common.time_cpu(lambda: C.span_corrupt(xc, vocab_size=VOCAB_T5, eos_id=EOS_T5, seed=1, backend="cpu"),
-                            repeat=3)
-        bench(rows, "span_corrupt", "cpu (C++ kernel)", shape, t, B * S)
-        if B <= 1024:
-            xn = xc.numpy()
-            t = common.time_cpu(lambda: numpy_t5_collator(xn), repeat=3)
-            bench(rows, "span_corrupt", "numpy per-row (HF Flax T5 style)", shape, t, B * S)
-        y = xc.clamp(max=VOCAB_BERT - 1)
-        t = common.time_cpu(lambda: C.mlm_mask(y, mask_id=MASK_BERT, vocab_size=VOCAB_BERT, seed=1, backend="cpu"),
-                            repeat=3)
-        bench(rows, "mlm_mask", "cpu (C++ kernel)", shape, t, B * S)
-        special = torch.tensor(SPECIAL_BERT, device=dev)
-        yg = y.to(dev)
-        t = common.time_gpu(lambda: torch_mask_tokens_gpu(yg, special))
-        bench(rows, "mlm_mask", "torch ops on GPU (HF torch_mask_tokens algorithm)", shape, t, B * S)
-        if peer is not None:
-            smask = torch.isin(y, special.cpu())
-            t = common.time_cpu(lambda: peer[1](y, smask), repeat=3)
-            bench(rows, "mlm_mask", peer[0] + " (CPU)", shape, t, B * S)
+        _gpu_size(rows, B, S, backends, peer)
+
+
+def _gpu_size(rows, B, S, backends, peer):
+    dev = torch.device("cuda")
+    shape = f"{B}x{S}"
+    x = torch.randint(2, 32000, (B, S), device=dev)
+    seed = torch.tensor([1], device=dev)
+    for b in backends:
+        out = C.span_corrupt(x, vocab_size=VOCAB_T5, eos_id=EOS_T5, seed=seed, backend=b)
+        want = C.span_corrupt(x[:4].cpu(), vocab_size=VOCAB_T5, eos_id=EOS_T5, seed=1, backend="cpu")
+        assert torch.equal(out.input_ids[:4].cpu(), want.input_ids), f"{b} differs from the CPU kernel"
+        t = common.time_gpu(lambda b=b: C.span_corrupt(x, vocab_size=VOCAB_T5, eos_id=EOS_T5, seed=seed, backend=b))
+        bench(rows, "span_corrupt", b, shape, t, B * S)
+        t = common.time_gpu(lambda b=b: C.mlm_mask(x, mask_id=MASK_BERT, vocab_size=VOCAB_BERT,
+                                                   special_ids=SPECIAL_BERT, seed=seed, backend=b))
+        bench(rows, "mlm_mask", b, shape, t, B * S)
+    xc = x.cpu()
+    t = common.time_cpu(lambda: C.span_corrupt(xc, vocab_size=VOCAB_T5, eos_id=EOS_T5, seed=1, backend="cpu"),
+                        repeat=3)
+    bench(rows, "span_corrupt", "cpu (C++ kernel)", shape, t, B * S)
+    if B <= 1024:
+        xn = xc.numpy()
+        t = common.time_cpu(lambda: numpy_t5_collator(xn), repeat=3)
+        bench(rows, "span_corrupt", "numpy per-row (HF Flax T5 style)", shape, t, B * S)
+    y = xc.clamp(max=VOCAB_BERT - 1)
+    t = common.time_cpu(lambda: C.mlm_mask(y, mask_id=MASK_BERT, vocab_size=VOCAB_BERT, seed=1, backend="cpu"),
+                        repeat=3)
+    bench(rows, "mlm_mask", "cpu (C++ kernel)", shape, t, B * S)
+    special = torch.tensor(SPECIAL_BERT, device=dev)
+    yg = y.to(dev)
+    t = common.time_gpu(lambda: torch_mask_tokens_gpu(yg, special))
+    bench(rows, "mlm_mask", "torch ops on GPU (HF torch_mask_tokens algorithm)", shape, t, B * S)
+    if peer is not None:
+        smask = torch.isin(y, special.cpu())
+        t = common.time_cpu(lambda: peer[1](y, smask), repeat=3)
+        bench(rows, "mlm_mask", peer[0] + " (CPU)", shape, t, B * S)
 
 
 def torch_mask_tokens_gpu(x, special, p=0.15):
@@ -196,11 +200,30 @@ def torch_mask_tokens_gpu(x, special, p=0.15):
     return inputs, labels
 
 
+def sanitize_case() -> None:
+    """Small CUDA calls of every corruption kernel variant for compute-sanitizer (odd sizes, empty and 1-token
+    rows, long rows that need more than 48 KB of shared memory)."""
+    dev = torch.device("cuda")
+    for B, S in ((1, 1), (5, 37), (3, 600), (2, 3000)):
+        x = torch.randint(2, 30000, (B, S), device=dev)
+        lens = [S] + [max(0, S - 1 - i) for i in range(B - 1)]
+        for r, m in ((0.15, 3.0), (0.5, 1.0)):
+            C.span_corrupt(x, lens, vocab_size=VOCAB_T5, eos_id=EOS_T5, seed=1, backend="cuda", max_sentinels=2000,
+                           noise_density=r, mean_span_length=m)
+        w = torch.cumsum((torch.rand(B, S, device=dev) < 0.5).long(), 1)
+        for exact in (False, True):
+            for words in (None, w):
+                C.mlm_mask(x, mask_id=MASK_BERT, vocab_size=VOCAB_T5, special_ids=(101,), exact=exact,
+                           word_ids=words, seed=1, backend="cuda")
+    torch.cuda.synchronize()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     ap.add_argument("--gpu", action="store_true", help="GPU sizes, cuda and triton backends")
     ap.add_argument("--no-save", action="store_true", help="do not write the JSON result file")
+    ap.add_argument("--out", default=common.RESULTS, help="folder for the JSON results")
     args = ap.parse_args(argv)
     rows: list[dict] = []
     if args.gpu:
@@ -228,7 +251,7 @@ def main(argv=None):
                 print(f"{bench_name} {shape}: {ours['backend']} is {ours['value'] / peer['value']:.1f}x "
                       f"{peer['backend']}")
     if not args.no_save:
-        print("wrote", common.write_results("corruption", rows))
+        print("wrote", common.write_results("corruption", rows, args.out))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ No autograd: the outputs are integer ids.
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -45,7 +44,7 @@ def span_corrupt_triton(input_ids: Tensor, lengths: Tensor, seed: Tensor, row_of
 
 
 @torch.library.custom_op("lmobj::mlm_mask_triton", mutates_args=())
-def mlm_mask_triton(input_ids: Tensor, word_ids: Optional[Tensor], seed: Tensor, row_offset: int,
+def mlm_mask_triton(input_ids: Tensor, word_ids: Tensor | None, seed: Tensor, row_offset: int,
                     special_ids: Tensor, exact: bool, select_threshold: int, mask_threshold: int,
                     random_threshold: int, random_low: int, random_range: int, mask_id: int,
                     ignore_index: int) -> tuple[Tensor, Tensor]:
@@ -58,7 +57,7 @@ span_corrupt_triton.register_fake(_span_fake)
 mlm_mask_triton.register_fake(_mlm_fake)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def ops(backend: str):
     """(span_corrupt, mlm_mask) ops of a kernel backend (cpu and cuda share the dispatcher ops)."""
     if backend == "triton":

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
-def _check_int(name: str, v, lo: Optional[int] = None, hi: Optional[int] = None, none_ok: bool = False):
+def _check_int(name: str, v, lo: int | None = None, hi: int | None = None, none_ok: bool = False):
     if v is None and none_ok:
         return
     if not _is_int(v):
@@ -73,7 +73,7 @@ def _check_ids(name: str, t) -> None:
         raise ValueError(f"{name} must be 2-D (batch, seq), got shape {tuple(t.shape)}")
 
 
-def _check_id_values(name: str, t: Tensor, vocab_size: Optional[int], valid: Optional[Tensor] = None) -> None:
+def _check_id_values(name: str, t: Tensor, vocab_size: int | None, valid: Tensor | None = None) -> None:
     """Ids must be in [0, vocab_size) (>= 0 without a vocab_size). On the CPU this reads the values; on a GPU or
     while compiling it is a device-side assert (no host synchronisation). The kernels never index with ids."""
     if t.numel() == 0:
@@ -94,7 +94,7 @@ def _check_id_values(name: str, t: Tensor, vocab_size: Optional[int], valid: Opt
         raise ValueError(f"{name} holds id {int(t[~ok][0])}, outside {bound}")
 
 
-def _id_list(name: str, ids, vocab_size: Optional[int]) -> list[int]:
+def _id_list(name: str, ids, vocab_size: int | None) -> list[int]:
     if isinstance(ids, Tensor):
         if ids.is_floating_point() or ids.dim() > 1:
             raise TypeError(f"{name} must be a sequence of int ids")
@@ -119,7 +119,7 @@ def _resolve(backend: str, device: str) -> str:
 
 
 # ---- seeds and small constant tensors ----
-def seed_tensor(seed=None, generator: Optional[torch.Generator] = None, device=None) -> Tensor:
+def seed_tensor(seed=None, generator: torch.Generator | None = None, device=None) -> Tensor:
     """The int64 [1] seed tensor the ops take, on `device`, without a device synchronisation."""
     device = torch.device(device if device is not None else "cpu")
     if seed is not None and generator is not None:
@@ -216,14 +216,14 @@ def span_corrupt(
     *,
     noise_density: float = 0.15,
     mean_span_length: float = 3.0,
-    vocab_size: Optional[int] = None,
+    vocab_size: int | None = None,
     sentinel_ids=None,
-    max_sentinels: Optional[int] = None,
+    max_sentinels: int | None = None,
     eos_id: int,
     pad_id: int = 0,
-    decoder_start_id: Optional[int] = None,
+    decoder_start_id: int | None = None,
     seed=None,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
     row_offset: int = 0,
     backend: str = "auto",
 ) -> SpanCorruptionOutput:
@@ -338,13 +338,13 @@ def mlm_mask(
     mask_replace_prob: float = 0.8,
     random_replace_prob: float = 0.1,
     special_ids=(),
-    pad_id: Optional[int] = None,
+    pad_id: int | None = None,
     exact: bool = False,
-    word_ids: Optional[Tensor] = None,
+    word_ids: Tensor | None = None,
     ignore_index: int = -100,
     seed=None,
-    generator: Optional[torch.Generator] = None,
-    random_range: Optional[tuple[int, int]] = None,
+    generator: torch.Generator | None = None,
+    random_range: tuple[int, int] | None = None,
     row_offset: int = 0,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
@@ -424,8 +424,8 @@ class _Collator:
     def __init__(self, seed, device, backend):
         _check_int("seed", seed, 0, 2**63, none_ok=True)
         self.seed, self.device, self.backend = seed, device, backend
-        self._stream_seed: Optional[int] = None
-        self._worker: Optional[int] = -2
+        self._stream_seed: int | None = None
+        self._worker: int | None = -2
         self.rows = 0
 
     def _next(self, batch: int) -> tuple[int, int]:
@@ -456,7 +456,7 @@ def _rows_of(examples, key: str = "input_ids"):
     return rows
 
 
-def _pad(rows, pad_value: int, limit: Optional[int] = None, dtype=torch.int64) -> tuple[Tensor, list[int]]:
+def _pad(rows, pad_value: int, limit: int | None = None, dtype=torch.int64) -> tuple[Tensor, list[int]]:
     rows = [(r.tolist() if isinstance(r, Tensor) else list(r)) for r in rows]
     if limit is not None:
         rows = [r[:limit] for r in rows]
@@ -479,10 +479,10 @@ class SpanCorruptionCollator(_Collator):
     default the CPU kernel, right for DataLoader workers).
     """
 
-    def __init__(self, *, eos_id: int, vocab_size: Optional[int] = None, noise_density: float = 0.15,
-                 mean_span_length: float = 3.0, sentinel_ids=None, max_sentinels: Optional[int] = None,
-                 pad_id: int = 0, decoder_start_id: Optional[int] = None, input_length: Optional[int] = None,
-                 seed: Optional[int] = None, device=None, backend: str = "auto"):
+    def __init__(self, *, eos_id: int, vocab_size: int | None = None, noise_density: float = 0.15,
+                 mean_span_length: float = 3.0, sentinel_ids=None, max_sentinels: int | None = None,
+                 pad_id: int = 0, decoder_start_id: int | None = None, input_length: int | None = None,
+                 seed: int | None = None, device=None, backend: str = "auto"):
         super().__init__(seed, device, backend)
         self.kw = dict(noise_density=noise_density, mean_span_length=mean_span_length, vocab_size=vocab_size,
                        sentinel_ids=sentinel_ids, max_sentinels=max_sentinels, eos_id=eos_id, pad_id=pad_id,
@@ -510,7 +510,7 @@ class MLMCollator(_Collator):
 
     def __init__(self, *, mask_id: int, vocab_size: int, mask_prob: float = 0.15, mask_replace_prob: float = 0.8,
                  random_replace_prob: float = 0.1, special_ids=(), pad_id: int = 0, exact: bool = False,
-                 whole_word: bool = False, ignore_index: int = -100, seed: Optional[int] = None, device=None,
+                 whole_word: bool = False, ignore_index: int = -100, seed: int | None = None, device=None,
                  backend: str = "auto"):
         super().__init__(seed, device, backend)
         self.kw = dict(mask_id=mask_id, vocab_size=vocab_size, mask_prob=mask_prob,

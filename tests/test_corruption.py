@@ -234,7 +234,8 @@ def test_span_seeds():
 
 # ---------------------------------------------------------------------------------------------------- statistics
 def _composition_law(total: int, parts: int) -> np.ndarray:
-    """P(first part = l), l = 1..total - parts + 1, of a uniform composition: C(total-l-1, parts-2)/C(total-1, parts-1)."""
+    """P(first part = l), l = 1..total - parts + 1, of a uniform composition:
+    C(total - l - 1, parts - 2) / C(total - 1, parts - 1)."""
     ls = np.arange(1, total - parts + 2)
     return np.array([math.comb(total - l - 1, parts - 2) for l in ls], dtype=float) / math.comb(total - 1, parts - 1)
 

@@ -150,7 +150,8 @@ def span_corrupt(input_ids, lengths, seed, row_offset, noise_density, mean_span_
     scratch = torch.empty((B, 2, BLOCK), dtype=torch.int32, device=input_ids.device)
     _span_kernel[(B,)](input_ids, input_ids.stride(0), S, lengths, seed, sentinel_ids, sentinel_ids.numel(), inputs,
                        inputs_width, targets, targets_width, scratch, row_offset, float(noise_density),
-                       float(mean_span_length), eos_id, pad_id, label_pad_id, BLOCK=BLOCK)
+                       float(mean_span_length), eos_id, pad_id, label_pad_id, BLOCK=BLOCK,
+                       num_warps=4 if BLOCK <= 1024 else 8)
     return inputs, targets
 
 
@@ -231,5 +232,6 @@ def mlm_mask(input_ids, word_ids, seed, row_offset, special_ids, exact, select_t
     _mlm_kernel[(B,)](input_ids, input_ids.stride(0), words, words.stride(0), S, seed, special_ids,
                       special_ids.numel(), out, labels, row_offset, select_threshold, mask_threshold,
                       random_threshold, random_low, random_range, mask_id, ignore_index,
-                      HAS_WORDS=word_ids is not None, EXACT=bool(exact), BLOCK=_block(S))
+                      HAS_WORDS=word_ids is not None, EXACT=bool(exact), BLOCK=_block(S),
+                      num_warps=4 if S <= 1024 else 8)
     return out, labels

@@ -75,9 +75,12 @@ def write_results(name: str, rows: list[dict], where: str | None = None) -> str:
     """benchmarks/results/<name>-<machine>-<date>.json with rows {bench, backend, shape, metric, value, unit}."""
     where = where or RESULTS
     os.makedirs(where, exist_ok=True)
-    kind = "gpu" if torch.cuda.is_available() else "cpu"
-    date = datetime.date.today().isoformat()
+    kind = "gpu-" + torch.cuda.get_device_name().split()[-1].replace("/", "_") if torch.cuda.is_available() else "cpu"
+    now = datetime.datetime.now(datetime.timezone.utc)
+    date = now.date().isoformat()
     path = os.path.join(where, f"{name}-{kind}-{date}.json")
+    if os.path.exists(path):  # a second run the same day keeps the first
+        path = path.replace(".json", f"-{now:%H%M}.json")
     with open(path, "w") as f:
         json.dump({"machine": machine(), "commit": commit(), "date": date, "rows": rows}, f, indent=1)
     return path

@@ -1,4 +1,5 @@
-"""Backend choice and availability: `cuda` (csrc/cuda), `triton` (triton_kernels), `cpu` (csrc/cpu), `torch` (reference).
+"""Backend choice and availability: `cuda` (csrc/cuda), `triton` (triton_kernels), `cpu` (csrc/cpu),
+`torch` (reference/).
 
 `backend="auto"` (or the LMOBJ_BACKEND environment variable) picks, for CUDA tensors, the backend the benchmarks
 measured fastest for that op (FASTEST_ON_GPU), and for CPU tensors the C++ CPU kernel, else the reference.
@@ -7,8 +8,8 @@ Asking for a backend that cannot run raises an error that says why.
 
 from __future__ import annotations
 
-import functools
 import importlib
+import importlib.util
 import os
 
 import torch
@@ -22,35 +23,34 @@ FASTEST_ON_GPU: dict[str, tuple[str, ...]] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
-def _C():
-    """The compiled extension, or None with the reason in `_C_error()`."""
+def _load_extension():
     try:
-        return importlib.import_module("lmobj_kernels._C")
-    except ImportError:
-        return None
-
-
-@functools.lru_cache(maxsize=None)
-def _C_error() -> str:
-    try:
-        importlib.import_module("lmobj_kernels._C")
-        return ""
+        return importlib.import_module("lmobj_kernels._C"), ""
     except ImportError as e:  # pragma: no cover - depends on the install
-        return f"the compiled extension lmobj_kernels._C could not be imported ({e}); build it with `make build`"
+        return None, f"the compiled extension lmobj_kernels._C could not be imported ({e}); build it with `make build`"
+
+
+def _triton_missing() -> str:
+    return "" if importlib.util.find_spec("triton") is not None else "Triton is not installed"
+
+
+# Resolved once at import, so that backend choice is plain Python data that torch.compile traces without breaks.
+_EXT, _EXT_ERROR = _load_extension()
+_WITH_CUDA = bool(_EXT is not None and _EXT.build_info()["with_cuda"])
+_TRITON_ERROR = _triton_missing()
+
+
+def _C():
+    """The compiled extension module, or None (the reason is in `_C_error()`)."""
+    return _EXT
+
+
+def _C_error() -> str:
+    return _EXT_ERROR
 
 
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_error() -> str:
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:
-        return f"Triton is not installed ({e})"
-    return ""
 
 
 def why_unavailable(backend: str, device: torch.device) -> str:
@@ -64,15 +64,14 @@ def why_unavailable(backend: str, device: torch.device) -> str:
     if backend == "cuda":
         if device.type != "cuda":
             return f"the cuda backend runs on CUDA tensors, these are on {device}"
-        if _C() is None:
-            return _C_error()
-        if not _C().build_info()["with_cuda"]:
+        if _EXT is None:
+            return _EXT_ERROR
+        if not _WITH_CUDA:
             return "lmobj_kernels was built without CUDA (rebuild with nvcc on PATH or FORCE_CUDA=1)"
         return ""
     if backend == "triton":
-        err = _triton_error()
-        if err:
-            return err
+        if _TRITON_ERROR:
+            return _TRITON_ERROR
         if device.type == "cuda":
             return ""
         if device.type == "cpu" and triton_interpret():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lmobj_kernels._backend import BACKENDS, _C, _C_error, why_unavailable
+from lmobj_kernels._backend import _C, BACKENDS, _C_error, why_unavailable
 
 
 def build_info() -> dict:

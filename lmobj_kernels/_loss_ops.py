@@ -11,7 +11,6 @@ Forward and backward are separate ops, every op has a fake, so torch.compile(ful
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -66,7 +65,7 @@ def _(grad_loss, logits, *args):
     return logits.new_empty(logits.shape)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def row_ops(backend: str):
     """(forward, backward, fused forward + in-place gradient) row kernels of a backend."""
     if backend == "triton":
@@ -106,7 +105,7 @@ def _mm_f32_accumulate(acc: Tensor, a: Tensor, b: Tensor) -> None:
         acc.add_(torch.mm(a, b))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _addmm_out_dtype_works() -> bool:
     try:
         x = torch.ones(2, 2, device="cuda", dtype=torch.bfloat16)
@@ -155,7 +154,7 @@ def _chunks(hidden, weight, bias, target, opts, chunk, backend, need, grad_rows=
 
 
 @torch.library.custom_op("lmobj::linear_ce_sum", mutates_args=())
-def linear_ce_sum(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, shift_len: int,
+def linear_ce_sum(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, shift_len: int,
                   ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, chunk_size: int,
                   backend: str, need_dh: bool, need_dw: bool, need_db: bool
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -183,12 +182,14 @@ def _sum_setup(ctx, inputs, output):
 
 def _sum_backward(ctx, g, _g_lse, _g_dh, _g_dw, _g_db):
     dh, dw, db = ctx.saved_tensors
-    # Scaled in place: these buffers belong to this op alone. A second backward through the same graph fails
-    # autograd's version check instead of returning twice-scaled gradients.
-    scale = g.to(dh.dtype) if dh.numel() else g
-    gh = dh.mul_(scale) if ctx.needs_input_grad[0] else None
-    gw = dw.mul_(g.to(dw.dtype)) if ctx.needs_input_grad[1] else None
-    gb = db.mul_(g.to(db.dtype)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    # Eager: scale in place, these buffers belong to this op alone (a second backward through the same graph then
+    # fails autograd's version check rather than returning twice-scaled gradients). While tracing (torch.compile,
+    # opcheck) tensors are subclasses and the functional form is used.
+    eager = type(dh) is torch.Tensor and not torch.compiler.is_compiling()
+    scale = lambda t: (t.mul_(g.to(t.dtype)) if eager else t * g.to(t.dtype))  # noqa: E731
+    gh = scale(dh) if ctx.needs_input_grad[0] else None
+    gw = scale(dw) if ctx.needs_input_grad[1] else None
+    gb = scale(db) if ctx.has_bias and ctx.needs_input_grad[2] else None
     return (gh, gw, gb) + (None,) * 11
 
 
@@ -196,7 +197,7 @@ linear_ce_sum.register_autograd(_sum_backward, setup_context=_sum_setup)
 
 
 @torch.library.custom_op("lmobj::linear_ce_rows", mutates_args=())
-def linear_ce_rows(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, shift_len: int,
+def linear_ce_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, shift_len: int,
                    ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, chunk_size: int,
                    backend: str) -> tuple[Tensor, Tensor]:
     """Per-row loss and lse; the backward (linear_ce_rows_bwd) recomputes each chunk's logits."""
@@ -211,7 +212,7 @@ def _(hidden, *args):
 
 
 @torch.library.custom_op("lmobj::linear_ce_rows_bwd", mutates_args=())
-def linear_ce_rows_bwd(grad_rows: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+def linear_ce_rows_bwd(grad_rows: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
                        lse: Tensor, shift_len: int, ignore_index: int, label_smoothing: float, z_loss: float,
                        softcap: float, chunk_size: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     opts = (shift_len, ignore_index, label_smoothing, z_loss, softcap)

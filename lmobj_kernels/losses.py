@@ -130,10 +130,17 @@ def cross_entropy(
 
 
 # ---- linear + cross-entropy without materialising the logits ----
-def _default_chunk(n: int, v: int, d: int) -> int:
-    """Rows per chunk: a logits chunk about the size of the hidden states (Liger-Kernel's rule), 64 rows at least."""
-    per = max(1, math.ceil(v / max(d, 1)))
-    return max(64, min(n, 1 << max(0, math.ceil(n / per) - 1).bit_length()))
+# Bytes of logits one chunk may hold on a GPU. Each chunk's dW update reads and writes the whole float32 (V, D)
+# accumulator, so few large chunks are fast and many small ones are bound by that traffic: 1 GiB runs Llama-3's
+# head at 8192 tokens in 4 chunks. On the CPU the matmuls dominate and memory is scarcer: a chunk's logits are about
+# the size of the hidden states (the "aspect ratio" rule of Liger-Kernel and PyTorch's chunked loss).
+GPU_CHUNK_BYTES = 1 << 30
+
+
+def _default_chunk(n: int, v: int, d: int, elt: int, device: torch.device) -> int:
+    """Rows per chunk (64 at least)."""
+    rows = GPU_CHUNK_BYTES // max(1, v * elt) if device.type == "cuda" else (n * d) // max(1, v)
+    return max(1, min(n, max(64, rows)))
 
 
 def linear_cross_entropy(
@@ -157,7 +164,8 @@ def linear_cross_entropy(
     hidden: (..., D); weight: (V, D) (the LM head / tied embedding); target: hidden.shape[:-1].
     shift=True scores position t against target t+1 along the second-to-last axis of hidden (causal LM; the last
     position of each sequence is ignored) without copying the labels. The rows run in chunks of `chunk_size`
-    (default: a logits chunk about the size of `hidden`), which bounds the extra memory. With a scalar reduction
+    (default: a logits chunk of at most 1 GiB on a GPU, about the size of `hidden` on the CPU), which bounds the
+    extra memory: the chunk's logits plus a float32 accumulator for the weight gradient. With a scalar reduction
     the gradients are computed during the forward (no second pass over the logits) and scaled in backward.
     """
     _check_tensor("hidden", hidden)
@@ -200,7 +208,7 @@ def linear_cross_entropy(
         loss = _reduce(rows, count, reduction)
     else:
         h = h.contiguous()
-        chunk = chunk_size or _default_chunk(h.shape[0], V, D)
+        chunk = chunk_size or _default_chunk(h.shape[0], V, D, h.element_size(), h.device)
         args = (seq, ignore_index, float(label_smoothing), float(z_loss), cap, chunk, name)
         if reduction == "none" or not torch.is_grad_enabled():
             rows, lse = _loss_ops.linear_ce_rows(h, weight, bias, tgt, *args)

@@ -42,8 +42,9 @@ def cases(device: str = "cpu"):
         for b in backends:
             out = L.causal_lm_loss(h, w, y, backend=b, chunk_size=64)
             og = torch.autograd.grad(out, (h, w))
-            yield _row("causal_lm_loss", b, dtype, f"{tuple(h.shape)}x{v}", abs(float(out.detach()) - float(ref.detach())),
-                       lowp_bound(ref.detach(), plain.detach()))
+            err = abs(float(out.detach()) - float(ref.detach()))
+            bound = lowp_bound(ref.detach(), plain.detach())
+            yield _row("causal_lm_loss", b, dtype, f"{tuple(h.shape)}x{v}", err, bound)
             for name, o, r, p in zip(("d_hidden", "d_weight"), og, rg, pg):
                 yield _row(f"causal_lm_loss.{name}", b, dtype, f"{tuple(h.shape)}x{v}",
                            float((o.double() - r).abs().max()), lowp_bound(r, p, factor=3.0))

@@ -1,0 +1,412 @@
+"""Cross-entropy family against the reference (ALGORITHMS.md), on every backend that runs here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lmobj_kernels as L
+from lmobj_kernels import _loss_ops
+from tests.conftest import assert_lowp_close, backends_here
+
+CPU_BACKENDS = backends_here("cpu")  # cpu (C++), triton (interpreted when TRITON_INTERPRET=1)
+OPTS = [dict(), dict(label_smoothing=0.1), dict(z_loss=1e-3), dict(softcap=4.0, label_smoothing=0.05, z_loss=1e-4)]
+
+
+def _logits(gen, n, v, dtype, device="cpu", scale=3.0):
+    return (torch.randn(n, v, generator=gen) * scale).to(device=device, dtype=dtype)
+
+
+def _target(gen, shape, v, device="cpu", ignored=0.2):
+    t = torch.randint(0, v, shape, generator=gen)
+    t[torch.rand(shape, generator=gen) < ignored] = -100
+    return t.to(device)
+
+
+def _ref_ce(logits, target, reduction="mean", **opts):
+    return L.cross_entropy(logits.detach().double().requires_grad_(), target, reduction=reduction, backend="torch",
+                           **opts)
+
+
+def test_backends_present():
+    assert "cpu" in CPU_BACKENDS, "the C++ CPU kernels must be built (make build)"
+
+
+# ---- cross_entropy over logits ----
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("n,v", [(1, 41), (7, 1001), (423, 41), (33, 4097)])
+@pytest.mark.parametrize("opts", OPTS, ids=["plain", "smooth", "zloss", "cap"])
+def test_cross_entropy_float32(backend, n, v, opts, gen):
+    if backend == "triton" and n * v > 200_000:
+        pytest.skip("interpreter: small sizes only")
+    x = _logits(gen, n, v, torch.float32).requires_grad_()
+    t = _target(gen, (n,), v)
+    ref = _ref_ce(x, t, reduction="none", **opts)
+    out = L.cross_entropy(x, t, reduction="none", backend=backend, **opts)
+    plain = L.cross_entropy(x, t, reduction="none", backend="torch", **opts)
+    assert_lowp_close(out, ref, plain, floor=1e-5, what="loss")
+    w = torch.rand(n, generator=gen)  # per-row gradient weights
+    (g,) = torch.autograd.grad((out * w).sum(), x)
+    xr = x.detach().double().requires_grad_()
+    (gr,) = torch.autograd.grad((L.cross_entropy(xr, t, reduction="none", backend="torch", **opts) * w).sum(), xr)
+    (gp,) = torch.autograd.grad((plain * w).sum(), x)
+    assert_lowp_close(g, gr, gp, factor=3.0, floor=1e-6, what="grad")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cross_entropy_low_precision(backend, dtype, gen):
+    n, v = 37, 1001
+    x = _logits(gen, n, v, dtype).requires_grad_()
+    t = _target(gen, (n,), v)
+    x64 = x.detach().double().requires_grad_()
+    ref = L.cross_entropy(x64, t, backend="torch", label_smoothing=0.1)
+    plain = torch.nn.functional.cross_entropy(x.float(), t, label_smoothing=0.1).to(dtype)  # plain torch at dtype
+    out = L.cross_entropy(x, t, backend=backend, label_smoothing=0.1)
+    assert out.dtype == torch.float32
+    assert_lowp_close(out, ref, plain, floor=1e-5)
+    (g,) = torch.autograd.grad(out, x)
+    assert g.dtype == dtype
+    (gr,) = torch.autograd.grad(ref, x64)
+    xp = x.detach().clone().requires_grad_()
+    (gp,) = torch.autograd.grad(L.cross_entropy(xp, t, backend="torch", label_smoothing=0.1), xp)
+    assert_lowp_close(g, gr, gp.to(dtype), factor=3.0, floor=1e-6, what="grad")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_matches_torch_functional(backend, reduction, gen):
+    x = _logits(gen, 3 * 5, 97, torch.float32).reshape(3, 5, 97).requires_grad_()
+    t = _target(gen, (3, 5), 97)
+    out = L.cross_entropy(x, t, reduction=reduction, backend=backend, label_smoothing=0.2)
+    exp = torch.nn.functional.cross_entropy(x.reshape(-1, 97), t.reshape(-1), reduction=reduction,
+                                            label_smoothing=0.2)
+    torch.testing.assert_close(out, exp.reshape(out.shape), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
+def test_all_ignored_mean_is_zero_with_zero_grad(backend):
+    x = torch.randn(6, 50, requires_grad=True)
+    t = torch.full((6,), -100)
+    out = L.cross_entropy(x, t, backend=backend)
+    (g,) = torch.autograd.grad(out, x)
+    assert out.item() == 0.0 and torch.all(g == 0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_return_lse_and_inputs_untouched(backend, gen):
+    x = _logits(gen, 9, 300, torch.float32)
+    t = _target(gen, (9,), 300)
+    xc, tc = x.clone(), t.clone()
+    loss, lse = L.cross_entropy(x, t, return_lse=True, backend=backend)
+    torch.testing.assert_close(lse, torch.logsumexp(x, -1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(x, xc) and torch.equal(t, tc)
+
+
+def test_cross_entropy_bad_input():
+    x = torch.randn(4, 10)
+    t = torch.randint(0, 10, (4,))
+    with pytest.raises(ValueError, match="target"):
+        L.cross_entropy(x, torch.tensor([0, 1, 10, 2]))
+    with pytest.raises(ValueError, match="target"):
+        L.cross_entropy(x, torch.tensor([0, -3, 1, 2]))
+    with pytest.raises(ValueError, match="target must have shape"):
+        L.cross_entropy(x, t[:3])
+    with pytest.raises(TypeError, match="target"):
+        L.cross_entropy(x, t.float())
+    with pytest.raises(TypeError, match="logits"):
+        L.cross_entropy(x.int(), t)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        L.cross_entropy(x, t, label_smoothing=-0.1)
+    with pytest.raises(ValueError, match="z_loss"):
+        L.cross_entropy(x, t, z_loss=-1.0)
+    with pytest.raises(ValueError, match="softcap"):
+        L.cross_entropy(x, t, softcap=0.0)
+    with pytest.raises(ValueError, match="reduction"):
+        L.cross_entropy(x, t, reduction="avg")
+    with pytest.raises(ValueError, match="backend"):
+        L.cross_entropy(x, t, backend="fastest")
+    with pytest.raises(RuntimeError, match="cuda"):
+        L.cross_entropy(x, t, backend="cuda")
+    with pytest.raises(ValueError, match="logits"):
+        L.cross_entropy(torch.randn(10), t)
+
+
+# ---- linear cross-entropy ----
+def _lin_inputs(gen, shape, d, v, dtype, bias=False):
+    h = torch.randn(*shape, d, generator=gen).to(dtype).requires_grad_()
+    w = (torch.randn(v, d, generator=gen) / d**0.5).to(dtype).requires_grad_()
+    b = (torch.randn(v, generator=gen) * 0.1).to(dtype).requires_grad_() if bias else None
+    return h, w, b
+
+
+def _grads(loss, tensors):
+    return torch.autograd.grad(loss, [t for t in tensors if t is not None])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk", [None, 1, 5])
+def test_linear_cross_entropy_float32(backend, shift, reduction, chunk, gen):
+    if backend == "triton" and chunk == 1:
+        pytest.skip("interpreter: one row per chunk is slow")
+    h, w, b = _lin_inputs(gen, (3, 7), 16, 41, torch.float32, bias=True)
+    t = _target(gen, (3, 7), 41)
+    opts = dict(shift=shift, reduction=reduction, label_smoothing=0.1, z_loss=1e-3, bias=b)
+    out = L.linear_cross_entropy(h, w, t, backend=backend, chunk_size=chunk, **opts)
+    h64, w64, b64 = (x.detach().double().requires_grad_() for x in (h, w, b))
+    ref = L.linear_cross_entropy(h64, w64, t, backend="torch", **{**opts, "bias": b64})
+    plain = L.linear_cross_entropy(h, w, t, backend="torch", **opts)
+    assert_lowp_close(out, ref, plain, floor=1e-5)
+    wts = torch.rand(out.shape, generator=gen) if reduction == "none" else 1.0
+    for o, r, p, name in zip(_grads((out * wts).sum(), (h, w, b)), _grads((ref * wts).sum(), (h64, w64, b64)),
+                             _grads((plain * wts).sum(), (h, w, b)), ("hidden", "weight", "bias")):
+        assert_lowp_close(o, r, p, factor=3.0, floor=1e-6, what=f"d_{name}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_linear_cross_entropy_bfloat16(backend, gen):
+    h, w, _ = _lin_inputs(gen, (2, 33), 32, 257, torch.bfloat16)
+    t = _target(gen, (2, 33), 257)
+    out = L.causal_lm_loss(h, w, t, backend=backend, chunk_size=16)
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = L.causal_lm_loss(h64, w64, t, backend="torch")
+    plain = L.causal_lm_loss(h, w, t, backend="torch")
+    assert_lowp_close(out, ref, plain.float(), floor=1e-5)
+    for o, r, p in zip(_grads(out, (h, w)), _grads(ref, (h64, w64)), _grads(plain, (h, w))):
+        assert o.dtype == torch.bfloat16
+        assert_lowp_close(o, r, p, factor=3.0, floor=1e-6, what="grad")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_causal_lm_loss_is_shifted_cross_entropy(backend, gen):
+    h, w, _ = _lin_inputs(gen, (2, 9), 8, 30, torch.float32)
+    t = _target(gen, (2, 9), 30)
+    out = L.causal_lm_loss(h, w, t, backend=backend)
+    logits = h @ w.t()
+    exp = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 30), t[:, 1:].reshape(-1))
+    torch.testing.assert_close(out, exp, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_linear_no_grad_and_frozen_weight(backend, gen):
+    h, w, _ = _lin_inputs(gen, (10,), 8, 30, torch.float32)
+    t = _target(gen, (10,), 30)
+    with torch.no_grad():
+        a = L.linear_cross_entropy(h, w, t, backend=backend)
+    b = L.linear_cross_entropy(h, w.detach(), t, backend=backend)
+    (gh,) = torch.autograd.grad(b, h)
+    torch.testing.assert_close(a, b.detach())
+    exp = torch.nn.functional.cross_entropy(h @ w.detach().t(), t)
+    (ge,) = torch.autograd.grad(exp, h)
+    torch.testing.assert_close(gh, ge, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
+def test_linear_all_ignored(backend, gen):
+    h, w, _ = _lin_inputs(gen, (2, 5), 8, 30, torch.float32)
+    t = torch.full((2, 5), -100)
+    out = L.causal_lm_loss(h, w, t, backend=backend)
+    gh, gw = _grads(out, (h, w))
+    assert out.item() == 0.0 and torch.all(gh == 0) and torch.all(gw == 0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_seq2seq_hidden_scale(backend, gen):
+    h, w, _ = _lin_inputs(gen, (2, 6), 16, 50, torch.float32)
+    t = _target(gen, (2, 6), 50)
+    out = L.seq2seq_lm_loss(h, w, t, hidden_scale=16**-0.5, backend=backend)
+    exp = torch.nn.functional.cross_entropy((h * 16**-0.5 @ w.t()).reshape(-1, 50), t.reshape(-1))
+    torch.testing.assert_close(out, exp, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("max_predictions", [None, 4])
+def test_masked_lm_loss(backend, max_predictions, gen):
+    h, w, b = _lin_inputs(gen, (3, 11), 16, 64, torch.float32, bias=True)
+    labels = torch.full((3, 11), -100)
+    for r in range(3):
+        pos = torch.randperm(11, generator=gen)[: r + 1]
+        labels[r, pos] = torch.randint(0, 64, (r + 1,), generator=gen)
+    hc, lc = h.detach().clone(), labels.clone()
+    out = L.masked_lm_loss(h, w, labels, bias=b, max_predictions=max_predictions, backend=backend)
+    exp = torch.nn.functional.cross_entropy((h @ w.t() + b).reshape(-1, 64), labels.reshape(-1))
+    torch.testing.assert_close(out, exp, rtol=1e-5, atol=1e-6)
+    for o, e in zip(_grads(out, (h, w, b)), _grads(exp, (h, w, b))):
+        torch.testing.assert_close(o, e, rtol=1e-5, atol=1e-6)
+    assert torch.equal(h.detach(), hc) and torch.equal(labels, lc)
+    rows = L.masked_lm_loss(h, w, labels, bias=b, max_predictions=max_predictions, backend=backend,
+                            reduction="none")
+    exp_rows = torch.nn.functional.cross_entropy((h @ w.t() + b).reshape(-1, 64), labels.reshape(-1),
+                                                 reduction="none").reshape(3, 11)
+    torch.testing.assert_close(rows, exp_rows, rtol=1e-5, atol=1e-6)
+
+
+def test_masked_lm_loss_over_bound_is_an_error(gen):
+    h, w, _ = _lin_inputs(gen, (2, 8), 8, 20, torch.float32)
+    labels = torch.randint(0, 20, (2, 8))
+    with pytest.raises(ValueError, match="max_predictions"):
+        L.masked_lm_loss(h, w, labels, max_predictions=3)
+
+
+def test_linear_bad_input(gen):
+    h, w, b = _lin_inputs(gen, (4,), 8, 20, torch.float32, bias=True)
+    t = torch.randint(0, 20, (4,))
+    with pytest.raises(ValueError, match="weight has width"):
+        L.linear_cross_entropy(h, w[:, :7], t)
+    with pytest.raises(TypeError, match="dtype"):
+        L.linear_cross_entropy(h, w.double(), t)
+    with pytest.raises(TypeError, match="share one dtype"):
+        L.linear_cross_entropy(h, w.bfloat16(), t)
+    with pytest.raises(ValueError, match="bias"):
+        L.linear_cross_entropy(h, w, t, bias=b[:5])
+    with pytest.raises(ValueError, match="chunk_size"):
+        L.linear_cross_entropy(h, w, t, chunk_size=0)
+    with pytest.raises(ValueError, match="target"):
+        L.linear_cross_entropy(h, w, torch.tensor([0, 1, 2, 20]))
+    with pytest.raises(ValueError, match="sequence axis"):
+        L.causal_lm_loss(h[0], w, t[0])
+    with pytest.raises(ValueError, match="weight must be"):
+        L.linear_cross_entropy(h, w[0], t)
+
+
+def test_modules(gen):
+    h, w, _ = _lin_inputs(gen, (2, 5), 8, 30, torch.float32)
+    t = _target(gen, (2, 5), 30)
+    torch.testing.assert_close(L.CausalLMLoss()(h, w, t), L.causal_lm_loss(h, w, t))
+    torch.testing.assert_close(L.LinearCrossEntropyLoss(reduction="sum")(h, w, t),
+                               L.linear_cross_entropy(h, w, t, reduction="sum"))
+    torch.testing.assert_close(L.CrossEntropyLoss(label_smoothing=0.1)(h @ w.t(), t),
+                               L.cross_entropy(h @ w.t(), t, label_smoothing=0.1))
+
+
+# ---- op registration: opcheck and torch.compile ----
+def _ce_args(gen, n=5, v=23):
+    x = _logits(gen, n, v, torch.float32)
+    t = _target(gen, (n,), v)
+    return x, t, (0, 0, -100, 0.1, 1e-3, 0.0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_opcheck_row_ops(backend, gen):
+    fwd, bwd, fused = _loss_ops.row_ops(backend)
+    x, t, opts = _ce_args(gen)
+    torch.library.opcheck(fwd, (x.requires_grad_(), t) + opts)
+    loss, lse = fwd(x.detach(), t, *opts)
+    torch.library.opcheck(bwd, (torch.rand(5), x.detach(), t, lse) + opts)
+    torch.library.opcheck(fused, (x.detach().clone(), t) + opts,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_opcheck_linear_ops(backend, gen):
+    h, w, b = _lin_inputs(gen, (6,), 8, 20, torch.float32, bias=True)
+    t = _target(gen, (6,), 20)
+    opts = (0, -100, 0.1, 0.0, 0.0, 4, backend)
+    torch.library.opcheck(_loss_ops.linear_ce_sum, (h, w, b, t) + opts + (True, True, True))
+    torch.library.opcheck(_loss_ops.linear_ce_rows, (h, w, b, t) + opts)
+    _, lse = _loss_ops.linear_ce_rows(h.detach(), w.detach(), b.detach(), t, *opts)
+    torch.library.opcheck(_loss_ops.linear_ce_rows_bwd, (torch.rand(6), h.detach(), w.detach(), b.detach(), t, lse)
+                          + opts)
+
+
+@pytest.mark.parametrize("backend", ["cpu"])
+def test_compile_fullgraph(backend, gen):
+    h, w, b = _lin_inputs(gen, (2, 6), 8, 40, torch.float32, bias=True)
+    t = _target(gen, (2, 6), 40)
+    labels = t.clone()
+    x = (h @ w.t()).detach().requires_grad_()
+    cases = {
+        "cross_entropy": (lambda: L.cross_entropy(x, t, backend=backend), (x,)),
+        "linear_cross_entropy": (lambda: L.linear_cross_entropy(h, w, t, bias=b, backend=backend), (h, w, b)),
+        "causal_lm_loss": (lambda: L.causal_lm_loss(h, w, t, backend=backend), (h, w)),
+        "seq2seq_lm_loss": (lambda: L.seq2seq_lm_loss(h, w, t, hidden_scale=0.5, backend=backend), (h, w)),
+        "masked_lm_loss": (lambda: L.masked_lm_loss(h, w, labels, max_predictions=6, backend=backend), (h, w)),
+        "linear_none": (lambda: L.linear_cross_entropy(h, w, t, reduction="none", backend=backend).sum(), (h, w)),
+    }
+    for name, (fn, params) in cases.items():
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        out, exp = compiled(), fn()
+        torch.testing.assert_close(out, exp, msg=name)
+        for g, e in zip(torch.autograd.grad(out, params), torch.autograd.grad(exp, params)):
+            torch.testing.assert_close(g, e, msg=name)
+
+
+def test_compile_inductor_causal_lm(gen):
+    h, w, _ = _lin_inputs(gen, (2, 6), 8, 40, torch.float32)
+    t = _target(gen, (2, 6), 40)
+    torch._dynamo.reset()
+    fn = torch.compile(lambda h, w: L.causal_lm_loss(h, w, t, backend="cpu"), fullgraph=True)
+    torch.testing.assert_close(fn(h, w), L.causal_lm_loss(h, w, t, backend="cpu"))
+
+
+# ---- GPU (run by benchmarks/gpu_check.sh) ----
+GPU_BACKENDS = ["cuda", "triton"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,v", [(1, 41), (423, 32000), (4097, 50257), (64, 256000)])
+@pytest.mark.parametrize("opts", OPTS, ids=["plain", "smooth", "zloss", "cap"])
+def test_gpu_cross_entropy(backend, dtype, n, v, opts, gen):
+    x = _logits(gen, n, v, dtype, "cuda").requires_grad_()
+    t = _target(gen, (n,), v, "cuda")
+    x64 = x.detach().double().requires_grad_()
+    ref = L.cross_entropy(x64, t, reduction="none", backend="torch", **opts)
+    plain = L.cross_entropy(x, t, reduction="none", backend="torch", **opts)
+    out = L.cross_entropy(x, t, reduction="none", backend=backend, **opts)
+    assert_lowp_close(out, ref, plain, floor=1e-5)
+    wts = torch.rand(n, device="cuda")
+    (g,) = torch.autograd.grad((out * wts).sum(), x)
+    (gr,) = torch.autograd.grad((ref * wts).sum(), x64)
+    (gp,) = torch.autograd.grad((plain * wts).sum(), x)
+    assert_lowp_close(g, gr, gp, factor=3.0, floor=1e-6, what="grad")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gpu_linear_cross_entropy(backend, dtype, reduction, gen):
+    h = torch.randn(4, 511, 256, generator=gen).to("cuda", dtype).requires_grad_()
+    w = (torch.randn(32003, 256, generator=gen) / 16).to("cuda", dtype).requires_grad_()
+    t = _target(gen, (4, 511), 32003, "cuda")
+    opts = dict(reduction=reduction, label_smoothing=0.05, z_loss=1e-4)
+    out = L.causal_lm_loss(h, w, t, backend=backend, **opts)
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = L.causal_lm_loss(h64, w64, t, backend="torch", **opts)
+    plain = L.causal_lm_loss(h, w, t, backend="torch", **opts)
+    assert_lowp_close(out, ref, plain, floor=1e-5)
+    wts = torch.rand(out.shape, device="cuda") if reduction == "none" else 1.0
+    for o, r, p in zip(_grads((out * wts).sum(), (h, w)), _grads((ref * wts).sum(), (h64, w64)),
+                       _grads((plain * wts).sum(), (h, w))):
+        assert_lowp_close(o, r, p, factor=3.0, floor=1e-6, what="grad")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_masked_lm_static_and_compiled(backend, gen):
+    h = torch.randn(4, 128, 64, generator=gen).to("cuda").requires_grad_()
+    w = (torch.randn(1000, 64, generator=gen) / 8).to("cuda").requires_grad_()
+    labels = torch.full((4, 128), -100)
+    labels[torch.rand(4, 128, generator=gen) < 0.15] = 7
+    labels = labels.cuda()
+    exp = torch.nn.functional.cross_entropy((h @ w.t()).reshape(-1, 1000), labels.reshape(-1))
+    fn = torch.compile(lambda: L.masked_lm_loss(h, w, labels, max_predictions=40, backend=backend), fullgraph=True)
+    torch.testing.assert_close(fn(), exp, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_opcheck(backend, gen):
+    fwd, bwd, _ = _loss_ops.row_ops(backend)
+    x = _logits(gen, 5, 23, torch.float32, "cuda")
+    t = _target(gen, (5,), 23, "cuda")
+    opts = (0, 0, -100, 0.1, 1e-3, 0.0)
+    torch.library.opcheck(fwd, (x.requires_grad_(), t) + opts)
+    _, lse = fwd(x.detach(), t, *opts)
+    torch.library.opcheck(bwd, (torch.rand(5, device="cuda"), x.detach(), t, lse) + opts)
+

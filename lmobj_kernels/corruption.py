@@ -111,13 +111,6 @@ def _id_list(name: str, ids, vocab_size: int | None) -> list[int]:
     return out
 
 
-@torch._dynamo.assume_constant_result
-def _resolve(backend: str, device: str) -> str:
-    """_backend.resolve as a constant of a torch.compile graph (resolve itself imports and caches, which Dynamo
-    does not trace)."""
-    return resolve(backend, torch.device(device), "corruption")
-
-
 # ---- seeds and small constant tensors ----
 def seed_tensor(seed=None, generator: torch.Generator | None = None, device=None) -> Tensor:
     """The int64 [1] seed tensor the ops take, on `device`, without a device synchronisation."""
@@ -286,7 +279,7 @@ def span_corrupt(
         raise ValueError(f"a row of this batch needs {k_max} noise spans but only {what} are available; pass a "
                          f"larger max_sentinels (or more sentinel_ids) to allow it")
 
-    name = _resolve(backend, str(dev))
+    name = resolve(backend, dev, "corruption")
     x = input_ids if input_ids.dtype == torch.int64 else input_ids.to(torch.int64)
     if x.numel() and x.stride(-1) != 1:
         x = x.contiguous()
@@ -397,7 +390,7 @@ def mlm_mask(
     if x.numel() and x.stride(-1) != 1:
         x = x.contiguous()
     _check_id_values("input_ids", x, vocab_size)
-    name = _resolve(backend, str(dev))
+    name = resolve(backend, dev, "corruption")
     seed_t = seed_tensor(seed, generator, dev)
     thr = (_threshold(mask_prob), _threshold(mask_replace_prob), _threshold(mask_replace_prob + random_replace_prob))
     if name == "torch":

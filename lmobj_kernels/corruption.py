@@ -120,19 +120,28 @@ def seed_tensor(seed=None, generator: torch.Generator | None = None, device=None
     if isinstance(seed, Tensor):
         if seed.dtype != torch.int64 or seed.numel() != 1:
             raise TypeError(f"seed as a tensor must be int64 with one element, got {seed.dtype} {tuple(seed.shape)}")
-        return seed.reshape(1).to(device)
+        seed = seed.reshape(1)
+        return _to_device(seed, device) if seed.device.type == "cpu" else seed.to(device)
     if seed is None:
         if generator is not None:
             if not isinstance(generator, torch.Generator):
                 raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
             s = torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)
-            return s.to(device)
+            return _to_device(s, device) if s.device.type == "cpu" else s.to(device)
         seed = int(torch.randint(0, 2**62, (1,)).item())  # the default CPU generator: no device sync
     _check_int("seed", seed, 0, 2**63)
     return torch.full((1,), int(seed), dtype=torch.int64, device=device)
 
 
 _CONST_CACHE: dict = {}
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on `device` without a stream sync: a copy from pageable memory would wait for the stream,
+    one from pinned memory does not (the caching host allocator keeps the buffer until the copy is done)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _const_ids(values: tuple, device: torch.device) -> Tensor:
@@ -144,7 +153,7 @@ def _const_ids(values: tuple, device: torch.device) -> Tensor:
     if t is None:
         if len(_CONST_CACHE) > 256:
             _CONST_CACHE.clear()
-        t = torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+        t = _to_device(torch.tensor(values, dtype=torch.int64), device)
         _CONST_CACHE[key] = t
     return t
 
@@ -287,7 +296,7 @@ def span_corrupt(
         len_t = torch.full((B,), S, dtype=torch.int64, device=dev)
         _check_id_values("input_ids", x, vocab_size)
     else:
-        len_t = torch.from_numpy(host_len).to(dev, non_blocking=True)
+        len_t = _to_device(torch.from_numpy(host_len), dev)
         valid = torch.arange(S, device=dev)[None, :] < len_t[:, None]
         _check_id_values("input_ids", x, vocab_size, valid)
     seed_t = seed_tensor(seed, generator, dev)
@@ -303,8 +312,8 @@ def span_corrupt(
         in_len = torch.full((B,), in_w, dtype=torch.int64, device=dev)
         tg_len = torch.full((B,), tg_w, dtype=torch.int64, device=dev)
     else:
-        in_len = torch.from_numpy(ins.astype(np.int64)).to(dev, non_blocking=True)
-        tg_len = torch.from_numpy(tgs.astype(np.int64)).to(dev, non_blocking=True)
+        in_len = _to_device(torch.from_numpy(ins.astype(np.int64)), dev)
+        tg_len = _to_device(torch.from_numpy(tgs.astype(np.int64)), dev)
     start = pad_id if decoder_start_id is None else decoder_start_id
     dec = torch.cat([torch.full((B, 1), start, dtype=torch.int64, device=dev), labels[:, :-1]], dim=1)
     dec = torch.where(dec < 0, pad_id, dec)

@@ -106,10 +106,11 @@ def hf_mlm_peer():
 
 # ---- runs ----
 def bench(rows, name, backend, shape, seconds, tokens):
+    extra = {} if torch.cuda.is_available() else {"threads": torch.get_num_threads()}
     rows.append({"bench": name, "backend": backend, "shape": shape, "metric": "time", "value": seconds * 1e3,
-                 "unit": "ms"})
+                 "unit": "ms", **extra})
     rows.append({"bench": name, "backend": backend, "shape": shape, "metric": "throughput",
-                 "value": tokens / seconds / 1e6, "unit": "M tokens/s"})
+                 "value": tokens / seconds / 1e6, "unit": "M tokens/s", **extra})
 
 
 def run_cpu(rows, B_span, S_span, B_mlm, S_mlm, repeat):
@@ -119,6 +120,10 @@ def run_cpu(rows, B_span, S_span, B_mlm, S_mlm, repeat):
     t = common.time_cpu(lambda: C.span_corrupt(x, vocab_size=VOCAB_T5, eos_id=EOS_T5, seed=1, backend="cpu"),
                         repeat=repeat)
     bench(rows, "span_corrupt", "cpu (C++ kernel)", shape, t, tokens)
+    op_args = (x, torch.full((B_span,), S_span), torch.tensor([1]), 0, 0.15, 3.0, torch.arange(VOCAB_T5 - 1,
+               VOCAB_T5 - 101, -1), EOS_T5, 0, -100, S_span + 1, S_span + 1)
+    t = common.time_cpu(lambda: torch.ops.lmobj.span_corrupt(*op_args), repeat=repeat)
+    bench(rows, "span_corrupt", "cpu (C++ kernel, bare op: no API checks/masks)", shape, t, tokens)
     xn = x.numpy()
     t = common.time_cpu(lambda: numpy_t5_collator(xn), repeat=repeat)
     bench(rows, "span_corrupt", "numpy per-row (HF Flax T5 style)", shape, t, tokens)
@@ -224,7 +229,11 @@ def main(argv=None):
     ap.add_argument("--gpu", action="store_true", help="GPU sizes, cuda and triton backends")
     ap.add_argument("--no-save", action="store_true", help="do not write the JSON result file")
     ap.add_argument("--out", default=common.RESULTS, help="folder for the JSON results")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"CPU threads: {torch.get_num_threads()} of {os.cpu_count()} cores")
     rows: list[dict] = []
     if args.gpu:
         if not torch.cuda.is_available():

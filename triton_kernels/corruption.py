@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-STREAM_SPAN_NOISE, STREAM_SPAN_KEEP, STREAM_MLM = 1, 2, 3
+STREAM_SPAN_NOISE, STREAM_SPAN_KEEP, STREAM_MLM_SELECT, STREAM_MLM_WORD, STREAM_MLM_REPLACE = 1, 2, 3, 4, 5
 
 
 @triton.jit
@@ -189,14 +189,13 @@ def _mlm_kernel(X, stride_x, Wd, stride_w, S, SEED, SPEC, n_spec, OUT, LAB, row_
     X_row = X + b * stride_x
     W_row = Wd + b * stride_w
     x, w, elig = _eligible(X_row, W_row, SPEC, n_spec, p, inb, HAS_WORDS)
-    w0, w1, w2, w3 = _philox_block(seed, p, g, STREAM_MLM)
     if HAS_WORDS:
         _, w_prev, e_prev = _eligible(X_row, W_row, SPEC, n_spec, p - 1, inb & (p > 0), HAS_WORDS)
         unit = elig & ~(e_prev & (w_prev == w))
-        key = w3.to(tl.int64)
+        key = _slot_keys(seed, g, STREAM_MLM_WORD, p)
     else:
         unit = elig
-        key = w0.to(tl.int64)
+        key = _slot_keys(seed, g, STREAM_MLM_SELECT, p)
     if EXACT:
         want = tl.sum(unit.to(tl.int64), axis=0)
         prod = want * select_threshold  # round_half_even(E * p), p = select_threshold / 2^32
@@ -211,8 +210,9 @@ def _mlm_kernel(X, stride_x, Wd, stride_w, S, SEED, SPEC, n_spec, OUT, LAB, row_
     tag = tl.where(unit, 2 * p + chosen.to(tl.int64), -1)
     last = tl.associative_scan(tag, 0, _max_combine)
     sel = elig & (last >= 0) & ((last & 1) == 1)
-    u = w1.to(tl.int64)
-    rnd = random_low + ((w2.to(tl.int64) * random_range) >> 32)
+    r0, r1, _, _ = _philox_block(seed, p, g, STREAM_MLM_REPLACE)
+    u = r0.to(tl.int64)
+    rnd = random_low + ((r1.to(tl.int64) * random_range) >> 32)
     new = tl.where(u < mask_threshold, mask_id, tl.where(u < random_threshold, rnd, x))
     out = tl.where(sel, new, x)
     lab = tl.where(sel, x, ignore_index)

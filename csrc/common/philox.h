@@ -13,7 +13,16 @@
 namespace lmobj {
 
 // Streams (counter word c3): one per use, so no two uses ever share a draw.
-enum : uint32_t { kStreamSpanNoise = 1u, kStreamSpanKeep = 2u, kStreamMLM = 3u };
+// MLM: token selection keys are draws p of kStreamMLMSelect, word keys draws p (p = the word's first token) of
+// kStreamMLMWord; a selected token p reads block p of kStreamMLMReplace: word 0 = the 80/10/10 draw, word 1 = the
+// random id.
+enum : uint32_t {
+  kStreamSpanNoise = 1u,
+  kStreamSpanKeep = 2u,
+  kStreamMLMSelect = 3u,
+  kStreamMLMWord = 4u,
+  kStreamMLMReplace = 5u
+};
 
 struct Philox4 {
   uint32_t v[4];

@@ -203,10 +203,9 @@ std::tuple<at::Tensor, at::Tensor> mlm_mask_cpu(const at::Tensor& input_ids, con
   int64_t* o_base = out.mutable_data_ptr<int64_t>();
   int64_t* l_base = labels.mutable_data_ptr<int64_t>();
   at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
-    std::vector<uint32_t> draws;  // 4 words per position: w0 token key, w1 80/10/10, w2 random id, w3 word key
     std::vector<uint8_t> elig(S), unit(S);
-    std::vector<int64_t> start(S);
-    std::vector<uint32_t> keys(S);
+    std::vector<int64_t> start(S), chosen;
+    std::vector<uint32_t> keys, rep(4 * kLanes);
     std::vector<uint64_t> cand;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t g = row_offset + b;
@@ -214,13 +213,13 @@ std::tuple<at::Tensor, at::Tensor> mlm_mask_cpu(const at::Tensor& input_ids, con
       const int64_t* wrow = words ? wid + b * wld : nullptr;
       int64_t* o = o_base + b * S;
       int64_t* lab = l_base + b * S;
-      row_draws(sd, g, kStreamMLM, 4 * S, draws);
+      row_draws(sd, g, words ? kStreamMLMWord : kStreamMLMSelect, S, keys);
       // Eligible tokens; a selection unit is an eligible token, or with word ids the first token of a run of
       // eligible tokens sharing a word id (>= 0). start[p] = the unit that decides token p.
       int64_t cur = -1, E = 0;
       for (int64_t p = 0; p < S; ++p) {
         bool e = true;
-        for (int64_t s = 0; s < nsp; ++s) e = e && row[p] != sp[s];
+        for (int64_t s = 0; s < nsp; ++s) e &= row[p] != sp[s];
         if (words) e = e && wrow[p] >= 0;
         elig[p] = e;
         bool u = e;
@@ -229,7 +228,6 @@ std::tuple<at::Tensor, at::Tensor> mlm_mask_cpu(const at::Tensor& input_ids, con
         E += u;
         if (u) cur = p;
         start[p] = e ? cur : -1;
-        keys[p] = words ? draws[4 * p + 3] : draws[4 * p];
       }
       uint64_t thr = 0;
       int64_t want = 0;
@@ -237,6 +235,7 @@ std::tuple<at::Tensor, at::Tensor> mlm_mask_cpu(const at::Tensor& input_ids, con
         want = mlm_exact_count(E, select_threshold);
         if (want > 0) thr = kth_smallest(keys.data(), unit.data(), S, want, cand);
       }
+      chosen.clear();
       for (int64_t p = 0; p < S; ++p) {
         bool sel = false;
         if (start[p] >= 0) {
@@ -247,16 +246,22 @@ std::tuple<at::Tensor, at::Tensor> mlm_mask_cpu(const at::Tensor& input_ids, con
             sel = static_cast<int64_t>(keys[u]) < select_threshold;
           }
         }
-        if (!sel) {
-          o[p] = row[p];
-          lab[p] = ignore_index;
-          continue;
+        o[p] = row[p];
+        lab[p] = sel ? row[p] : ignore_index;
+        if (sel) chosen.push_back(p);
+      }
+      // 80/10/10 of the selected tokens, 8 Philox blocks at a time
+      const int64_t nc = static_cast<int64_t>(chosen.size());
+      for (int64_t i = 0; i < nc; i += kLanes) {
+        uint32_t c0[kLanes];
+        for (int l = 0; l < kLanes; ++l) c0[l] = static_cast<uint32_t>(chosen[std::min(i + l, nc - 1)]);
+        philox8(sd, c0, g, kStreamMLMReplace, rep.data());
+        for (int l = 0; l < kLanes && i + l < nc; ++l) {
+          const int64_t p = chosen[i + l], v = rep[4 * l];
+          o[p] = v < mask_threshold ? mask_id
+                 : v < random_threshold ? draw_id(rep[4 * l + 1], random_low, random_range)
+                                        : row[p];
         }
-        lab[p] = row[p];
-        const int64_t v = draws[4 * p + 1];
-        o[p] = v < mask_threshold ? mask_id
-               : v < random_threshold ? draw_id(draws[4 * p + 2], random_low, random_range)
-                                      : row[p];
       }
     }
   });

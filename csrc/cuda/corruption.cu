@@ -198,7 +198,7 @@ __global__ void mlm_kernel(MLMArgs a) {
   int64_t* out = a.out + b * S;
   int64_t* lab = a.labels + b * S;
 
-  auto finish = [&](int64_t p, bool sel, const Philox4& r) {
+  auto finish = [&](int64_t p, bool sel) {  // the 80/10/10 draws only for selected tokens
     const int64_t v = row[p];
     if (!sel) {
       out[p] = v;
@@ -206,16 +206,21 @@ __global__ void mlm_kernel(MLMArgs a) {
       return;
     }
     lab[p] = v;
-    const int64_t u = r.v[1];
+    const Philox4 r = philox_row(seed, g, kStreamMLMReplace, static_cast<uint32_t>(p));
+    const int64_t u = r.v[0];
     out[p] = u < a.mask_threshold ? a.mask_id
-             : u < a.random_threshold ? draw_id(r.v[2], a.random_low, a.random_range)
+             : u < a.random_threshold ? draw_id(r.v[1], a.random_low, a.random_range)
                                       : v;
   };
 
-  if constexpr (!WORDS && !EXACT) {  // every token on its own: no block-wide step
-    for (int64_t p = threadIdx.x; p < S; p += blockDim.x) {
-      const Philox4 r = philox_row(seed, g, kStreamMLM, static_cast<uint32_t>(p));
-      finish(p, mlm_eligible(a, row, wrow, p) && static_cast<int64_t>(r.v[0]) < a.select_threshold, r);
+  if constexpr (!WORDS && !EXACT) {  // every token on its own: no block-wide step; one key block per 4 tokens
+    for (int64_t q = threadIdx.x; q * 4 < S; q += blockDim.x) {
+      const Philox4 r = philox_row(seed, g, kStreamMLMSelect, static_cast<uint32_t>(q));
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        const int64_t p = q * 4 + w;
+        if (p < S) finish(p, mlm_eligible(a, row, wrow, p) && static_cast<int64_t>(r.v[w]) < a.select_threshold);
+      }
     }
     return;
   } else {
@@ -224,10 +229,16 @@ __global__ void mlm_kernel(MLMArgs a) {
     uint32_t* keys = reinterpret_cast<uint32_t*>(tag + S);     // S
     uint8_t* elig = reinterpret_cast<uint8_t*>(keys + S);      // S
     uint8_t* unit = elig + S;                                  // S
-    for (int64_t p = threadIdx.x; p < S; p += blockDim.x) {
-      const Philox4 r = philox_row(seed, g, kStreamMLM, static_cast<uint32_t>(p));
-      elig[p] = mlm_eligible(a, row, wrow, p);
-      keys[p] = WORDS ? r.v[3] : r.v[0];
+    for (int64_t q = threadIdx.x; q * 4 < S; q += blockDim.x) {
+      const Philox4 r = philox_row(seed, g, WORDS ? kStreamMLMWord : kStreamMLMSelect, static_cast<uint32_t>(q));
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        const int64_t p = q * 4 + w;
+        if (p < S) {
+          keys[p] = r.v[w];
+          elig[p] = mlm_eligible(a, row, wrow, p);
+        }
+      }
     }
     __syncthreads();
     for (int64_t p = threadIdx.x; p < S; p += blockDim.x)
@@ -248,10 +259,7 @@ __global__ void mlm_kernel(MLMArgs a) {
       __syncthreads();
     }
     if constexpr (WORDS) block_inclusive_scan<int64_t>(tag, S, int64_t(-1), Max(), warp_buf);
-    for (int64_t p = threadIdx.x; p < S; p += blockDim.x) {
-      const Philox4 r = philox_row(seed, g, kStreamMLM, static_cast<uint32_t>(p));
-      finish(p, elig[p] && tag[p] >= 0 && (tag[p] & 1), r);
-    }
+    for (int64_t p = threadIdx.x; p < S; p += blockDim.x) finish(p, elig[p] && tag[p] >= 0 && (tag[p] & 1));
   }
 }
 

@@ -8,8 +8,9 @@ Random draws (all backends):
   global row high 32 bits, stream), global row = row_offset + local row.
 - Span corruption: slot j of a composition gets key = word j % 4 of block j // 4, stream 1 (noise) or 2 (non-noise).
   The k - 1 cuts are the slots with the smallest (key, j) pairs; a cut at slot j ends a run after its item j.
-- MLM: position p uses the four words of block p, stream 3: w0 = token selection key, w1 = 80/10/10 draw,
-  w2 = random id (low + w2 * range >> 32), w3 = word selection key (read at the word's first token).
+- MLM: the key of token p is draw p of stream 3; the key of a word is draw p of stream 4, p its first token; a
+  selected token p reads block p of stream 5: word 0 = the 80/10/10 draw u (mask when u < round(p_mask 2^32),
+  random when u < round((p_mask + p_random) 2^32)), word 1 = the random id (low + w * range >> 32).
   Without `exact`, a unit is selected when its key < round(p * 2^32).
 """
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-STREAM_SPAN_NOISE, STREAM_SPAN_KEEP, STREAM_MLM = 1, 2, 3
+STREAM_SPAN_NOISE, STREAM_SPAN_KEEP, STREAM_MLM_SELECT, STREAM_MLM_WORD, STREAM_MLM_REPLACE = 1, 2, 3, 4, 5
 _M32 = np.uint64(0xFFFFFFFF)
 
 
@@ -138,8 +139,10 @@ def mlm_mask(input_ids: torch.Tensor, word_ids, seed: int, row_offset: int, spec
     special = np.asarray(list(special_ids), dtype=np.int64)
     for b in range(B):
         row = b + row_offset
-        w0, w1, w2, w3 = (v.astype(np.int64) for v in philox4x32_10(seed, np.arange(S), row & 0xFFFFFFFF,
-                                                                    row >> 32, STREAM_MLM))
+        w0 = row_draws(seed, row, STREAM_MLM_SELECT, S).astype(np.int64)
+        w3 = row_draws(seed, row, STREAM_MLM_WORD, S).astype(np.int64)
+        w1, w2 = (v.astype(np.int64) for v in philox4x32_10(seed, np.arange(S), row & 0xFFFFFFFF, row >> 32,
+                                                             STREAM_MLM_REPLACE)[:2])
         elig = ~np.isin(x[b], special)
         if w is None:
             starts = np.flatnonzero(elig)

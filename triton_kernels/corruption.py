@@ -228,8 +228,9 @@ def mlm_mask(input_ids, word_ids, seed, row_offset, special_ids, exact, select_t
     labels = input_ids.new_empty((B, S))
     if B == 0 or S == 0:
         return out, labels
-    words = word_ids if word_ids is not None else input_ids
-    _mlm_kernel[(B,)](input_ids, input_ids.stride(0), words, words.stride(0), S, seed, special_ids,
+    words = word_ids if word_ids is not None else input_ids  # never read without HAS_WORDS
+    spec = special_ids if special_ids.numel() else input_ids  # an empty CUDA tensor has a null pointer
+    _mlm_kernel[(B,)](input_ids, input_ids.stride(0), words, words.stride(0), S, seed, spec,
                       special_ids.numel(), out, labels, row_offset, select_threshold, mask_threshold,
                       random_threshold, random_low, random_range, mask_id, ignore_index,
                       HAS_WORDS=word_ids is not None, EXACT=bool(exact), BLOCK=_block(S),

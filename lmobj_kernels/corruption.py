@@ -188,6 +188,11 @@ def _check_mean_span(m) -> None:
 def _fixed_plan(S: int, noise_density: float, mean_span_length: float) -> tuple[int, int, int]:
     """(inputs width, targets width, spans) of rows of S tokens: host arithmetic that torch.compile treats as a
     constant of the graph (it would otherwise trace the NumPy calls into tensors)."""
+    return _fixed_plan_cached(S, noise_density, mean_span_length)
+
+
+@functools.lru_cache(maxsize=1024)
+def _fixed_plan_cached(S: int, noise_density: float, mean_span_length: float) -> tuple[int, int, int]:
     ins, tgs = ref.span_output_lengths([S], noise_density, mean_span_length)
     k = ref.span_counts([S], noise_density, mean_span_length)[1]
     return int(ins[0]), int(tgs[0]), int(k[0])

@@ -28,6 +28,21 @@ TORCH_LIBRARY(lmobj, m) {
   // Forward, then overwrite `logits` (a scratch buffer the library owns) with d(sum of row losses)/d logits.
   m.def("ce_fwd_bwd_(Tensor(a!) logits, Tensor target, int row_offset, int shift_len, int ignore_index, "
         "float label_smoothing, float z_loss, float softcap) -> (Tensor, Tensor)");
+
+  // ---- corruption family (ALGORITHMS.md, "Randomness", "T5 span corruption", "MLM masking") ----
+  // Philox counters use the global row row_offset + r, so a row's bytes depend on the seed (int64 [1] tensor
+  // on the device of input_ids) and that index only.
+  // T5 span corruption of row r's first lengths[r] tokens: (inputs (B, inputs_width) padded with pad_id,
+  // targets (B, targets_width) padded with label_pad_id). Sentinel q of a row is sentinel_ids[q].
+  m.def("span_corrupt(Tensor input_ids, Tensor lengths, Tensor seed, int row_offset, float noise_density, "
+        "float mean_span_length, Tensor sentinel_ids, int eos_id, int pad_id, int label_pad_id, int inputs_width, "
+        "int targets_width) -> (Tensor, Tensor)");
+  // BERT masking: (inputs, labels). Thresholds are probabilities times 2^32 (select: per-unit selection
+  // probability, or with exact the count rate; mask / random: cumulative 80/10/10 cut points).
+  m.def("mlm_mask(Tensor input_ids, Tensor? word_ids, Tensor seed, int row_offset, Tensor special_ids, bool exact, "
+        "int select_threshold, int mask_threshold, int random_threshold, int random_low, int random_range, "
+        "int mask_id, int ignore_index) -> (Tensor, Tensor)");
+  // ---- end corruption family ----
 }
 
 // The module itself only tells what it was built with; the ops are reached through torch.ops.lmobj.

@@ -6,6 +6,14 @@ __version__ = "0.1.0"
 
 from lmobj_kernels._backend import BACKENDS, available_backends  # noqa: E402
 from lmobj_kernels._build_info import build_info  # noqa: E402
+from lmobj_kernels.corruption import (  # noqa: E402
+    MLMCollator,
+    SpanCorruptionCollator,
+    SpanCorruptionOutput,
+    mlm_mask,
+    span_corrupt,
+    t5_input_length,
+)
 from lmobj_kernels.losses import (  # noqa: E402
     CausalLMLoss,
     CrossEntropyLoss,
@@ -34,4 +42,11 @@ __all__ = [
     "CausalLMLoss",
     "MaskedLMLoss",
     "Seq2SeqLMLoss",
+    # corruption (T5 span corruption, BERT masking)
+    "span_corrupt",
+    "t5_input_length",
+    "mlm_mask",
+    "SpanCorruptionOutput",
+    "SpanCorruptionCollator",
+    "MLMCollator",
 ]

@@ -1,0 +1,56 @@
+// Argument checks of the corruption ops shared by the CPU and CUDA registrations (host only). The Python API
+// checks first and names the user's arguments; these guard direct torch.ops.lmobj calls.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+namespace lmobj {
+
+inline void check_ids_matrix(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 2, op, ": ", name, " must be a 2-D int64 tensor");
+  TORCH_CHECK(t.size(1) == 0 || t.stride(1) == 1, op, ": ", name, " rows must be contiguous (stride(1) == 1)");
+}
+
+inline void check_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
+  TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 1 && t.is_contiguous(), op, ": ", name,
+              " must be a contiguous 1-D int64 tensor");
+  TORCH_CHECK(t.device() == like.device(), op, ": ", name, " must be on the device of input_ids");
+}
+
+inline void check_span_args(const char* op, const at::Tensor& input_ids, const at::Tensor& lengths,
+                            const at::Tensor& seed, const at::Tensor& sentinel_ids, int64_t row_offset,
+                            int64_t inputs_width, int64_t targets_width) {
+  check_ids_matrix(op, "input_ids", input_ids);
+  check_vector(op, "lengths", lengths, input_ids);
+  check_vector(op, "seed", seed, input_ids);
+  check_vector(op, "sentinel_ids", sentinel_ids, input_ids);
+  TORCH_CHECK(lengths.numel() == input_ids.size(0), op, ": lengths must have one entry per row");
+  TORCH_CHECK(seed.numel() == 1, op, ": seed must hold one int64");
+  TORCH_CHECK(row_offset >= 0, op, ": row_offset must be >= 0");
+  TORCH_CHECK(inputs_width >= 1 && targets_width >= 1, op, ": inputs_width and targets_width must be >= 1");
+}
+
+inline void check_mlm_args(const char* op, const at::Tensor& input_ids, const std::optional<at::Tensor>& word_ids,
+                           const at::Tensor& seed, const at::Tensor& special_ids, int64_t row_offset,
+                           int64_t select_threshold, int64_t mask_threshold, int64_t random_threshold,
+                           int64_t random_range) {
+  check_ids_matrix(op, "input_ids", input_ids);
+  if (word_ids.has_value()) {
+    check_ids_matrix(op, "word_ids", *word_ids);
+    TORCH_CHECK(word_ids->sizes() == input_ids.sizes(), op, ": word_ids must have the shape of input_ids");
+    TORCH_CHECK(word_ids->device() == input_ids.device(), op, ": word_ids must be on the device of input_ids");
+  }
+  check_vector(op, "seed", seed, input_ids);
+  check_vector(op, "special_ids", special_ids, input_ids);
+  TORCH_CHECK(seed.numel() == 1, op, ": seed must hold one int64");
+  TORCH_CHECK(row_offset >= 0, op, ": row_offset must be >= 0");
+  const int64_t one = int64_t(1) << 32;
+  TORCH_CHECK(select_threshold >= 0 && select_threshold <= one && mask_threshold >= 0 &&
+                  mask_threshold <= random_threshold && random_threshold <= one,
+              op, ": thresholds must satisfy 0 <= mask <= random <= 2^32 and 0 <= select <= 2^32");
+  TORCH_CHECK(random_range >= 1 && random_range < (int64_t(1) << 31), op, ": random_range must be in [1, 2^31)");
+}
+
+}  // namespace lmobj

@@ -1,0 +1,538 @@
+"""On-device corruption for the MLM and denoising objectives (ALGORITHMS.md, "Randomness", "T5 span corruption",
+"MLM masking"): T5 span corruption, BERT masking, and DataLoader collators around them.
+
+Every backend (cuda, triton, cpu, and the NumPy reference `torch`) gives the same bytes for the same seed, and a
+row's result depends only on the seed and its global row index `row_offset + r`: splitting a batch (and passing
+the offset) gives the same bytes. Kernels never write into the caller's tensors.
+
+Seeds: `seed` (an int in [0, 2^63), or an int64 tensor of one element on the device, which CUDA graphs can replay
+with new values), or `generator` (a torch.Generator), or neither: a fresh seed from torch's default generator.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lmobj_kernels import _corruption_ops
+from lmobj_kernels._backend import resolve
+from lmobj_kernels.reference import corruption as ref
+
+T5_EXTRA_IDS = 100  # sentinels T5's vocabulary has (<extra_id_0> .. <extra_id_99>)
+_ONE = 1 << 32
+
+
+class SpanCorruptionOutput(NamedTuple):
+    """Padded outputs of `span_corrupt` (int64, on the device of the input). Labels are padded with -100 (ignored
+    by Hugging Face models and lmobj losses), the others with pad_id; masks are 1 on real tokens."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    input_lengths: Tensor
+    labels: Tensor
+    label_lengths: Tensor
+    decoder_input_ids: Tensor
+    decoder_attention_mask: Tensor
+
+
+# ---- argument checks: ValueError / TypeError naming the argument ----
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _check_int(name: str, v, lo: int | None = None, hi: int | None = None, none_ok: bool = False):
+    if v is None and none_ok:
+        return
+    if not _is_int(v):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if (lo is not None and v < lo) or (hi is not None and v >= hi):
+        raise ValueError(f"{name} must be in [{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'})"
+                         f", got {v}")
+
+
+def _check_prob(name: str, v, lo_open: bool = False, hi_open: bool = False):
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        raise TypeError(f"{name} must be a float, got {type(v).__name__}")
+    if not (math.isfinite(v) and (v > 0 if lo_open else v >= 0) and (v < 1 if hi_open else v <= 1)):
+        lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
+        raise ValueError(f"{name} must be in {lb}0, 1{rb}, got {v}")
+
+
+def _check_ids(name: str, t) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(t).__name__}")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids, got {t.dtype}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (batch, seq), got shape {tuple(t.shape)}")
+
+
+def _check_id_values(name: str, t: Tensor, vocab_size: int | None, valid: Tensor | None = None) -> None:
+    """Ids must be in [0, vocab_size) (>= 0 without a vocab_size). On the CPU this reads the values; on a GPU or
+    while compiling it is a device-side assert (no host synchronisation). The kernels never index with ids."""
+    if t.numel() == 0:
+        return
+    if valid is None and not (t.is_cuda or torch.compiler.is_compiling()):
+        lo, hi = torch.aminmax(t)  # one pass; the error path below names the first bad id
+        if int(lo) >= 0 and (vocab_size is None or int(hi) < vocab_size):
+            return
+    ok = t >= 0
+    if vocab_size is not None:
+        ok = ok & (t < vocab_size)
+    if valid is not None:
+        ok = ok | ~valid
+    bound = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+    if t.is_cuda or torch.compiler.is_compiling():
+        torch._assert_async(ok.all(), f"{name} holds an id outside {bound}")
+    elif not bool(ok.all()):
+        raise ValueError(f"{name} holds id {int(t[~ok][0])}, outside {bound}")
+
+
+def _id_list(name: str, ids, vocab_size: int | None) -> list[int]:
+    if isinstance(ids, Tensor):
+        if ids.is_floating_point() or ids.dim() > 1:
+            raise TypeError(f"{name} must be a sequence of int ids")
+        ids = ids.tolist()
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, set, frozenset, np.ndarray)):
+        raise TypeError(f"{name} must be a sequence of int ids, got {type(ids).__name__}")
+    out = []
+    for v in ids:
+        if not _is_int(v):
+            raise TypeError(f"{name} must hold ints, got {type(v).__name__}")
+        if v < 0 or (vocab_size is not None and v >= vocab_size):
+            raise ValueError(f"{name} holds id {v}, outside [0, {vocab_size if vocab_size is not None else 'inf'})")
+        out.append(int(v))
+    return out
+
+
+# ---- seeds and small constant tensors ----
+def seed_tensor(seed=None, generator: torch.Generator | None = None, device=None) -> Tensor:
+    """The int64 [1] seed tensor the ops take, on `device`, without a device synchronisation."""
+    device = torch.device(device if device is not None else "cpu")
+    if seed is not None and generator is not None:
+        raise ValueError("pass seed or generator, not both")
+    if isinstance(seed, Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise TypeError(f"seed as a tensor must be int64 with one element, got {seed.dtype} {tuple(seed.shape)}")
+        seed = seed.reshape(1)
+        return _to_device(seed, device) if seed.device.type == "cpu" else seed.to(device)
+    if seed is None:
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+            s = torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)
+            return _to_device(s, device) if s.device.type == "cpu" else s.to(device)
+        seed = int(torch.randint(0, 2**62, (1,)).item())  # the default CPU generator: no device sync
+    _check_int("seed", seed, 0, 2**63)
+    return torch.full((1,), int(seed), dtype=torch.int64, device=device)
+
+
+_CONST_CACHE: dict = {}
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on `device` without a stream sync: a copy from pageable memory would wait for the stream,
+    one from pinned memory does not (the caching host allocator keeps the buffer until the copy is done)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _const_ids(values: tuple, device: torch.device) -> Tensor:
+    """A small int64 tensor of constant ids on `device` (cached, so that a GPU copy happens once)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=torch.int64, device=device)
+    key = (values, str(device))
+    t = _CONST_CACHE.get(key)
+    if t is None:
+        if len(_CONST_CACHE) > 256:
+            _CONST_CACHE.clear()
+        t = _to_device(torch.tensor(values, dtype=torch.int64), device)
+        _CONST_CACHE[key] = t
+    return t
+
+
+# ---- T5 span corruption ----
+@functools.lru_cache(maxsize=256)
+def t5_input_length(inputs_length: int, noise_density: float = 0.15, mean_span_length: float = 3.0
+                    ) -> tuple[int, int]:
+    """(raw_length, targets_length) for fixed-size T5 training: the largest raw length t whose corrupted inputs
+    (eos included) fit in `inputs_length`, and the length of its targets. 512 -> (568, 114) for (0.15, 3)."""
+    _check_int("inputs_length", inputs_length, 2)
+    _check_prob("noise_density", noise_density, hi_open=True)
+    _check_mean_span(mean_span_length)
+    hi = int(inputs_length / (1.0 - noise_density)) + 8
+    t = np.arange(1, hi + 1)
+    ins, tgs = ref.span_output_lengths(t, noise_density, mean_span_length)
+    fits = np.flatnonzero(ins <= inputs_length)
+    if fits.size == 0:
+        raise ValueError(f"inputs_length {inputs_length} is too short for noise_density {noise_density}")
+    i = int(fits[-1])
+    return int(t[i]), int(tgs[i])
+
+
+def _check_mean_span(m) -> None:
+    if not isinstance(m, (int, float)) or isinstance(m, bool):
+        raise TypeError(f"mean_span_length must be a float, got {type(m).__name__}")
+    if not (math.isfinite(m) and m >= 1.0):
+        raise ValueError(f"mean_span_length must be a finite float >= 1, got {m}")
+
+
+@torch._dynamo.assume_constant_result
+def _fixed_plan(S: int, noise_density: float, mean_span_length: float) -> tuple[int, int, int]:
+    """(inputs width, targets width, spans) of rows of S tokens: host arithmetic that torch.compile treats as a
+    constant of the graph (it would otherwise trace the NumPy calls into tensors)."""
+    return _fixed_plan_cached(S, noise_density, mean_span_length)
+
+
+@functools.lru_cache(maxsize=1024)
+def _fixed_plan_cached(S: int, noise_density: float, mean_span_length: float) -> tuple[int, int, int]:
+    ins, tgs = ref.span_output_lengths([S], noise_density, mean_span_length)
+    k = ref.span_counts([S], noise_density, mean_span_length)[1]
+    return int(ins[0]), int(tgs[0]), int(k[0])
+
+
+def _host_lengths(lengths, B: int, S: int) -> np.ndarray:
+    if isinstance(lengths, Tensor):
+        if lengths.is_floating_point() or lengths.dtype == torch.bool:
+            raise TypeError(f"lengths must hold integers, got {lengths.dtype}")
+        lengths = lengths.detach().cpu().numpy()  # a device tensor is read once here (a sync): pass host lengths
+    try:
+        arr = np.asarray(lengths)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"lengths must be a sequence of ints ({e})") from None
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"lengths must hold integers, got {arr.dtype}")
+    if arr.shape != (B,):
+        raise ValueError(f"lengths must have one entry per row ({B}), got shape {arr.shape}")
+    bad = np.flatnonzero((arr < 0) | (arr > S))
+    if bad.size:
+        raise ValueError(f"lengths[{int(bad[0])}] = {int(arr[bad[0]])} is outside [0, {S}] (the row length)")
+    return arr.astype(np.int64)
+
+
+def span_corrupt(
+    input_ids: Tensor,
+    lengths=None,
+    *,
+    noise_density: float = 0.15,
+    mean_span_length: float = 3.0,
+    vocab_size: int | None = None,
+    sentinel_ids=None,
+    max_sentinels: int | None = None,
+    eos_id: int,
+    pad_id: int = 0,
+    decoder_start_id: int | None = None,
+    seed=None,
+    generator: torch.Generator | None = None,
+    row_offset: int = 0,
+    backend: str = "auto",
+) -> SpanCorruptionOutput:
+    """T5 span corruption of each row's first `lengths[r]` tokens (all of them when `lengths` is None).
+
+    inputs = X1 s0 X2 s1 ... Xk s(k-1) eos and labels = s0 N1 s1 N2 ... s(k-1) Nk eos, where Xi are the kept
+    runs, Ni the noise runs (a uniform composition of n = round(L r) noise tokens into k = round(n / m) spans,
+    T5's float32 rounding), and sj the sentinels: `sentinel_ids`, else vocab_size - 1, vocab_size - 2, ...
+    decoder_input_ids = labels shifted right, starting with `decoder_start_id` (default pad_id, as T5).
+    Rows of fewer than 2 tokens (and noise_density == 0) are not corrupted: inputs = tokens + eos, labels = eos.
+
+    More spans than sentinels is an error: at most `max_sentinels` (default 100, T5's extra ids, or the number of
+    `sentinel_ids`) are used; pass a larger max_sentinels to let default sentinels run further down the vocabulary.
+    Decided on the host from the lengths, without a device sync.
+
+    `lengths=None` (fixed-length rows, as T5 trains with `t5_input_length`) needs no host synchronisation and
+    gives fixed output shapes (CUDA graphs, torch.compile). Given lengths (a list, array or tensor; a GPU tensor
+    is read once) size the outputs. `row_offset`: the global index of row 0 in the seed's stream.
+    """
+    _check_ids("input_ids", input_ids)
+    _check_prob("noise_density", noise_density, hi_open=True)
+    _check_mean_span(mean_span_length)
+    _check_int("vocab_size", vocab_size, 1, none_ok=True)
+    _check_int("eos_id", eos_id, 0, vocab_size)
+    _check_int("pad_id", pad_id)
+    _check_int("decoder_start_id", decoder_start_id, 0, vocab_size, none_ok=True)
+    _check_int("max_sentinels", max_sentinels, 1, none_ok=True)
+    _check_int("row_offset", row_offset, 0, 2**62)
+    B, S = input_ids.shape
+    dev = input_ids.device
+
+    if lengths is None:
+        host_len = None
+        in_w, tg_w, k_max = _fixed_plan(S, float(noise_density), float(mean_span_length))
+        k_max = k_max if B else 0
+    else:
+        host_len = _host_lengths(lengths, B, S)
+        ins, tgs = ref.span_output_lengths(host_len, noise_density, mean_span_length)
+        ks = ref.span_counts(host_len, noise_density, mean_span_length)[1]
+        in_w, tg_w = (int(ins.max()), int(tgs.max())) if B else (1, 1)
+        k_max = int(ks.max()) if B else 0
+
+    if sentinel_ids is not None:
+        sent = _id_list("sentinel_ids", sentinel_ids, vocab_size)
+        if not sent:
+            raise ValueError("sentinel_ids must not be empty")
+        limit = len(sent) if max_sentinels is None else min(max_sentinels, len(sent))
+        what = f"{len(sent)} sentinel_ids" + (f" (max_sentinels={max_sentinels})" if max_sentinels else "")
+        sent_t = _const_ids(tuple(sent[:limit]), dev)
+    else:
+        if vocab_size is None:
+            raise ValueError("vocab_size is required when sentinel_ids is not given (sentinels count down from "
+                             "vocab_size - 1)")
+        limit = T5_EXTRA_IDS if max_sentinels is None else max_sentinels
+        if limit > vocab_size:
+            raise ValueError(f"max_sentinels={limit} exceeds vocab_size={vocab_size}")
+        what = f"max_sentinels={limit}" + (" (T5's 100 extra ids)" if max_sentinels is None else "")
+        sent_t = torch.arange(vocab_size - 1, vocab_size - 1 - limit, -1, dtype=torch.int64, device=dev)
+    if k_max > limit:
+        raise ValueError(f"a row of this batch needs {k_max} noise spans but only {what} are available; pass a "
+                         f"larger max_sentinels (or more sentinel_ids) to allow it")
+
+    name = resolve(backend, dev, "corruption")
+    x = input_ids if input_ids.dtype == torch.int64 else input_ids.to(torch.int64)
+    if x.numel() and x.stride(-1) != 1:
+        x = x.contiguous()
+    if host_len is None:
+        len_t = torch.full((B,), S, dtype=torch.int64, device=dev)
+        _check_id_values("input_ids", x, vocab_size)
+    else:
+        len_t = _to_device(torch.from_numpy(host_len), dev)
+        valid = torch.arange(S, device=dev)[None, :] < len_t[:, None]
+        _check_id_values("input_ids", x, vocab_size, valid)
+    seed_t = seed_tensor(seed, generator, dev)
+    args = (float(noise_density), float(mean_span_length))
+    if name == "torch":
+        inputs, labels = ref.span_corrupt(x, len_t.cpu().numpy(), int(seed_t.cpu()[0]), row_offset, *args,
+                                          sent_t.tolist(), eos_id, pad_id, -100, in_w, tg_w)
+    else:
+        op = _corruption_ops.ops(name)[0]
+        inputs, labels = op(x, len_t, seed_t, row_offset, *args, sent_t, eos_id, pad_id, -100, in_w, tg_w)
+
+    if host_len is None:
+        in_len = torch.full((B,), in_w, dtype=torch.int64, device=dev)
+        tg_len = torch.full((B,), tg_w, dtype=torch.int64, device=dev)
+    else:
+        in_len = _to_device(torch.from_numpy(ins.astype(np.int64)), dev)
+        tg_len = _to_device(torch.from_numpy(tgs.astype(np.int64)), dev)
+    start = pad_id if decoder_start_id is None else decoder_start_id
+    dec = torch.cat([torch.full((B, 1), start, dtype=torch.int64, device=dev), labels[:, :-1]], dim=1)
+    dec = torch.where(dec < 0, pad_id, dec)
+    if host_len is None:  # fixed-length rows: every position is real
+        attn = torch.ones((B, in_w), dtype=torch.int64, device=dev)
+        dattn = torch.ones((B, tg_w), dtype=torch.int64, device=dev)
+    else:
+        attn = (torch.arange(in_w, device=dev)[None, :] < in_len[:, None]).to(torch.int64)
+        dattn = (torch.arange(tg_w, device=dev)[None, :] < tg_len[:, None]).to(torch.int64)
+    return SpanCorruptionOutput(inputs, attn, in_len, labels, tg_len, dec, dattn)
+
+
+# ---- BERT masking ----
+def _threshold(p: float) -> int:
+    return min(_ONE, int(round(p * _ONE)))
+
+
+def mlm_mask(
+    input_ids: Tensor,
+    *,
+    mask_id: int,
+    vocab_size: int,
+    mask_prob: float = 0.15,
+    mask_replace_prob: float = 0.8,
+    random_replace_prob: float = 0.1,
+    special_ids=(),
+    pad_id: int | None = None,
+    exact: bool = False,
+    word_ids: Tensor | None = None,
+    ignore_index: int = -100,
+    seed=None,
+    generator: torch.Generator | None = None,
+    random_range: tuple[int, int] | None = None,
+    row_offset: int = 0,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """BERT masking: returns (inputs, labels), int64, shaped like `input_ids` (B, S).
+
+    Eligible tokens exclude `pad_id` and `special_ids` (and, with `word_ids`, tokens whose word id is < 0). Each
+    eligible token (with `word_ids`: each word, a run of eligible tokens sharing an id, as a unit) is selected with
+    probability `mask_prob`, or with `exact=True` exactly max(1, round(mask_prob * eligible units)) per row
+    (original BERT; mask_prob is taken at 2^-32 resolution). A selected token becomes `mask_id` with probability
+    `mask_replace_prob`, a random id in `random_range` (default [0, vocab_size)) with `random_replace_prob`, and
+    stays itself otherwise. labels = the original id at selected positions, `ignore_index` elsewhere.
+    """
+    _check_ids("input_ids", input_ids)
+    _check_int("vocab_size", vocab_size, 1)
+    _check_int("mask_id", mask_id, 0, vocab_size)
+    _check_prob("mask_prob", mask_prob)
+    _check_prob("mask_replace_prob", mask_replace_prob)
+    _check_prob("random_replace_prob", random_replace_prob)
+    if mask_replace_prob + random_replace_prob > 1.0 + 1e-12:
+        raise ValueError(f"mask_replace_prob + random_replace_prob must be <= 1, got "
+                         f"{mask_replace_prob} + {random_replace_prob}")
+    _check_int("pad_id", pad_id, 0, vocab_size, none_ok=True)
+    _check_int("ignore_index", ignore_index)
+    _check_int("row_offset", row_offset, 0, 2**62)
+    if not isinstance(exact, bool):
+        raise TypeError(f"exact must be a bool, got {type(exact).__name__}")
+    specials = _id_list("special_ids", special_ids, vocab_size) + ([pad_id] if pad_id is not None else [])
+    if random_range is None:
+        lo, hi = 0, vocab_size
+    else:
+        if not isinstance(random_range, (tuple, list)) or len(random_range) != 2:
+            raise TypeError("random_range must be a (low, high) pair of ints")
+        lo, hi = random_range
+        _check_int("random_range[0]", lo, 0, vocab_size)
+        _check_int("random_range[1]", hi, lo + 1, vocab_size + 1)
+    if hi - lo >= 2**31:
+        raise ValueError(f"random_range must span fewer than 2^31 ids, got {hi - lo}")
+    dev = input_ids.device
+    if word_ids is not None:
+        _check_ids("word_ids", word_ids)
+        if word_ids.shape != input_ids.shape:
+            raise ValueError(f"word_ids must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                             f"{tuple(word_ids.shape)}")
+        if word_ids.device != dev:
+            raise ValueError(f"word_ids is on {word_ids.device} but input_ids is on {dev}")
+        word_ids = word_ids if word_ids.dtype == torch.int64 else word_ids.to(torch.int64)
+        if word_ids.numel() and word_ids.stride(-1) != 1:
+            word_ids = word_ids.contiguous()
+    x = input_ids if input_ids.dtype == torch.int64 else input_ids.to(torch.int64)
+    if x.numel() and x.stride(-1) != 1:
+        x = x.contiguous()
+    _check_id_values("input_ids", x, vocab_size)
+    name = resolve(backend, dev, "corruption")
+    seed_t = seed_tensor(seed, generator, dev)
+    thr = (_threshold(mask_prob), _threshold(mask_replace_prob), _threshold(mask_replace_prob + random_replace_prob))
+    if name == "torch":
+        return ref.mlm_mask(x, word_ids, int(seed_t.cpu()[0]), row_offset, specials, exact, *thr, lo, hi - lo,
+                            mask_id, ignore_index)
+    spec_t = _const_ids(tuple(specials), dev)
+    return _corruption_ops.ops(name)[1](x, word_ids, seed_t, row_offset, spec_t, exact, *thr, lo, hi - lo, mask_id,
+                                        ignore_index)
+
+
+# ---- collators ----
+def _mix_seed(seed: int, worker: int) -> int:
+    """A different 63-bit seed per DataLoader worker (splitmix64 of seed and worker id)."""
+    z = (seed + (worker + 1) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & (2**63 - 1)
+
+
+class _Collator:
+    """Per-instance Philox stream: seed fixed at the first call (mixed with the DataLoader worker id, so each worker
+    differs), row_offset advancing by the batch size, so consecutive batches never repeat."""
+
+    def __init__(self, seed, device, backend):
+        _check_int("seed", seed, 0, 2**63, none_ok=True)
+        self.seed, self.device, self.backend = seed, device, backend
+        self._stream_seed: int | None = None
+        self._worker: int | None = -2
+        self.rows = 0
+
+    def _next(self, batch: int) -> tuple[int, int]:
+        info = torch.utils.data.get_worker_info()
+        worker = None if info is None else info.id
+        if self._stream_seed is None or worker != self._worker:
+            base = self.seed if self.seed is not None else torch.initial_seed() % 2**63  # per worker already
+            self._stream_seed = base if worker is None or self.seed is None else _mix_seed(base, worker)
+            self._worker, self.rows = worker, 0
+        off = self.rows
+        self.rows += batch
+        return self._stream_seed, off
+
+
+def _rows_of(examples, key: str = "input_ids"):
+    """Rows (lists or 1-D tensors) from what a tokenizer or dataset yields, plus the optional extra key."""
+    if isinstance(examples, Mapping):
+        examples = examples[key] if key in examples else examples
+    if isinstance(examples, Tensor):
+        return [r for r in examples] if examples.dim() == 2 else [examples]
+    rows = []
+    for e in examples:
+        if isinstance(e, Mapping):
+            if key not in e:
+                raise ValueError(f"each example must have an {key!r} key, got keys {sorted(e)}")
+            e = e[key]
+        rows.append(e)
+    return rows
+
+
+def _pad(rows, pad_value: int, limit: int | None = None, dtype=torch.int64) -> tuple[Tensor, list[int]]:
+    rows = [(r.tolist() if isinstance(r, Tensor) else list(r)) for r in rows]
+    if limit is not None:
+        rows = [r[:limit] for r in rows]
+    lens = [len(r) for r in rows]
+    width = max(lens) if lens else 0
+    out = torch.full((len(rows), width), pad_value, dtype=dtype)
+    for i, r in enumerate(rows):
+        if r:
+            out[i, : len(r)] = torch.tensor([pad_value if v is None else v for v in r], dtype=dtype)
+    return out, lens
+
+
+class SpanCorruptionCollator(_Collator):
+    """DataLoader collate_fn (or a step on the GPU) for T5: takes lists of token ids or dicts with `input_ids`
+    (a Hugging Face tokenizer's output), returns the dict a Hugging Face T5 model takes: `input_ids`,
+    `attention_mask`, `labels` (padded with -100), `decoder_input_ids`, `decoder_attention_mask`.
+
+    With `input_length` (T5's fixed-size training) rows are cut to the raw length `t5_input_length` gives, so full
+    rows come out exactly `input_length` long. `device`: where to corrupt (e.g. "cuda" inside the training step;
+    default the CPU kernel, right for DataLoader workers).
+    """
+
+    def __init__(self, *, eos_id: int, vocab_size: int | None = None, noise_density: float = 0.15,
+                 mean_span_length: float = 3.0, sentinel_ids=None, max_sentinels: int | None = None,
+                 pad_id: int = 0, decoder_start_id: int | None = None, input_length: int | None = None,
+                 seed: int | None = None, device=None, backend: str = "auto"):
+        super().__init__(seed, device, backend)
+        self.kw = dict(noise_density=noise_density, mean_span_length=mean_span_length, vocab_size=vocab_size,
+                       sentinel_ids=sentinel_ids, max_sentinels=max_sentinels, eos_id=eos_id, pad_id=pad_id,
+                       decoder_start_id=decoder_start_id, backend=backend)
+        self.pad_id = pad_id
+        self.raw_length = None
+        if input_length is not None:
+            self.raw_length, self.target_length = t5_input_length(input_length, noise_density, mean_span_length)
+
+    def __call__(self, examples) -> dict:
+        ids, lens = _pad(_rows_of(examples), self.pad_id, self.raw_length)
+        if self.device is not None:
+            ids = ids.to(self.device)
+        seed, off = self._next(ids.shape[0])
+        fixed = all(n == ids.shape[1] for n in lens)
+        out = span_corrupt(ids, None if fixed else lens, seed=seed, row_offset=off, **self.kw)
+        return {"input_ids": out.input_ids, "attention_mask": out.attention_mask, "labels": out.labels,
+                "decoder_input_ids": out.decoder_input_ids, "decoder_attention_mask": out.decoder_attention_mask}
+
+
+class MLMCollator(_Collator):
+    """DataLoader collate_fn (or a step on the GPU) for BERT: takes lists of token ids or dicts with `input_ids`
+    (and `word_ids` for `whole_word=True`, as `BatchEncoding.word_ids()` gives, None for special tokens), pads with
+    pad_id and returns `input_ids`, `attention_mask`, `labels` (ignore_index where not predicted)."""
+
+    def __init__(self, *, mask_id: int, vocab_size: int, mask_prob: float = 0.15, mask_replace_prob: float = 0.8,
+                 random_replace_prob: float = 0.1, special_ids=(), pad_id: int = 0, exact: bool = False,
+                 whole_word: bool = False, ignore_index: int = -100, seed: int | None = None, device=None,
+                 backend: str = "auto"):
+        super().__init__(seed, device, backend)
+        self.kw = dict(mask_id=mask_id, vocab_size=vocab_size, mask_prob=mask_prob,
+                       mask_replace_prob=mask_replace_prob, random_replace_prob=random_replace_prob,
+                       special_ids=tuple(special_ids), pad_id=pad_id, exact=exact, ignore_index=ignore_index,
+                       backend=backend)
+        self.pad_id, self.whole_word = pad_id, whole_word
+
+    def __call__(self, examples) -> dict:
+        ids, lens = _pad(_rows_of(examples), self.pad_id)
+        words = _pad(_rows_of(examples, "word_ids"), -1)[0] if self.whole_word else None
+        attn = (torch.arange(ids.shape[1])[None, :] < torch.tensor(lens, dtype=torch.int64)[:, None]).to(torch.int64)
+        if self.device is not None:
+            ids, attn = ids.to(self.device), attn.to(self.device)
+            words = words.to(self.device) if words is not None else None
+        seed, off = self._next(ids.shape[0])
+        inputs, labels = mlm_mask(ids, word_ids=words, seed=seed, row_offset=off, **self.kw)
+        return {"input_ids": inputs, "attention_mask": attn, "labels": labels}

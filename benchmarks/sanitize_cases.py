@@ -30,7 +30,16 @@ def losses() -> None:
     torch.cuda.synchronize()
 
 
-CASES = {"losses": losses}
+def corruption() -> None:
+    import os
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_corruption
+
+    bench_corruption.sanitize_case()
+
+
+CASES = {"losses": losses, "corruption": corruption}
 
 
 def main() -> int:

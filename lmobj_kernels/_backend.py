@@ -19,6 +19,7 @@ BACKENDS = ("cuda", "triton", "cpu", "torch")
 FASTEST_ON_GPU: dict[str, tuple[str, ...]] = {
     "cross_entropy": ("cuda", "triton", "torch"),
     "linear_cross_entropy": ("cuda", "triton", "torch"),
+    "attention": ("triton", "torch"),
 }
 
 

@@ -63,7 +63,7 @@ _CONFIGS: dict[tuple[str, str, int], tuple[int, int, int, int]] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _arch(device_index: int) -> str:
     return "sm90" if torch.cuda.get_device_capability(device_index)[0] >= 9 else "sm80"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-FAMILIES = ["losses"]
+FAMILIES = ["losses", "attention"]
 
 
 def run(device: str = "cpu", families: list[str] | None = None) -> list[dict]:

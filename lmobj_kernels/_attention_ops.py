@@ -31,7 +31,8 @@ def _(q, k, v, prefix_lens, doc_ids, kv_lens, causal, scale):
 @torch.library.custom_op("lmobj::attn_bwd_triton", mutates_args=())
 def attn_bwd_triton(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                     prefix_lens: Optional[Tensor], doc_ids: Optional[Tensor],  # noqa: UP045
-                    kv_lens: Optional[Tensor], causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:  # noqa: UP045
+                    kv_lens: Optional[Tensor],  # noqa: UP045
+                    causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     return triton_module("attention").attention_backward(grad_out, q, k, v, out, lse, prefix_lens, doc_ids,
                                                          kv_lens, causal, scale)
 

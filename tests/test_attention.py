@@ -344,7 +344,7 @@ def test_opcheck_triton_ops(gen):
     torch.library.opcheck(torch.ops.lmobj.attn_fwd_triton, fwd_args)
     out, lse = torch.ops.lmobj.attn_fwd_triton(*fwd_args)
     do = torch.randn(out.shape, generator=gen)
-    bwd_args = (do, q.detach(), k.detach(), v.detach(), out.detach(), lse, None, None, kvl, False, 0.25)
+    bwd_args = (do, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), None, None, kvl, False, 0.25)
     torch.library.opcheck(torch.ops.lmobj.attn_bwd_triton, bwd_args)
 
 

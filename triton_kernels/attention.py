@@ -78,6 +78,25 @@ def config(kernel: str, head_dim: int, device: torch.device) -> tuple[int, int, 
 
 
 @triton.jit
+def _mm(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b in float32. UPCAST: through float32 operands (the CPU interpreter's bfloat16 dot is wrong in Triton
+    3.8: it multiplies the raw bits; only used under TRITON_INTERPRET=1)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _mma(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b (float32 accumulator), see `_mm`."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
 def _allowed(qi, kj, Sk, kv_len, prefix_len, q_doc, k_doc, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
              HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr):
     """Mask of allowed (query, key) pairs. qi / q_doc and kj / k_doc are already shaped to broadcast against each
@@ -119,14 +138,15 @@ def _key_range(b, pid_m, start_m, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_outer
 @triton.jit
 def _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d, D, Sk,
               kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
-              HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
+              HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr, MASK: tl.constexpr,
+              PREC: tl.constexpr, UPCAST: tl.constexpr):
     """One key block of the online softmax (base 2): returns the updated (acc, m_i, l_i)."""
     offs_n = start_n + offs_n0
     kmask = offs_n < Sk
     dmask = offs_d < D
     kT = tl.load(K_base + offs_n[None, :] * stride_ks + offs_d[:, None], mask=kmask[None, :] & dmask[:, None],
                  other=0.0)
-    s = tl.dot(q, kT, input_precision=PREC) * qk_scale
+    s = _mm(q, kT, PREC, UPCAST) * qk_scale
     if MASK:
         k_doc = offs_n
         if HAS_DOCS:
@@ -141,7 +161,7 @@ def _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, o
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(V_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kmask[:, None] & dmask[None, :],
                 other=0.0)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+    acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], PREC, UPCAST)
     return acc, m_new, l_i
 
 
@@ -152,7 +172,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX, KVLEN, DOC, DOC_RANGE,
                      Hq, Sq, Sk, D, group, qk_scale, n_qblocks,
                      CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr,
                      HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     PREC: tl.constexpr):
+                     PREC: tl.constexpr, UPCAST: tl.constexpr):
     """O[b, h, i] = softmax over allowed keys j of (q_i . k_j * scale) times v_j; LSE[b, h, i] (natural log).
 
     Q (B, Hq, Sq, D), K and V (B, Hkv, Sk, D), O like Q (last dim contiguous, other strides given); LSE (B, Hq, Sq)
@@ -192,11 +212,11 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX, KVLEN, DOC, DOC_RANGE,
     for start_n in range(lo, mid, BLOCK_N):
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0,
                                   offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL, HAS_PREFIX,
-                                  HAS_KVLEN, HAS_DOCS, False, PREC)
+                                  HAS_KVLEN, HAS_DOCS, False, PREC, UPCAST)
     for start_n in range(mid, hi, BLOCK_N):
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0,
                                   offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL, HAS_PREFIX,
-                                  HAS_KVLEN, HAS_DOCS, True, PREC)
+                                  HAS_KVLEN, HAS_DOCS, True, PREC, UPCAST)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]
@@ -230,7 +250,7 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride
 def _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, stride_dos, start_m, offs_m0, offs_n,
                offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, qk_scale, CAUSAL: tl.constexpr,
                HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr, MASK: tl.constexpr,
-               PREC: tl.constexpr):
+               PREC: tl.constexpr, UPCAST: tl.constexpr):
     """One query block's contribution to dK (unscaled) and dV of a key block, in transposed (key, query) form."""
     offs_m = start_m + offs_m0
     rmask = offs_m < Sq
@@ -242,7 +262,7 @@ def _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, str
     lse = tl.load(LSE_row + offs_m, mask=rmask, other=float("inf"))
     lse = tl.where(lse == -float("inf"), float("inf"), lse) * 1.4426950408889634  # empty rows: p = 0
     delta = tl.load(DELTA_row + offs_m, mask=rmask, other=0.0)
-    sT = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
+    sT = _mm(k, tl.trans(q), PREC, UPCAST) * qk_scale
     pT = tl.exp2(sT - lse[None, :])
     if MASK:
         q_doc = offs_m
@@ -251,10 +271,10 @@ def _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, str
         ok = _allowed(offs_m[None, :], offs_n[:, None], Sk, kv_len, prefix_len, q_doc[None, :], k_doc[:, None],
                       CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS)
         pT = tl.where(ok, pT, 0.0)
-    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
-    dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+    dv = _mma(pT.to(do.dtype), do, dv, PREC, UPCAST)
+    dpT = _mm(v, tl.trans(do), PREC, UPCAST)
     dsT = pT * (dpT - delta[None, :])
-    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
+    dk = _mma(dsT.to(q.dtype), q, dk, PREC, UPCAST)
     return dk, dv
 
 
@@ -265,7 +285,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, D
                           Hq, Hkv, Sq, Sk, D, group, sm_scale, qk_scale, n_kblocks,
                           CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr,
                           HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+                          BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
     """dK, dV (B, Hkv, Sk, D) contiguous, for one key block and kv head, summed over the `group` query heads that
     share it and over the query blocks the mask leaves (a causal key block starts at its diagonal unless it lies in
     the prefix; a block past kv_len has nothing; documents: DOC_RANGE (B, n_kblocks, 2) [first, last) query block).
@@ -322,11 +342,11 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, D
         for start_m in range(lo, mid, BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, stride_dos, start_m,
                                 offs_m0, offs_n, offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, qk_scale,
-                                CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, True, PREC)
+                                CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, True, PREC, UPCAST)
         for start_m in range(mid, hi, BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, stride_dos, start_m,
                                 offs_m0, offs_n, offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, qk_scale,
-                                CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, False, PREC)
+                                CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, False, PREC, UPCAST)
     out = bh * Sk * D + offs_n[:, None] * D + offs_d[None, :]
     omask = kmask[:, None] & dmask[None, :]
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=omask)
@@ -336,7 +356,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, D
 @triton.jit
 def _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d, D, Sk,
              kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
-             HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
+             HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr, MASK: tl.constexpr,
+              PREC: tl.constexpr, UPCAST: tl.constexpr):
     """One key block's contribution to dQ (unscaled) of a query block."""
     offs_n = start_n + offs_n0
     kmask = offs_n < Sk
@@ -345,7 +366,7 @@ def _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_
                  other=0.0)
     vT = tl.load(V_base + offs_n[None, :] * stride_vs + offs_d[:, None], mask=kmask[None, :] & dmask[:, None],
                  other=0.0)
-    s = tl.dot(q, kT, input_precision=PREC) * qk_scale
+    s = _mm(q, kT, PREC, UPCAST) * qk_scale
     p = tl.exp2(s - lse[:, None])
     if MASK:
         k_doc = offs_n
@@ -354,9 +375,9 @@ def _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_
         ok = _allowed(offs_m[:, None], offs_n[None, :], Sk, kv_len, prefix_len, q_doc[:, None], k_doc[None, :],
                       CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS)
         p = tl.where(ok, p, 0.0)
-    dp = tl.dot(do, vT, input_precision=PREC)
+    dp = _mm(do, vT, PREC, UPCAST)
     ds = p * (dp - delta[:, None])
-    dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PREC)
+    dq = _mma(ds.to(kT.dtype), tl.trans(kT), dq, PREC, UPCAST)
     return dq
 
 
@@ -367,7 +388,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX, KVLEN, DOC, DOC_RAN
                         Hq, Sq, Sk, D, group, sm_scale, qk_scale, n_qblocks,
                         CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr,
                         HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        PREC: tl.constexpr):
+                        PREC: tl.constexpr, UPCAST: tl.constexpr):
     """dQ (B, Hq, Sq, D) contiguous for one query block: the same key range as the forward
     (DOC_RANGE (B, n_qblocks, 2) [first, last) key block). Grid: (n_qblocks, B * Hq)."""
     pid_m = tl.program_id(0)
@@ -406,11 +427,11 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX, KVLEN, DOC, DOC_RAN
     for start_n in range(lo, mid, BLOCK_N):
         dq = _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d,
                       D, Sk, kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS,
-                      False, PREC)
+                      False, PREC, UPCAST)
     for start_n in range(mid, hi, BLOCK_N):
         dq = _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d,
                       D, Sk, kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS,
-                      True, PREC)
+                      True, PREC, UPCAST)
     tl.store(DQ + bh * Sq * D + offs_m[:, None] * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=rmask[:, None] & dmask[None, :])
 
@@ -455,6 +476,10 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _upcast(q: torch.Tensor) -> bool:
+    return q.dtype == torch.bfloat16 and q.device.type != "cuda"  # see `_mm`
+
+
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -479,7 +504,7 @@ def attention_forward(q, k, v, prefix_lens, doc_ids, kv_lens, causal: bool, scal
         Hq, Sq, Sk, D, Hq // Hkv, scale * LOG2E, n_qb,
         CAUSAL=causal, HAS_PREFIX=prefix_lens is not None, HAS_KVLEN=kv_lens is not None,
         HAS_DOCS=doc_ids is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        PREC=_prec(q.dtype), num_warps=warps, num_stages=stages)
+        PREC=_prec(q.dtype), UPCAST=_upcast(q), num_warps=warps, num_stages=stages)
     return out, lse
 
 
@@ -496,7 +521,7 @@ def attention_backward(do, q, k, v, out, lse, prefix_lens, doc_ids, kv_lens, cau
     lse = lse.contiguous()
     block_d = max(16, triton.next_power_of_2(D))
     flags = dict(CAUSAL=causal, HAS_PREFIX=prefix_lens is not None, HAS_KVLEN=kv_lens is not None,
-                 HAS_DOCS=doc_ids is not None, BLOCK_D=block_d, PREC=_prec(q.dtype))
+                 HAS_DOCS=doc_ids is not None, BLOCK_D=block_d, PREC=_prec(q.dtype), UPCAST=_upcast(q))
     prefix, kvl, doc = _meta(q, prefix_lens, kv_lens, doc_ids)
     group = Hq // Hkv
 

@@ -20,6 +20,7 @@ from conftest import assert_lowp_close, backends_here
 import lmobj_kernels as L
 from lmobj_kernels.reference import attention as ref
 
+
 @pytest.fixture
 def gen():
     """A fresh seed per test (LMOBJ_TEST_SEED to replay; printed on failure). Overrides conftest's `gen`, whose
@@ -111,11 +112,26 @@ def _shape(length, gqa, cross, big=False):
     return B, Hq, Hkv, Sq, Sk
 
 
-# ---- torch backend: every combination at every length ----
-@pytest.mark.parametrize("length", [1, 17, 127, 128, 1000])
-@pytest.mark.parametrize("combo", SELF + [("cross",) + c[1:] for c in CROSS],
-                         ids=[_combo_id(c) for c in SELF] + ["cross+" + _combo_id(c) for c in CROSS])
+# ---- torch backend: every combination at lengths 1..128, a spread of them at 1000 ----
+ALL = SELF + [("cross",) + c[1:] for c in CROSS]
+ALL_IDS = [_combo_id(c) for c in SELF] + ["cross+" + _combo_id(c) for c in CROSS]
+AT_1000 = [(True, False, False, False, False), (True, True, False, False, True), (True, False, True, True, True),
+           (False, False, True, True, False), (True, True, True, True, True), ("cross", False, False, True, True)]
+
+
+@pytest.mark.parametrize("length", [1, 17, 127, 128])
+@pytest.mark.parametrize("combo", ALL, ids=ALL_IDS)
 def test_torch_backend_matches_reference(gen, combo, length):
+    _torch_case(gen, combo, length)
+
+
+@pytest.mark.parametrize("combo", AT_1000, ids=lambda c: ("cross+" + _combo_id((False,) + c[1:])) if c[0] == "cross"
+                         else _combo_id(c))
+def test_torch_backend_long(gen, combo):
+    _torch_case(gen, combo, 1000)
+
+
+def _torch_case(gen, combo, length):
     cross = combo[0] == "cross"
     causal, prefix, docs, kv, gqa = (False,) + combo[1:] if cross else combo
     B, Hq, Hkv, Sq, Sk = _shape(length, gqa, cross, big=length >= 1000)
@@ -131,8 +147,7 @@ def test_torch_backend_low_precision(gen, dtype):
 
 # ---- Triton (interpreted here): every combination at 127 (partial blocks), the lengths on a few ----
 @needs_triton
-@pytest.mark.parametrize("combo", SELF + [("cross",) + c[1:] for c in CROSS],
-                         ids=[_combo_id(c) for c in SELF] + ["cross+" + _combo_id(c) for c in CROSS])
+@pytest.mark.parametrize("combo", ALL, ids=ALL_IDS)
 def test_triton_matches_reference(gen, combo):
     cross = combo[0] == "cross"
     causal, prefix, docs, kv, gqa = (False,) + combo[1:] if cross else combo

@@ -176,6 +176,12 @@ def _flash_attn(opts, B, S):
     return None  # FlashAttention has no prefix-LM mask
 
 
+def _time_fwd_bwd(fn, q, k, v, do) -> tuple[float, float]:
+    t_f = time_gpu(lambda: fn(q, k, v))
+    t_fb = time_gpu(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), do))
+    return t_f, t_fb
+
+
 def run_gpu(full: bool) -> list[dict]:
     dev = torch.device("cuda")
     gen = torch.Generator().manual_seed(0)
@@ -229,14 +235,13 @@ def run_gpu(full: bool) -> list[dict]:
                 if not err < 0.05:  # empty rows: NaN in SDPA only when a row has no key (not the case here)
                     print(f"  {name} [{shape}] disagrees with lmobj.triton (max err {err:.3g}); not timed")
                     continue
-            t_f = time_gpu(lambda fn=fn: fn(q, k, v))
-            t_fb = time_gpu(lambda fn=fn: torch.autograd.grad(fn(q, k, v), (q, k, v), do))
+            t_f, t_fb = _time_fwd_bwd(fn, q, k, v, do)
             for bench, t, mult in (("attention_fwd", t_f, 1.0), ("attention_fwd_bwd", t_fb, 3.5)):
                 rows.append({"bench": bench, "backend": name, "shape": shape, "metric": "tflops",
                              "value": fl * mult / t / 1e12, "unit": "TFLOP/s"})
                 rows.append({"bench": bench, "backend": name, "shape": shape, "metric": "time",
                              "value": t * 1e3, "unit": "ms"})
-        del q, k, v, do, mask
+        q = k = v = do = mask = out = want = None
         torch.cuda.empty_cache()
     return rows
 

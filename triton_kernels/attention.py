@@ -97,6 +97,16 @@ def _mma(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _and_d(rows, dmask, EVEN_D: tl.constexpr):
+    """Load/store mask: `rows` alone when the head dim fills its block (a mask constant along the contiguous
+    head-dim axis keeps loads vectorised), else rows & dmask."""
+    if EVEN_D:
+        return rows
+    else:
+        return rows & dmask
+
+
+@triton.jit
 def _allowed(qi, kj, Sk, kv_len, prefix_len, q_doc, k_doc, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
              HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr):
     """Mask of allowed (query, key) pairs. qi / q_doc and kj / k_doc are already shaped to broadcast against each
@@ -139,13 +149,13 @@ def _key_range(b, pid_m, start_m, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_outer
 def _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d, D, Sk,
               kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
               HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr, MASK: tl.constexpr,
-              PREC: tl.constexpr, UPCAST: tl.constexpr):
+              PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
     """One key block of the online softmax (base 2): returns the updated (acc, m_i, l_i)."""
     offs_n = start_n + offs_n0
     kmask = offs_n < Sk
     dmask = offs_d < D
-    kT = tl.load(K_base + offs_n[None, :] * stride_ks + offs_d[:, None], mask=kmask[None, :] & dmask[:, None],
-                 other=0.0)
+    kT = tl.load(K_base + offs_n[None, :] * stride_ks + offs_d[:, None],
+                 mask=_and_d(kmask[None, :], dmask[:, None], EVEN_D), other=0.0)
     s = _mm(q, kT, PREC, UPCAST) * qk_scale
     if MASK:
         k_doc = offs_n
@@ -159,8 +169,8 @@ def _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, o
     p = tl.exp2(s - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(V_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kmask[:, None] & dmask[None, :],
-                other=0.0)
+    v = tl.load(V_base + offs_n[:, None] * stride_vs + offs_d[None, :],
+                mask=_and_d(kmask[:, None], dmask[None, :], EVEN_D), other=0.0)
     acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], PREC, UPCAST)
     return acc, m_new, l_i
 
@@ -172,7 +182,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX, KVLEN, DOC, DOC_RANGE,
                      Hq, Sq, Sk, D, group, qk_scale, n_qblocks,
                      CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr,
                      HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     PREC: tl.constexpr, UPCAST: tl.constexpr):
+                     PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
     """O[b, h, i] = softmax over allowed keys j of (q_i . k_j * scale) times v_j; LSE[b, h, i] (natural log).
 
     Q (B, Hq, Sq, D), K and V (B, Hkv, Sk, D), O like Q (last dim contiguous, other strides given); LSE (B, Hq, Sq)
@@ -191,7 +201,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX, KVLEN, DOC, DOC_RANGE,
     dmask = offs_d < D
     rmask = offs_m < Sq
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
-                mask=rmask[:, None] & dmask[None, :], other=0.0)
+                mask=_and_d(rmask[:, None], dmask[None, :], EVEN_D), other=0.0)
     K_base = K + b * stride_kb + hk * stride_kh
     V_base = V + b * stride_vb + hk * stride_vh
     kv_len = Sk
@@ -212,23 +222,23 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX, KVLEN, DOC, DOC_RANGE,
     for start_n in range(lo, mid, BLOCK_N):
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0,
                                   offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL, HAS_PREFIX,
-                                  HAS_KVLEN, HAS_DOCS, False, PREC, UPCAST)
+                                  HAS_KVLEN, HAS_DOCS, False, PREC, UPCAST, EVEN_D)
     for start_n in range(mid, hi, BLOCK_N):
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0,
                                   offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL, HAS_PREFIX,
-                                  HAS_KVLEN, HAS_DOCS, True, PREC, UPCAST)
+                                  HAS_KVLEN, HAS_DOCS, True, PREC, UPCAST, EVEN_D)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]
     lse = tl.where(empty, -float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
     tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
-             o.to(O.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+             o.to(O.dtype.element_ty), mask=_and_d(rmask[:, None], dmask[None, :], EVEN_D))
     tl.store(LSE + bh * Sq + offs_m, lse, mask=rmask)
 
 
 @triton.jit
 def _attn_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride_dob, stride_doh, stride_dos,
-                           Hq, Sq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                           Hq, Sq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
     """DELTA[b, h, i] = sum_d O[b, h, i, d] * dO[b, h, i, d] in float32 (DELTA contiguous (B, Hq, Sq)).
     Grid: (cdiv(Sq, BLOCK_M), B * Hq)."""
     pid_m = tl.program_id(0)
@@ -237,7 +247,7 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride
     h = bh % Hq
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    msk = (offs_m[:, None] < Sq) & (offs_d[None, :] < D)
+    msk = _and_d(offs_m[:, None] < Sq, offs_d[None, :] < D, EVEN_D)
     o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :], mask=msk,
                 other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :], mask=msk,
@@ -250,15 +260,15 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride
 def _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, stride_dos, start_m, offs_m0, offs_n,
                offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, qk_scale, CAUSAL: tl.constexpr,
                HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr, MASK: tl.constexpr,
-               PREC: tl.constexpr, UPCAST: tl.constexpr):
+               PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
     """One query block's contribution to dK (unscaled) and dV of a key block, in transposed (key, query) form."""
     offs_m = start_m + offs_m0
     rmask = offs_m < Sq
     dmask = offs_d < D
-    q = tl.load(Q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=rmask[:, None] & dmask[None, :],
-                other=0.0)
-    do = tl.load(DO_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=rmask[:, None] & dmask[None, :],
-                 other=0.0)
+    q = tl.load(Q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
+                mask=_and_d(rmask[:, None], dmask[None, :], EVEN_D), other=0.0)
+    do = tl.load(DO_base + offs_m[:, None] * stride_dos + offs_d[None, :],
+                 mask=_and_d(rmask[:, None], dmask[None, :], EVEN_D), other=0.0)
     lse = tl.load(LSE_row + offs_m, mask=rmask, other=float("inf"))
     lse = tl.where(lse == -float("inf"), float("inf"), lse) * 1.4426950408889634  # empty rows: p = 0
     delta = tl.load(DELTA_row + offs_m, mask=rmask, other=0.0)
@@ -285,7 +295,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, D
                           Hq, Hkv, Sq, Sk, D, group, sm_scale, qk_scale, n_kblocks,
                           CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr,
                           HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+                          BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
     """dK, dV (B, Hkv, Sk, D) contiguous, for one key block and kv head, summed over the `group` query heads that
     share it and over the query blocks the mask leaves (a causal key block starts at its diagonal unless it lies in
     the prefix; a block past kv_len has nothing; documents: DOC_RANGE (B, n_kblocks, 2) [first, last) query block).
@@ -302,9 +312,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, D
     dmask = offs_d < D
     kmask = offs_n < Sk
     k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
-                mask=kmask[:, None] & dmask[None, :], other=0.0)
+                mask=_and_d(kmask[:, None], dmask[None, :], EVEN_D), other=0.0)
     v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
-                mask=kmask[:, None] & dmask[None, :], other=0.0)
+                mask=_and_d(kmask[:, None], dmask[None, :], EVEN_D), other=0.0)
     kv_len = Sk
     if HAS_KVLEN:
         kv_len = tl.load(KVLEN + b)
@@ -342,13 +352,13 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, D
         for start_m in range(lo, mid, BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, stride_dos, start_m,
                                 offs_m0, offs_n, offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, qk_scale,
-                                CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, True, PREC, UPCAST)
+                                CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, True, PREC, UPCAST, EVEN_D)
         for start_m in range(mid, hi, BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, stride_dos, start_m,
                                 offs_m0, offs_n, offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, qk_scale,
-                                CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, False, PREC, UPCAST)
+                                CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, False, PREC, UPCAST, EVEN_D)
     out = bh * Sk * D + offs_n[:, None] * D + offs_d[None, :]
-    omask = kmask[:, None] & dmask[None, :]
+    omask = _and_d(kmask[:, None], dmask[None, :], EVEN_D)
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=omask)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=omask)
 
@@ -357,15 +367,15 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, D
 def _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d, D, Sk,
              kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
              HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr, MASK: tl.constexpr,
-              PREC: tl.constexpr, UPCAST: tl.constexpr):
+              PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
     """One key block's contribution to dQ (unscaled) of a query block."""
     offs_n = start_n + offs_n0
     kmask = offs_n < Sk
     dmask = offs_d < D
-    kT = tl.load(K_base + offs_n[None, :] * stride_ks + offs_d[:, None], mask=kmask[None, :] & dmask[:, None],
-                 other=0.0)
-    vT = tl.load(V_base + offs_n[None, :] * stride_vs + offs_d[:, None], mask=kmask[None, :] & dmask[:, None],
-                 other=0.0)
+    kT = tl.load(K_base + offs_n[None, :] * stride_ks + offs_d[:, None],
+                 mask=_and_d(kmask[None, :], dmask[:, None], EVEN_D), other=0.0)
+    vT = tl.load(V_base + offs_n[None, :] * stride_vs + offs_d[:, None],
+                 mask=_and_d(kmask[None, :], dmask[:, None], EVEN_D), other=0.0)
     s = _mm(q, kT, PREC, UPCAST) * qk_scale
     p = tl.exp2(s - lse[:, None])
     if MASK:
@@ -388,7 +398,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX, KVLEN, DOC, DOC_RAN
                         Hq, Sq, Sk, D, group, sm_scale, qk_scale, n_qblocks,
                         CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr,
                         HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        PREC: tl.constexpr, UPCAST: tl.constexpr):
+                        PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
     """dQ (B, Hq, Sq, D) contiguous for one query block: the same key range as the forward
     (DOC_RANGE (B, n_qblocks, 2) [first, last) key block). Grid: (n_qblocks, B * Hq)."""
     pid_m = tl.program_id(0)
@@ -403,9 +413,9 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX, KVLEN, DOC, DOC_RAN
     dmask = offs_d < D
     rmask = offs_m < Sq
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
-                mask=rmask[:, None] & dmask[None, :], other=0.0)
+                mask=_and_d(rmask[:, None], dmask[None, :], EVEN_D), other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :],
-                 mask=rmask[:, None] & dmask[None, :], other=0.0)
+                 mask=_and_d(rmask[:, None], dmask[None, :], EVEN_D), other=0.0)
     lse = tl.load(LSE + bh * Sq + offs_m, mask=rmask, other=float("inf"))
     lse = tl.where(lse == -float("inf"), float("inf"), lse) * 1.4426950408889634
     delta = tl.load(DELTA + bh * Sq + offs_m, mask=rmask, other=0.0)
@@ -427,13 +437,13 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX, KVLEN, DOC, DOC_RAN
     for start_n in range(lo, mid, BLOCK_N):
         dq = _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d,
                       D, Sk, kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS,
-                      False, PREC, UPCAST)
+                      False, PREC, UPCAST, EVEN_D)
     for start_n in range(mid, hi, BLOCK_N):
         dq = _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d,
                       D, Sk, kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS,
-                      True, PREC, UPCAST)
+                      True, PREC, UPCAST, EVEN_D)
     tl.store(DQ + bh * Sq * D + offs_m[:, None] * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
-             mask=rmask[:, None] & dmask[None, :])
+             mask=_and_d(rmask[:, None], dmask[None, :], EVEN_D))
 
 
 # ---- host side ----
@@ -504,7 +514,8 @@ def attention_forward(q, k, v, prefix_lens, doc_ids, kv_lens, causal: bool, scal
         Hq, Sq, Sk, D, Hq // Hkv, scale * LOG2E, n_qb,
         CAUSAL=causal, HAS_PREFIX=prefix_lens is not None, HAS_KVLEN=kv_lens is not None,
         HAS_DOCS=doc_ids is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        PREC=_prec(q.dtype), UPCAST=_upcast(q), num_warps=warps, num_stages=stages)
+        PREC=_prec(q.dtype), UPCAST=_upcast(q), EVEN_D=max(16, triton.next_power_of_2(D)) == D,
+        num_warps=warps, num_stages=stages)
     return out, lse
 
 
@@ -521,7 +532,8 @@ def attention_backward(do, q, k, v, out, lse, prefix_lens, doc_ids, kv_lens, cau
     lse = lse.contiguous()
     block_d = max(16, triton.next_power_of_2(D))
     flags = dict(CAUSAL=causal, HAS_PREFIX=prefix_lens is not None, HAS_KVLEN=kv_lens is not None,
-                 HAS_DOCS=doc_ids is not None, BLOCK_D=block_d, PREC=_prec(q.dtype), UPCAST=_upcast(q))
+                 HAS_DOCS=doc_ids is not None, BLOCK_D=block_d, PREC=_prec(q.dtype), UPCAST=_upcast(q),
+                 EVEN_D=block_d == D)
     prefix, kvl, doc = _meta(q, prefix_lens, kv_lens, doc_ids)
     group = Hq // Hkv
 
@@ -529,7 +541,7 @@ def attention_backward(do, q, k, v, out, lse, prefix_lens, doc_ids, kv_lens, cau
     bm_d = 64 if block_d <= 128 else 32
     _attn_bwd_delta_kernel[(triton.cdiv(Sq, bm_d), B * Hq)](
         out, do, delta, out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        Hq, Sq, D, BLOCK_M=bm_d, BLOCK_D=block_d)
+        Hq, Sq, D, BLOCK_M=bm_d, BLOCK_D=block_d, EVEN_D=block_d == D)
 
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), doc.stride(0))

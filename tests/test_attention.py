@@ -105,8 +105,10 @@ def _combo_id(c):
 
 
 def _shape(length, gqa, cross, big=False):
-    B, Hq = (1, 2) if big else (2, 2)
-    Hkv = 1 if gqa else Hq
+    """B=2 (two different masks per run); 4 query heads on 2 kv heads for GQA, else one head each
+    (the interpreter's cost grows with heads); one batch row for the long cases."""
+    B = 1 if big else 2
+    Hq, Hkv = (4, 2) if gqa else (1, 1)
     Sq = length
     Sk = (length * 2 + 5) if cross else length
     return B, Hq, Hkv, Sq, Sk
@@ -400,15 +402,22 @@ GPU_COMBOS = [(True, False, False, False, False), (True, True, False, False, Tru
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("length", [1, 17, 127, 128, 1000, 2048])
+@pytest.mark.parametrize("length", [1, 17, 127, 1000, 2048])
 @pytest.mark.parametrize("combo", GPU_COMBOS, ids=_combo_id)
-def test_gpu_triton_matches_reference(gen, combo, length, D, dtype):
+def test_gpu_triton_matches_reference(gen, combo, length, D):
     causal, prefix, docs, kv, gqa = combo
     B, Hq, Hkv = 2, 8, (2 if gqa else 8)
     opts = _mask(gen, B, length, length, causal, prefix, docs, kv, device="cuda")
-    _check(gen, "triton", B, Hq, Hkv, length, length, D, opts, dtype=dtype, device="cuda")
+    _check(gen, "triton", B, Hq, Hkv, length, length, D, opts, dtype=torch.bfloat16, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("combo", GPU_COMBOS, ids=_combo_id)
+def test_gpu_triton_float16(gen, combo):
+    causal, prefix, docs, kv, gqa = combo
+    opts = _mask(gen, 2, 1000, 1000, causal, prefix, docs, kv, device="cuda")
+    _check(gen, "triton", 2, 8, 2 if gqa else 8, 1000, 1000, 128, opts, dtype=torch.float16, device="cuda")
 
 
 @pytest.mark.gpu

@@ -176,6 +176,9 @@ def attention(
     rows. deterministic: bitwise-repeatable gradients; both backends always are (no atomics).
     """
     _check_qkv(q, k, v)
+    if torch.is_autocast_enabled(q.device.type) and q.dtype == torch.float32:  # like SDPA under autocast
+        dt = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
     prefix_lens, doc_ids, kv_lens = _check_masks(q, k, causal, prefix_lens, doc_ids, kv_lens)
     if scale is None:
         scale = q.shape[-1] ** -0.5

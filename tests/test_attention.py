@@ -254,20 +254,43 @@ def test_triton_skips_blocks_past_kv_len(gen):
 
 
 @needs_triton
-def test_doc_block_range_matches_brute_force(gen):
-    """Per-block document ranges used for skipping: every block pair that shares a document is inside the range
-    (so skipping is exact), and for packed ids nothing outside it shares one (so no block is loaded for nothing)."""
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "unsorted"])
+def test_doc_block_range_matches_brute_force(gen, packed):
+    """Per-block document ranges used for skipping. Loop range [first, last): every block that shares a document
+    with the outer block is inside it (skipping is exact), and for packed ids nothing outside it shares one (no
+    block is loaded for nothing). Mask-free range: exactly the blocks of the outer block's single document when
+    they are contiguous, else empty."""
     from lmobj_kernels.triton_kernels.attention import _doc_block_range
 
     B, S, outer, inner = 3, 203, 32, 16
-    docs = torch.sort(torch.randint(0, 9, (B, S), generator=gen), dim=1).values.to(torch.int32)
+    docs = torch.randint(0, 9 if packed else 3, (B, S), generator=gen)
+    if packed:
+        docs = torch.sort(docs, dim=1).values
+    docs = docs.to(torch.int32)
     rng = _doc_block_range(docs, outer, inner)
+    n_inner = (S + inner - 1) // inner
     for b in range(B):
         for o in range(rng.shape[1]):
             od = set(docs[b, o * outer:(o + 1) * outer].tolist())
-            share = [i for i in range((S + inner - 1) // inner)
-                     if od & set(docs[b, i * inner:(i + 1) * inner].tolist())]
-            assert rng[b, o, 0].item() == min(share) and rng[b, o, 1].item() == max(share) + 1
+            ids = [set(docs[b, i * inner:(i + 1) * inner].tolist()) for i in range(n_inner)]
+            share = [i for i in range(n_inner) if od & ids[i]]
+            assert rng[b, o, 0] <= min(share) and rng[b, o, 1] >= max(share) + 1
+            if packed:
+                assert rng[b, o, 0].item() == min(share) and rng[b, o, 1].item() == max(share) + 1
+            same = [i for i in range(n_inner) if len(od) == 1 and ids[i] == od]
+            if same and same == list(range(same[0], same[-1] + 1)):
+                assert (rng[b, o, 2].item(), rng[b, o, 3].item()) == (same[0], same[-1] + 1)
+            else:
+                assert rng[b, o, 2] == rng[b, o, 3]
+
+
+@needs_triton
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_long_documents(gen, causal):
+    """Documents longer than a block: most blocks are inside one document and take the mask-free path."""
+    S = 120
+    docs = L.doc_ids_from_cu_seqlens(torch.tensor([[0, 50, 120], [0, 7, 120]]), S)
+    _check(gen, "triton", 2, 1, 1, S, S, 16, {"causal": causal, "doc_ids": docs})
 
 
 # ---- helpers, module, backend choice ----

@@ -127,22 +127,27 @@ def _allowed(qi, kj, Sk, kv_len, prefix_len, q_doc, k_doc, CAUSAL: tl.constexpr,
 @triton.jit
 def _key_range(b, pid_m, start_m, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_outer, CAUSAL: tl.constexpr,
                HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """[lo, mid) key blocks that need no elementwise mask and [mid, hi) that do, for queries
-    [start_m, start_m + BLOCK_M). Keys past hi are masked for every row of the block and never loaded."""
+    """Key range of queries [start_m, start_m + BLOCK_M) as (lo, c_lo, c_hi, hi): key blocks in [c_lo, c_hi) need
+    no elementwise mask, those in [lo, c_lo) and [c_hi, hi) do. Keys outside [lo, hi) are masked for every row of
+    the block and never loaded."""
     lo = 0
     hi = tl.minimum(Sk, kv_len)
     full = hi  # keys < full are allowed for every row of the block by the positional rules
     if CAUSAL:
         hi = tl.minimum(hi, tl.maximum(tl.minimum(start_m + BLOCK_M, Sq), prefix_len))
         full = tl.minimum(full, tl.maximum(start_m + 1, prefix_len))
+    c_lo = lo
+    c_hi = (full // BLOCK_N) * BLOCK_N
     if HAS_DOCS:
-        rng = DOC_RANGE + (b * n_outer + pid_m) * 2
+        rng = DOC_RANGE + (b * n_outer + pid_m) * 4
         lo = tl.load(rng) * BLOCK_N
         hi = tl.minimum(hi, tl.load(rng + 1) * BLOCK_N)
-        full = lo  # document boundaries need the elementwise mask
+        c_lo = tl.load(rng + 2) * BLOCK_N  # blocks of the same single document as the whole query block
+        c_hi = tl.minimum(c_hi, tl.load(rng + 3) * BLOCK_N)
     hi = tl.maximum(hi, lo)
-    mid = tl.minimum(tl.maximum((full // BLOCK_N) * BLOCK_N, lo), hi)
-    return lo, mid, hi
+    c_lo = tl.minimum(tl.maximum(c_lo, lo), hi)
+    c_hi = tl.minimum(tl.maximum(c_hi, c_lo), hi)
+    return lo, c_lo, c_hi, hi
 
 
 @triton.jit
@@ -187,7 +192,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX, KVLEN, DOC, DOC_RANGE,
 
     Q (B, Hq, Sq, D), K and V (B, Hkv, Sk, D), O like Q (last dim contiguous, other strides given); LSE (B, Hq, Sq)
     contiguous float32. PREFIX / KVLEN: int32 (B,) (read only when their flag is set); DOC: int32 (B, Sq) doc ids,
-    rows stride_doc apart; DOC_RANGE: int32 (B, n_qblocks, 2) [first, last) key block per query block.
+    rows stride_doc apart; DOC_RANGE: int32 (B, n_qblocks, 4) per query block: [first, last) key block sharing
+    a document with it, and [first, last) key block of the same single document as the whole query block.
     group = Hq // Hkv; qk_scale = scale * log2(e). Grid: (n_qblocks, B * Hq)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -214,16 +220,21 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX, KVLEN, DOC, DOC_RANGE,
     q_doc = offs_m
     if HAS_DOCS:
         q_doc = tl.load(DOC_row + offs_m, mask=rmask, other=-2)
-    lo, mid, hi = _key_range(b, pid_m, start_m, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_qblocks, CAUSAL, HAS_DOCS,
-                             BLOCK_M, BLOCK_N)
+    lo, c_lo, c_hi, hi = _key_range(b, pid_m, start_m, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_qblocks, CAUSAL,
+                                    HAS_DOCS, BLOCK_M, BLOCK_N)
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(lo, mid, BLOCK_N):
+    if HAS_DOCS:  # blocks before the query block's own document (its partial first block)
+        for start_n in range(lo, c_lo, BLOCK_N):
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m,
+                                      offs_n0, offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL,
+                                      HAS_PREFIX, HAS_KVLEN, HAS_DOCS, True, PREC, UPCAST, EVEN_D)
+    for start_n in range(c_lo, c_hi, BLOCK_N):
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0,
                                   offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL, HAS_PREFIX,
                                   HAS_KVLEN, HAS_DOCS, False, PREC, UPCAST, EVEN_D)
-    for start_n in range(mid, hi, BLOCK_N):
+    for start_n in range(c_hi, hi, BLOCK_N):
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0,
                                   offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL, HAS_PREFIX,
                                   HAS_KVLEN, HAS_DOCS, True, PREC, UPCAST, EVEN_D)
@@ -298,7 +309,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, D
                           BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
     """dK, dV (B, Hkv, Sk, D) contiguous, for one key block and kv head, summed over the `group` query heads that
     share it and over the query blocks the mask leaves (a causal key block starts at its diagonal unless it lies in
-    the prefix; a block past kv_len has nothing; documents: DOC_RANGE (B, n_kblocks, 2) [first, last) query block).
+    the prefix; a block past kv_len has nothing; documents: DOC_RANGE (B, n_kblocks, 4), see `_doc_block_range`).
     LSE, DELTA: (B, Hq, Sq) float32 contiguous. Grid: (n_kblocks, B * Hkv)."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -325,22 +336,25 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, D
     k_doc = offs_n
     if HAS_DOCS:
         k_doc = tl.load(DOC_row + offs_n, mask=kmask, other=-1)
-    # query range [lo, hi); [lo, mid) needs the elementwise mask, [mid, hi) does not.
+    # query range [lo, hi); blocks in [c_lo, c_hi) need no elementwise mask, [lo, c_lo) and [c_hi, hi) do.
     lo = 0
     hi = tl.where(start_n < kv_len, Sq, 0)
-    clean_from = tl.where(end_n <= tl.minimum(Sk, kv_len), 0, Sq)
+    c_lo = tl.where(end_n <= tl.minimum(Sk, kv_len), 0, Sq)
     if CAUSAL:
         in_prefix = start_n < prefix_len
         lo = tl.where(in_prefix, 0, (start_n // BLOCK_M) * BLOCK_M)
         diag = tl.cdiv(end_n - 1, BLOCK_M) * BLOCK_M
-        clean_from = tl.maximum(clean_from, tl.where(end_n <= prefix_len, 0, diag))
+        c_lo = tl.maximum(c_lo, tl.where(end_n <= prefix_len, 0, diag))
+    c_hi = hi
     if HAS_DOCS:
-        rng = DOC_RANGE + (b * n_kblocks + pid_n) * 2
+        rng = DOC_RANGE + (b * n_kblocks + pid_n) * 4
         lo = tl.maximum(lo, tl.load(rng) * BLOCK_M)
         hi = tl.minimum(hi, tl.load(rng + 1) * BLOCK_M)
-        clean_from = hi
+        c_lo = tl.maximum(c_lo, tl.load(rng + 2) * BLOCK_M)  # query blocks of this key block's single document
+        c_hi = tl.minimum(c_hi, tl.load(rng + 3) * BLOCK_M)
     hi = tl.maximum(hi, lo)
-    mid = tl.minimum(tl.maximum(clean_from, lo), hi)
+    c_lo = tl.minimum(tl.maximum(c_lo, lo), hi)
+    c_hi = tl.minimum(tl.maximum(c_hi, c_lo), hi)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for g in range(0, group):
@@ -349,14 +363,19 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, D
         DO_base = DO + b * stride_dob + h * stride_doh
         LSE_row = LSE + (b * Hq + h) * Sq
         DELTA_row = DELTA + (b * Hq + h) * Sq
-        for start_m in range(lo, mid, BLOCK_M):
+        for start_m in range(lo, c_lo, BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, stride_dos, start_m,
                                 offs_m0, offs_n, offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, qk_scale,
                                 CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, True, PREC, UPCAST, EVEN_D)
-        for start_m in range(mid, hi, BLOCK_M):
+        for start_m in range(c_lo, c_hi, BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, stride_dos, start_m,
                                 offs_m0, offs_n, offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, qk_scale,
                                 CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, False, PREC, UPCAST, EVEN_D)
+        if HAS_DOCS:  # query blocks after the key block's own document
+            for start_m in range(c_hi, hi, BLOCK_M):
+                dk, dv = _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, stride_dos,
+                                    start_m, offs_m0, offs_n, offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row,
+                                    qk_scale, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, True, PREC, UPCAST, EVEN_D)
     out = bh * Sk * D + offs_n[:, None] * D + offs_d[None, :]
     omask = _and_d(kmask[:, None], dmask[None, :], EVEN_D)
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=omask)
@@ -400,7 +419,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX, KVLEN, DOC, DOC_RAN
                         HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
     """dQ (B, Hq, Sq, D) contiguous for one query block: the same key range as the forward
-    (DOC_RANGE (B, n_qblocks, 2) [first, last) key block). Grid: (n_qblocks, B * Hq)."""
+    (DOC_RANGE (B, n_qblocks, 4), see `_doc_block_range`). Grid: (n_qblocks, B * Hq)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // Hq
@@ -431,14 +450,19 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX, KVLEN, DOC, DOC_RAN
     q_doc = offs_m
     if HAS_DOCS:
         q_doc = tl.load(DOC_row + offs_m, mask=rmask, other=-2)
-    lo, mid, hi = _key_range(b, pid_m, start_m, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_qblocks, CAUSAL, HAS_DOCS,
-                             BLOCK_M, BLOCK_N)
+    lo, c_lo, c_hi, hi = _key_range(b, pid_m, start_m, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_qblocks, CAUSAL,
+                                    HAS_DOCS, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(lo, mid, BLOCK_N):
+    if HAS_DOCS:
+        for start_n in range(lo, c_lo, BLOCK_N):
+            dq = _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0,
+                          offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL, HAS_PREFIX, HAS_KVLEN,
+                          HAS_DOCS, True, PREC, UPCAST, EVEN_D)
+    for start_n in range(c_lo, c_hi, BLOCK_N):
         dq = _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d,
                       D, Sk, kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS,
                       False, PREC, UPCAST, EVEN_D)
-    for start_n in range(mid, hi, BLOCK_N):
+    for start_n in range(c_hi, hi, BLOCK_N):
         dq = _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d,
                       D, Sk, kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS,
                       True, PREC, UPCAST, EVEN_D)
@@ -459,18 +483,27 @@ def _block_minmax(doc: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Te
 
 
 def _doc_block_range(doc: torch.Tensor, outer: int, inner: int) -> torch.Tensor:
-    """int32 (B, cdiv(S, outer), 2): for each block of `outer` positions, the [first, last) blocks of `inner`
-    positions whose doc-id range meets its own (no device sync; a few small tensor ops)."""
+    """int32 (B, cdiv(S, outer), 4): for each block of `outer` positions, [first, last) of the blocks of `inner`
+    positions whose doc-id range meets its own (the loop range: blocks outside never share a document), then
+    [first, last) of the blocks that lie in the same single document as the whole outer block (no elementwise mask
+    needed there; empty unless those blocks are contiguous, e.g. arbitrary unsorted ids). No device sync."""
     omin, omax = _block_minmax(doc, outer)
     imin, imax = _block_minmax(doc, inner)
     meet = (imin[:, None, :] <= omax[:, :, None]) & (imax[:, None, :] >= omin[:, :, None])  # (B, n_outer, n_inner)
+    same = ((omin == omax)[:, :, None] & (imin == imax)[:, None, :] & (imin[:, None, :] == omin[:, :, None]))
     n_inner = meet.shape[-1]
-    any_ = meet.any(-1)
-    first = meet.to(torch.int8).argmax(-1)
-    last = n_inner - meet.flip(-1).to(torch.int8).argmax(-1)
-    first = torch.where(any_, first, 0)
-    last = torch.where(any_, last, 0)
-    return torch.stack([first, last], dim=-1).to(torch.int32).contiguous()
+
+    def span(m, contiguous):
+        first = m.to(torch.int8).argmax(-1)
+        last = n_inner - m.flip(-1).to(torch.int8).argmax(-1)
+        ok = m.any(-1)
+        if contiguous:
+            ok = ok & (m.sum(-1) == last - first)
+        return torch.where(ok, first, 0), torch.where(ok, last, 0)
+
+    first, last = span(meet, False)  # blocks in between that share no document are masked, not skipped
+    s_first, s_last = span(same, True)
+    return torch.stack([first, last, s_first, s_last], dim=-1).to(torch.int32).contiguous()
 
 
 def _meta(q, prefix_lens, kv_lens, doc_ids):

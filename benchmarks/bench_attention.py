@@ -62,39 +62,42 @@ def allowed_fraction(opts: dict, B: int, S: int, device) -> float:
 
 
 # ---- CPU ----
-def _peak_rss_delta(fn) -> float | None:
-    """Peak resident memory growth (MiB) while fn() runs: Linux VmHWM, reset through /proc/self/clear_refs."""
-    def read(key):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-        return None
+def _cpu_case(mname: str, quick: bool, count_flops: bool = True):
+    gen = torch.Generator().manual_seed(0)
+    B, H, S, D = (1, 2, 128, 32) if quick else (1, 8, 2048, 64)
+    q, k, v = (torch.randn(B, H, S, D, generator=gen) for _ in range(3))
+    opts = make_mask(mname, B, S, "cpu", gen)
+    mask = bool_mask(opts, B, S, "cpu").unsqueeze(1)
+    cands = {
+        "lmobj.torch": lambda: L.attention(q, k, v, backend="torch", **opts),
+        "sdpa+bool_mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+        "reference": lambda: ref.attention(q, k, v, **opts)[0],
+    }
+    flops = 4 * B * H * S * S * D * allowed_fraction(opts, B, S, "cpu") if count_flops else 0.0
+    return (B, H, S, D), cands, flops
+
+
+def _peak_mem_mib(mname: str, name: str, quick: bool) -> float | None:
+    """Peak resident memory growth (MiB) of one call, measured in a fresh process (ru_maxrss only grows)."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import resource, sys; sys.path.insert(0, {here!r}); import bench_attention as b; "
+            f"_, c, _ = b._cpu_case({mname!r}, {quick!r}, False); "
+            f"r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; c[{name!r}](); "
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0) / 1024)")
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = read("VmRSS:")
-        fn()
-        return (read("VmHWM:") - base) / 2**20
-    except OSError:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        return float(out.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError):
         return None
 
 
 def run_cpu(quick: bool) -> list[dict]:
-    gen = torch.Generator().manual_seed(0)
-    B, H, S, D = (1, 2, 128, 32) if quick else (1, 8, 2048, 64)
     masks = ["causal", "prefix"] if quick else ["causal", "prefix", "docs", "padding"]
     rows = []
-    q, k, v = (torch.randn(B, H, S, D, generator=gen) for _ in range(3))
     for mname in masks:
-        opts = make_mask(mname, B, S, "cpu", gen)
-        mask = bool_mask(opts, B, S, "cpu").unsqueeze(1)
-        flops = 4 * B * H * S * S * D * allowed_fraction(opts, B, S, "cpu")
-        cands = {
-            "lmobj.torch": lambda o=opts: L.attention(q, k, v, backend="torch", **o),
-            "sdpa+bool_mask": lambda m=mask: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
-            "reference": lambda o=opts: ref.attention(q, k, v, **o)[0],
-        }
+        (B, H, S, D), cands, flops = _cpu_case(mname, quick)
         want = cands["reference"]()
         for name, fn in cands.items():
             err = float((fn() - want).abs().max())
@@ -102,12 +105,12 @@ def run_cpu(quick: bool) -> list[dict]:
                 print(f"  {name} [{mname}] disagrees with the reference (max err {err:.3g}); not timed")
                 continue
             t = time_cpu(fn, warmup=1, repeat=3 if quick else 5)
-            mem = _peak_rss_delta(fn)
             shape = f"{B}x{H}x{S}x{D} {mname}"
             rows.append({"bench": "attention_fwd", "backend": name, "shape": shape, "metric": "time",
                          "value": t * 1e3, "unit": "ms"})
             rows.append({"bench": "attention_fwd", "backend": name, "shape": shape, "metric": "gflops",
                          "value": flops / t / 1e9, "unit": "GFLOP/s"})
+            mem = None if quick else _peak_mem_mib(mname, name, quick)
             if mem is not None:
                 rows.append({"bench": "attention_fwd", "backend": name, "shape": shape, "metric": "peak_mem",
                              "value": mem, "unit": "MiB"})

@@ -78,14 +78,15 @@ def _cpu_case(mname: str, quick: bool, count_flops: bool = True):
 
 
 def _peak_mem_mib(mname: str, name: str, quick: bool) -> float | None:
-    """Peak resident memory growth (MiB) of one call, measured in a fresh process (ru_maxrss only grows)."""
+    """Peak resident memory growth (MiB) of one first call, measured in a fresh process (Linux /proc)."""
     import subprocess
 
     here = os.path.dirname(os.path.abspath(__file__))
-    code = (f"import resource, sys; sys.path.insert(0, {here!r}); import bench_attention as b; "
+    # VmHWM (peak RSS of this address space) rather than ru_maxrss, which Linux carries over from the parent
+    code = (f"import sys; sys.path.insert(0, {here!r}); import bench_attention as b; "
             f"_, c, _ = b._cpu_case({mname!r}, {quick!r}, False); "
-            f"r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; c[{name!r}](); "
-            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0) / 1024)")
+            "hwm = lambda: int([x for x in open('/proc/self/status') if x.startswith('VmHWM')][0].split()[1]); "
+            f"r0 = hwm(); c[{name!r}](); print((hwm() - r0) / 1024)")
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
         return float(out.stdout.strip().splitlines()[-1])

@@ -138,11 +138,15 @@ def _torch_attention(q, k, v, causal, prefix_lens, doc_ids, kv_lens, scale, retu
     else:
         allowed = ref.attention_mask(B, Sq, Sk, causal=causal, prefix_lens=prefix_lens, doc_ids=doc_ids,
                                      kv_lens=kv_lens, device=q.device).unsqueeze(1)
-        nonempty = allowed.any(-1, keepdim=True)
-        # SDPA makes empty rows NaN (or 0 in some versions): let them see every key, then zero them; the where
-        # gives them zero gradient, so no NaN reaches q, k or v.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~nonempty, scale=scale, enable_gqa=gqa)
-        out = torch.where(nonempty, out, torch.zeros((), dtype=out.dtype, device=out.device))
+        if kv_lens is None:  # every query sees at least itself (causal diagonal, its own document)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
+        else:
+            nonempty = allowed.any(-1, keepdim=True)
+            # SDPA makes empty rows NaN (or 0 in some versions): let them see every key, then zero them; the
+            # where gives them zero gradient, so no NaN reaches q, k or v.
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~nonempty, scale=scale,
+                                                 enable_gqa=gqa)
+            out = torch.where(nonempty, out, torch.zeros((), dtype=out.dtype, device=out.device))
     if return_lse:
         with torch.no_grad():
             _, lse = ref.attention(q, k, v, causal=causal, prefix_lens=prefix_lens, doc_ids=doc_ids,

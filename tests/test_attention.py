@@ -429,8 +429,10 @@ def test_bench_attention_quick(tmp_path):
 
 
 # ---- GPU: compiled Triton at real sizes ----
+# Each combination of mask flags x head dim x dtype compiles its own kernels (~4 s each): keep the matrix small
+# enough for gpu_check.sh's time budget. Lengths do not recompile (not specialised).
 GPU_COMBOS = [(True, False, False, False, False), (True, True, False, False, True), (True, False, True, True, True),
-              (False, False, True, True, False), (False, False, False, True, True), (True, True, True, True, True)]
+              (False, False, True, True, False), (False, False, False, True, True)]
 
 
 @pytest.mark.gpu
@@ -445,7 +447,7 @@ def test_gpu_triton_matches_reference(gen, combo, length, D):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("combo", GPU_COMBOS, ids=_combo_id)
+@pytest.mark.parametrize("combo", GPU_COMBOS[:2], ids=_combo_id)
 def test_gpu_triton_float16(gen, combo):
     causal, prefix, docs, kv, gqa = combo
     opts = _mask(gen, 2, 1000, 1000, causal, prefix, docs, kv, device="cuda")

@@ -180,7 +180,7 @@ def _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, o
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Sq", "Sk", "n_qblocks"])  # one compiled kernel for every sequence length
 def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX, KVLEN, DOC, DOC_RANGE,
                      stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                      stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os, stride_doc,
@@ -247,7 +247,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX, KVLEN, DOC, DOC_RANGE,
     tl.store(LSE + bh * Sq + offs_m, lse, mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Sq"])  # one compiled kernel for every sequence length
 def _attn_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride_dob, stride_doh, stride_dos,
                            Hq, Sq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
     """DELTA[b, h, i] = sum_d O[b, h, i, d] * dO[b, h, i, d] in float32 (DELTA contiguous (B, Hq, Sq)).
@@ -299,7 +299,7 @@ def _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, str
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Sq", "Sk", "n_kblocks"])  # one compiled kernel for every sequence length
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, DOC_RANGE,
                           stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                           stride_vb, stride_vh, stride_vs, stride_dob, stride_doh, stride_dos, stride_doc,
@@ -410,7 +410,7 @@ def _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Sq", "Sk", "n_qblocks"])  # one compiled kernel for every sequence length
 def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX, KVLEN, DOC, DOC_RANGE,
                         stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                         stride_vb, stride_vh, stride_vs, stride_dob, stride_doh, stride_dos, stride_doc,

@@ -177,7 +177,10 @@ def attention(
     j <= i or j < prefix_lens[b]. causal needs Sq == Sk; so do doc_ids. scale defaults to D ** -0.5.
     Rows with no allowed key output zeros with zero gradient (SDPA returns NaN there).
     return_lse: also the log-sum-exp of each row's scaled scores (B, Hq, Sq), float32, detached; -inf on empty
-    rows. deterministic: bitwise-repeatable gradients; both backends always are (no atomics).
+    rows (the torch backend computes it in a second pass that materialises the scores).
+    deterministic: bitwise-repeatable gradients. Both backends always are (the Triton backward has no atomics:
+    dK/dV and dQ come from separate kernels), so the flag changes nothing today; it is kept for a faster
+    atomic-dQ backward later.
     """
     _check_qkv(q, k, v)
     if torch.is_autocast_enabled(q.device.type) and q.dtype == torch.float32:  # like SDPA under autocast

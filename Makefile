@@ -9,7 +9,7 @@ STAMP := .venv/.lmobj-deps
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet "$(TORCH_SPEC)" numpy ninja pytest pytest-benchmark ruff matplotlib "triton>=3.6"
+	$(PIP) install --quiet "$(TORCH_SPEC)" numpy ninja wheel setuptools pytest pytest-benchmark ruff matplotlib "triton>=3.6"
 	touch $@
 
 # Incremental (ninja) in-place build of lmobj_kernels._C, then the editable install that puts `lmobj` on PATH.

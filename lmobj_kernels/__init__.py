@@ -6,6 +6,12 @@ __version__ = "0.1.0"
 
 from lmobj_kernels._backend import BACKENDS, available_backends  # noqa: E402
 from lmobj_kernels._build_info import build_info  # noqa: E402
+from lmobj_kernels.attention import (  # noqa: E402
+    MaskedAttention,
+    attention,
+    doc_ids_from_cu_seqlens,
+    doc_ids_from_eos,
+)
 from lmobj_kernels.corruption import (  # noqa: E402
     MLMCollator,
     SpanCorruptionCollator,
@@ -49,4 +55,8 @@ __all__ = [
     "SpanCorruptionOutput",
     "SpanCorruptionCollator",
     "MLMCollator",
+    "attention",
+    "doc_ids_from_cu_seqlens",
+    "doc_ids_from_eos",
+    "MaskedAttention",
 ]

@@ -21,6 +21,7 @@ FASTEST_ON_GPU: dict[str, tuple[str, ...]] = {
     "cross_entropy": ("cuda", "triton", "torch"),
     "linear_cross_entropy": ("cuda", "triton", "torch"),
     "corruption": ("cuda", "triton", "torch"),  # span_corrupt, mlm_mask: to confirm with bench_corruption --gpu
+    "attention": ("triton", "torch"),
 }
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-FAMILIES = ["losses", "corruption"]
+FAMILIES = ["losses", "corruption", "attention"]
 
 
 def run(device: str = "cpu", families: list[str] | None = None) -> list[dict]:

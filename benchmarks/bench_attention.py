@@ -1,0 +1,273 @@
+"""Attention benchmark (issue 4): lmobj's masked attention against the tools people use today.
+
+  python benchmarks/bench_attention.py           CPU: the torch backend vs SDPA with an explicit mask, S=2048
+  python benchmarks/bench_attention.py --quick   tiny CPU run (seconds; the smoke test runs it)
+  python benchmarks/bench_attention.py --gpu     GPU, ~2.5 min: TFLOP/s forward and forward+backward, D=128 at
+                                                 S=2k/8k and D=64 at 8k, masks causal / prefix-LM / documents,
+                                                 vs SDPA (flash, efficient, cudnn), FlexAttention (at 8k only:
+                                                 it compiles per mask), FlashAttention
+  python benchmarks/bench_attention.py --gpu --full   D 64/128, S 1k..16k, plus key padding (a longer run)
+
+FLOPs (ALGORITHMS.md): forward 4 * B * Hq * Sq * Sk * D * (fraction of allowed pairs); backward 2.5x forward,
+so forward+backward counts 3.5x. Every backend is checked against lmobj's output before it is timed. FlexAttention's
+block-mask construction is timed separately. Results: a table and benchmarks/results/attention-<machine>-<date>.json
+(or $LMOBJ_RESULTS_DIR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine, table, time_cpu, time_gpu, write_results  # noqa: E402
+
+import lmobj_kernels as L  # noqa: E402
+from lmobj_kernels.reference import attention as ref  # noqa: E402
+
+
+# ---- masks ----
+def make_mask(name: str, B: int, S: int, device, gen: torch.Generator) -> dict:
+    """The attention() options of a named mask; documents: ~4 per row with random boundaries."""
+    if name == "causal":
+        return {"causal": True}
+    if name == "prefix":
+        return {"causal": True, "prefix_lens": torch.randint(S // 4, 3 * S // 4 + 1, (B,), generator=gen).to(device)}
+    if name == "docs":
+        cuts = torch.sort(torch.randint(1, S, (B, 3), generator=gen), dim=1).values
+        cu = torch.cat([torch.zeros(B, 1, dtype=torch.long), cuts, torch.full((B, 1), S)], dim=1)
+        return {"causal": True, "doc_ids": L.doc_ids_from_cu_seqlens(cu, S).to(device)}
+    if name == "padding":
+        return {"kv_lens": torch.randint(S // 2, S + 1, (B,), generator=gen).to(device)}
+    raise ValueError(name)
+
+
+def bool_mask(opts: dict, B: int, S: int, device) -> torch.Tensor:
+    return ref.attention_mask(B, S, S, causal=opts.get("causal", False), prefix_lens=opts.get("prefix_lens"),
+                              doc_ids=opts.get("doc_ids"), kv_lens=opts.get("kv_lens"), device=device)
+
+
+def allowed_fraction(opts: dict, B: int, S: int, device) -> float:
+    if set(opts) == {"causal"}:
+        return (S + 1) / (2 * S)
+    total = 0
+    for b in range(B):  # one row at a time: S*S booleans
+        sub = {k: (v[b:b + 1] if isinstance(v, torch.Tensor) else v) for k, v in opts.items()}
+        total += int(bool_mask(sub, 1, S, device).sum())
+    return total / (B * S * S)
+
+
+# ---- CPU ----
+def _cpu_case(mname: str, quick: bool, count_flops: bool = True):
+    gen = torch.Generator().manual_seed(0)
+    B, H, S, D = (1, 2, 128, 32) if quick else (1, 8, 2048, 64)
+    q, k, v = (torch.randn(B, H, S, D, generator=gen) for _ in range(3))
+    opts = make_mask(mname, B, S, "cpu", gen)
+    mask = bool_mask(opts, B, S, "cpu").unsqueeze(1)
+    cands = {
+        "lmobj.torch": lambda: L.attention(q, k, v, backend="torch", **opts),
+        "sdpa+bool_mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+        "reference": lambda: ref.attention(q, k, v, **opts)[0],
+    }
+    flops = 4 * B * H * S * S * D * allowed_fraction(opts, B, S, "cpu") if count_flops else 0.0
+    return (B, H, S, D), cands, flops
+
+
+def _peak_mem_mib(mname: str, name: str, quick: bool) -> float | None:
+    """Peak resident memory growth (MiB) of one first call, measured in a fresh process (Linux /proc)."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    # VmHWM (peak RSS of this address space) rather than ru_maxrss, which Linux carries over from the parent
+    code = (f"import sys; sys.path.insert(0, {here!r}); import bench_attention as b; "
+            f"_, c, _ = b._cpu_case({mname!r}, {quick!r}, False); "
+            "hwm = lambda: int([x for x in open('/proc/self/status') if x.startswith('VmHWM')][0].split()[1]); "
+            f"r0 = hwm(); c[{name!r}](); print((hwm() - r0) / 1024)")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        return float(out.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def run_cpu(quick: bool) -> list[dict]:
+    masks = ["causal", "prefix"] if quick else ["causal", "prefix", "docs", "padding"]
+    rows = []
+    for mname in masks:
+        (B, H, S, D), cands, flops = _cpu_case(mname, quick)
+        want = cands["reference"]()
+        for name, fn in cands.items():
+            err = float((fn() - want).abs().max())
+            if err > 1e-3:
+                print(f"  {name} [{mname}] disagrees with the reference (max err {err:.3g}); not timed")
+                continue
+            t = time_cpu(fn, warmup=1, repeat=3 if quick else 5)
+            shape = f"{B}x{H}x{S}x{D} {mname}"
+            rows.append({"bench": "attention_fwd", "backend": name, "shape": shape, "metric": "time",
+                         "value": t * 1e3, "unit": "ms"})
+            rows.append({"bench": "attention_fwd", "backend": name, "shape": shape, "metric": "gflops",
+                         "value": flops / t / 1e9, "unit": "GFLOP/s"})
+            mem = None if quick else _peak_mem_mib(mname, name, quick)
+            if mem is not None:
+                rows.append({"bench": "attention_fwd", "backend": name, "shape": shape, "metric": "peak_mem",
+                             "value": mem, "unit": "MiB"})
+    return rows
+
+
+# ---- GPU ----
+def _sdpa_backends():
+    from torch.nn.attention import SDPBackend
+
+    names = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    if hasattr(SDPBackend, "CUDNN_ATTENTION"):
+        names["cudnn"] = SDPBackend.CUDNN_ATTENTION
+    return names
+
+
+def _flex(opts, B, H, S, device):
+    """(attention fn, block-mask build time in s) of FlexAttention for this mask, or None if unavailable."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    prefix, docs, kvl = opts.get("prefix_lens"), opts.get("doc_ids"), opts.get("kv_lens")
+    causal = opts.get("causal", False)
+
+    def mask_mod(b, h, qi, kj):
+        ok = kj >= 0
+        if causal:
+            c = kj <= qi
+            if prefix is not None:
+                c = c | (kj < prefix[b])
+            ok = ok & c
+        if docs is not None:
+            ok = ok & (docs[b, qi] == docs[b, kj])
+        if kvl is not None:
+            ok = ok & (kj < kvl[b])
+        return ok
+
+    build = lambda: create_block_mask(mask_mod, B, None, S, S, device=device)  # noqa: E731
+    block_mask = build()
+    t_build = time_gpu(build)
+    flex = torch.compile(flex_attention, dynamic=False)
+    return (lambda q, k, v: flex(q, k, v, block_mask=block_mask)), t_build
+
+
+def _flash_attn(opts, B, S):
+    try:
+        from flash_attn import flash_attn_func, flash_attn_varlen_func
+    except ImportError:
+        return None
+    if set(opts) == {"causal"}:
+        return lambda q, k, v: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               causal=True).transpose(1, 2)
+    if set(opts) == {"causal", "doc_ids"}:
+        docs = opts["doc_ids"]
+        lens = torch.stack([torch.bincount(d, minlength=int(docs.max()) + 1) for d in docs.long()]).flatten()
+        lens = lens[lens > 0].to(torch.int32)
+        cu = torch.nn.functional.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
+        mx = int(lens.max())
+
+        def fn(q, k, v):
+            Bq, Hq, Sq, D = q.shape
+            flat = lambda t: t.transpose(1, 2).reshape(Bq * Sq, t.shape[1], D)  # noqa: E731
+            o = flash_attn_varlen_func(flat(q), flat(k), flat(v), cu, cu, mx, mx, causal=True)
+            return o.reshape(Bq, Sq, Hq, D).transpose(1, 2)
+        return fn
+    return None  # FlashAttention has no prefix-LM mask
+
+
+def _time_fwd_bwd(fn, q, k, v, do) -> tuple[float, float]:
+    t_f = time_gpu(lambda: fn(q, k, v))
+    t_fb = time_gpu(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), do))
+    return t_f, t_fb
+
+
+def run_gpu(full: bool) -> list[dict]:
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(0)
+    dtype = torch.bfloat16
+    if full:
+        configs = [(d, s, m) for d in (64, 128) for s in (1024, 2048, 4096, 8192, 16384)
+                   for m in ("causal", "prefix", "docs", "padding")]
+    else:
+        configs = [(128, s, m) for s in (2048, 8192) for m in ("causal", "prefix", "docs")] + [(64, 8192, "causal")]
+    rows = []
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # one graph per mask
+    sdpa = _sdpa_backends()
+    from torch.nn.attention import sdpa_kernel
+
+    for D, S, mname in configs:
+        H = 2048 // D  # model width 2048
+        B = max(1, 16384 // S)  # 16k tokens per batch: fills an H100
+        opts = make_mask(mname, B, S, dev, gen)
+        frac = allowed_fraction(opts, B, S, dev)
+        fl = 4 * B * H * S * S * D * frac
+        shape = f"{B}x{H}x{S}x{D} {mname}"
+        q, k, v = (torch.randn(B, H, S, D, generator=gen).to(dev, dtype).requires_grad_() for _ in range(3))
+        do = torch.randn(B, H, S, D, generator=gen).to(dev, dtype)
+        mask = None if mname == "causal" else bool_mask(opts, B, S, dev).unsqueeze(1)
+        cands = {"lmobj.triton": lambda q, k, v, o=opts: L.attention(q, k, v, backend="triton", **o)}
+        for name, be in sdpa.items():
+            def f(q, k, v, be=be, m=mask):
+                with sdpa_kernel(be):
+                    if m is None:
+                        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                    return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+            cands[f"sdpa.{name}"] = f
+        flex = _flex(opts, B, H, S, dev) if (full or S >= 8192) else None  # each mask compiles (~30 s)
+        if flex is not None:
+            cands["flex"] = flex[0]
+            rows.append({"bench": "attention_block_mask", "backend": "flex", "shape": shape, "metric": "time",
+                         "value": flex[1] * 1e3, "unit": "ms"})
+        fa = _flash_attn(opts, B, S)
+        if fa is not None:
+            cands["flash_attn"] = fa
+        want = None
+        for name, fn in cands.items():
+            try:
+                out = fn(q, k, v)
+            except Exception as e:  # a backend that refuses this mask / dtype / size
+                print(f"  {name} [{shape}]: n/a ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
+                continue
+            if want is None:
+                want = out.detach().float()
+            else:
+                err = float((out.detach().float() - want).abs().max())
+                if not err < 0.05:  # empty rows: NaN in SDPA only when a row has no key (not the case here)
+                    print(f"  {name} [{shape}] disagrees with lmobj.triton (max err {err:.3g}); not timed")
+                    continue
+            t_f, t_fb = _time_fwd_bwd(fn, q, k, v, do)
+            for bench, t, mult in (("attention_fwd", t_f, 1.0), ("attention_fwd_bwd", t_fb, 3.5)):
+                rows.append({"bench": bench, "backend": name, "shape": shape, "metric": "tflops",
+                             "value": fl * mult / t / 1e12, "unit": "TFLOP/s"})
+                rows.append({"bench": bench, "backend": name, "shape": shape, "metric": "time",
+                             "value": t * 1e3, "unit": "ms"})
+        q = k = v = do = mask = out = want = None
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny CPU run (seconds)")
+    ap.add_argument("--gpu", action="store_true", help="GPU run (needs CUDA)")
+    ap.add_argument("--full", action="store_true", help="with --gpu: every head dim, length and mask")
+    args = ap.parse_args(argv)
+    if args.gpu and not torch.cuda.is_available():
+        print("--gpu needs a CUDA GPU", file=sys.stderr)
+        return 2
+    rows = run_gpu(args.full) if args.gpu else run_cpu(args.quick)
+    print(f"attention benchmark on {machine()}")
+    print(table(rows, ["bench", "backend", "shape", "metric", "value", "unit"]))
+    path = write_results("attention", rows, where=os.environ.get("LMOBJ_RESULTS_DIR"))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

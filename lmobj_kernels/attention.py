@@ -1,0 +1,254 @@
+"""Fused attention for every objective's mask (ALGORITHMS.md, "Attention masks").
+
+`attention(q, k, v, ...)` has the layout of `F.scaled_dot_product_attention`: q (B, Hq, Sq, D), k and v
+(B, Hkv, Sk, D), Hq a multiple of Hkv (grouped-query attention). Masks, freely combined:
+- causal (GPT); `prefix_lens` (B,) with causal=True: prefix-LM (T5/UL2 decoder-only: bidirectional inside the
+  prefix, causal after it);
+- `kv_lens` (B,): key padding (BERT); non-causal with Sq != Sk: cross attention (encoder-decoder);
+- `doc_ids` (B, S) ints: packed documents, a query attends only to keys of its own document (build them with
+  `doc_ids_from_cu_seqlens` or `doc_ids_from_eos`).
+A query row with no allowed key returns zeros (and lse = -inf) with zero gradients, never NaN (SDPA gives NaN).
+
+Backends: `triton` (GPU, or interpreted with TRITON_INTERPRET=1) skips the blocks the mask empties, forward and
+backward; `torch` serves every mask on any device through `F.scaled_dot_product_attention` with an explicit
+boolean mask (or `is_causal` when that is the whole mask). `auto` uses Triton on CUDA tensors, torch elsewhere.
+The backward is deterministic on both backends (no atomics), so `deterministic=True` costs nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmobj_kernels import _attention_ops  # noqa: F401  (registers lmobj::attn_*_triton)
+from lmobj_kernels._backend import resolve, why_unavailable
+from lmobj_kernels.reference import attention as ref
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INTS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+MAX_HEAD_DIM = 256
+
+
+# ---- argument checks: ValueError / TypeError naming the argument ----
+def _check_qkv(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be (B, H, S, D), got shape {tuple(t.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, Hq, Sq, D = q.shape
+    if k.shape[0] != B:
+        raise ValueError(f"k has batch size {k.shape[0]} but q has {B}")
+    if k.shape[-1] != D:
+        raise ValueError(f"k has head dim {k.shape[-1]} but q has {D}")
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if k.shape[1] == 0 or Hq % k.shape[1] != 0:
+        raise ValueError(f"q's heads ({Hq}) must be a multiple of k's heads ({k.shape[1]}) (grouped-query)")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim (q.shape[-1]) must be in [1, {MAX_HEAD_DIM}], got {D}")
+
+
+def _as_index_tensor(name: str, x, device) -> Tensor:
+    if isinstance(x, Sequence) and not isinstance(x, (str, bytes)):
+        x = torch.as_tensor(list(x), dtype=torch.int64, device=device)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a tensor (or a sequence of ints), got {type(x).__name__}")
+    if x.dtype not in _INTS:
+        raise TypeError(f"{name} must hold integers, got {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but q is on {device}")
+    return x
+
+
+def _check_range(name: str, x: Tensor, high: int, what: str) -> None:
+    """0 <= x <= high. On the CPU this reads the values; on a GPU (or while compiling) it is a device-side assert,
+    so no host synchronisation."""
+    ok = (x >= 0) & (x <= high)
+    if x.is_cuda or torch.compiler.is_compiling():
+        torch._assert_async(ok.all(), f"{name} holds a value outside [0, {high}] ({what})")
+    elif x.numel() and not bool(ok.all()):
+        bad = int(x[~ok][0])
+        raise ValueError(f"{name} holds {bad}, outside [0, {high}] ({what})")
+
+
+def _check_masks(q, k, causal, prefix_lens, doc_ids, kv_lens):
+    B, _, Sq, _ = q.shape
+    Sk = k.shape[2]
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if causal and Sq != Sk:
+        raise ValueError(f"causal=True needs as many queries as keys, got Sq={Sq}, Sk={Sk} "
+                         "(cross attention is non-causal)")
+    if prefix_lens is not None:
+        if not causal:
+            raise ValueError("prefix_lens needs causal=True (prefix-LM: bidirectional prefix, causal after it)")
+        prefix_lens = _as_index_tensor("prefix_lens", prefix_lens, q.device)
+        if tuple(prefix_lens.shape) != (B,):
+            raise ValueError(f"prefix_lens must have shape ({B},), got {tuple(prefix_lens.shape)}")
+        _check_range("prefix_lens", prefix_lens, Sq, "a prefix length per batch row")
+    if kv_lens is not None:
+        kv_lens = _as_index_tensor("kv_lens", kv_lens, q.device)
+        if tuple(kv_lens.shape) != (B,):
+            raise ValueError(f"kv_lens must have shape ({B},), got {tuple(kv_lens.shape)}")
+        _check_range("kv_lens", kv_lens, Sk, "a number of valid keys per batch row")
+    if doc_ids is not None:
+        doc_ids = _as_index_tensor("doc_ids", doc_ids, q.device)
+        if Sq != Sk:
+            raise ValueError(f"doc_ids needs as many queries as keys (self-attention), got Sq={Sq}, Sk={Sk}")
+        if tuple(doc_ids.shape) != (B, Sq):
+            raise ValueError(f"doc_ids must have shape (B, S) = ({B}, {Sq}), got {tuple(doc_ids.shape)}")
+    return prefix_lens, doc_ids, kv_lens
+
+
+def _resolve(backend: str, q: Tensor) -> str:
+    if backend in ("cpu", "cuda"):
+        raise ValueError(f"backend {backend!r} has no attention kernel (yet); use 'triton', 'torch' or 'auto'")
+    if q.dtype == torch.float64:
+        if backend not in ("auto", "torch"):
+            raise TypeError(f"float64 inputs run only on the torch backend, not {backend!r}")
+        return "torch"
+    name = resolve(backend, q.device, "attention")
+    if name not in ("triton", "torch"):  # auto / LMOBJ_BACKEND picked a backend without attention
+        name = "triton" if q.is_cuda and not why_unavailable("triton", q.device) else "torch"
+    return name
+
+
+# ---- the torch backend ----
+def _torch_attention(q, k, v, causal, prefix_lens, doc_ids, kv_lens, scale, return_lse):
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    gqa = Hq != Hkv
+    only_causal = causal and prefix_lens is None and doc_ids is None and kv_lens is None
+    lse = None
+    if Sk == 0:
+        out = q.new_zeros(q.shape) + 0 * q  # keeps the graph (zero gradient for q)
+    elif only_causal or not (causal or prefix_lens is not None or doc_ids is not None or kv_lens is not None):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+    else:
+        allowed = ref.attention_mask(B, Sq, Sk, causal=causal, prefix_lens=prefix_lens, doc_ids=doc_ids,
+                                     kv_lens=kv_lens, device=q.device).unsqueeze(1)
+        if kv_lens is None:  # every query sees at least itself (causal diagonal, its own document)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
+        else:
+            nonempty = allowed.any(-1, keepdim=True)
+            # SDPA makes empty rows NaN (or 0 in some versions): let them see every key, then zero them; the
+            # where gives them zero gradient, so no NaN reaches q, k or v.
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~nonempty, scale=scale,
+                                                 enable_gqa=gqa)
+            out = torch.where(nonempty, out, torch.zeros((), dtype=out.dtype, device=out.device))
+    if return_lse:
+        with torch.no_grad():
+            _, lse = ref.attention(q, k, v, causal=causal, prefix_lens=prefix_lens, doc_ids=doc_ids,
+                                   kv_lens=kv_lens, scale=scale)
+        lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return out, lse
+
+
+# ---- public API ----
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    prefix_lens: Tensor | Sequence[int] | None = None,
+    doc_ids: Tensor | None = None,
+    kv_lens: Tensor | Sequence[int] | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    deterministic: bool = False,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Scaled dot-product attention under the masks of ALGORITHMS.md; returns out (B, Hq, Sq, D) in q's dtype.
+
+    q (B, Hq, Sq, D); k, v (B, Hkv, Sk, D) with Hq % Hkv == 0; head dim up to 256 (64 and 128 are the fast
+    ones on a GPU). Query i attends key j when j < kv_lens[b], doc_ids[b, i] == doc_ids[b, j], and (causal only)
+    j <= i or j < prefix_lens[b]. causal needs Sq == Sk; so do doc_ids. scale defaults to D ** -0.5.
+    Rows with no allowed key output zeros with zero gradient (SDPA returns NaN there).
+    return_lse: also the log-sum-exp of each row's scaled scores (B, Hq, Sq), float32, detached; -inf on empty
+    rows (the torch backend computes it in a second pass that materialises the scores).
+    deterministic: bitwise-repeatable gradients. Both backends always are (the Triton backward has no atomics:
+    dK/dV and dQ come from separate kernels), so the flag changes nothing today; it is kept for a faster
+    atomic-dQ backward later.
+    """
+    _check_qkv(q, k, v)
+    if torch.is_autocast_enabled(q.device.type) and q.dtype == torch.float32:  # like SDPA under autocast
+        dt = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    prefix_lens, doc_ids, kv_lens = _check_masks(q, k, causal, prefix_lens, doc_ids, kv_lens)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be None or a finite float, got {scale!r}")
+    for name, flag in (("return_lse", return_lse), ("deterministic", deterministic)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    name = _resolve(backend, q)
+    if name == "torch":
+        out, lse = _torch_attention(q, k, v, causal, prefix_lens, doc_ids, kv_lens, float(scale), return_lse)
+    else:
+        out, lse = torch.ops.lmobj.attn_fwd_triton(q, k, v, prefix_lens, doc_ids, kv_lens, causal, float(scale))
+    if return_lse:
+        return out, lse.detach()
+    return out
+
+
+def doc_ids_from_cu_seqlens(cu_seqlens: Tensor, seq_len: int) -> Tensor:
+    """Doc ids (B, seq_len) from cumulative document lengths, as FlashAttention's varlen API takes them.
+
+    cu_seqlens: (n + 1,) for one packed row, or (B, n + 1) per row (pad a row's tail by repeating its last value),
+    starting at 0 and non-decreasing. Position t belongs to document d when cu[d] <= t < cu[d + 1]; positions past
+    the last boundary (padding) get id n, a document of their own (combine with kv_lens to mask them out).
+    Returns int32 of shape (1, seq_len) for a 1-D input, (B, seq_len) otherwise."""
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype not in _INTS:
+        raise TypeError("cu_seqlens must be an integer tensor")
+    if cu_seqlens.dim() not in (1, 2) or cu_seqlens.shape[-1] < 1:
+        raise ValueError(f"cu_seqlens must be (n + 1,) or (B, n + 1), got shape {tuple(cu_seqlens.shape)}")
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 0:
+        raise ValueError(f"seq_len must be an int >= 0, got {seq_len!r}")
+    cu = cu_seqlens.reshape(-1, cu_seqlens.shape[-1]).to(torch.int64)
+    if not cu.is_cuda and not torch.compiler.is_compiling() and cu.numel() and bool((cu[:, 1:] < cu[:, :-1]).any()):
+        raise ValueError("cu_seqlens must be non-decreasing")
+    pos = torch.arange(seq_len, device=cu.device).expand(cu.shape[0], seq_len).contiguous()
+    return torch.searchsorted(cu[:, 1:].contiguous(), pos, right=True).to(torch.int32)
+
+
+def doc_ids_from_eos(tokens: Tensor, eos_id: int) -> Tensor:
+    """Doc ids (B, S) int32 of packed rows whose documents each end with an `eos_id` token: the EOS belongs to the
+    document it ends, the next token starts a new one."""
+    if not isinstance(tokens, Tensor) or tokens.dtype not in _INTS:
+        raise TypeError("tokens must be an integer tensor")
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must be (B, S), got shape {tuple(tokens.shape)}")
+    if not isinstance(eos_id, int) or isinstance(eos_id, bool):
+        raise TypeError(f"eos_id must be an int, got {type(eos_id).__name__}")
+    is_eos = (tokens == eos_id).to(torch.int32)
+    return (torch.cumsum(is_eos, dim=1, dtype=torch.int32) - is_eos).to(torch.int32)
+
+
+class MaskedAttention(nn.Module):
+    """Module form of `attention`: options fixed at construction (causal, scale, deterministic, backend),
+    per-batch masks at call time: forward(q, k, v, prefix_lens=None, doc_ids=None, kv_lens=None)."""
+
+    def __init__(self, *, causal: bool = False, scale: float | None = None, deterministic: bool = False,
+                 backend: str = "auto"):
+        super().__init__()
+        self.causal, self.scale, self.deterministic, self.backend = causal, scale, deterministic, backend
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, prefix_lens=None, doc_ids=None, kv_lens=None) -> Tensor:
+        return attention(q, k, v, causal=self.causal, prefix_lens=prefix_lens, doc_ids=doc_ids, kv_lens=kv_lens,
+                         scale=self.scale, deterministic=self.deterministic, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"causal={self.causal}, scale={self.scale}, backend={self.backend!r}"

@@ -1,0 +1,75 @@
+"""Reference attention with the masks of ALGORITHMS.md ("Attention masks").
+
+Plain PyTorch, computed in float32 (or float64 for float64 inputs: the tests' truth), differentiable by autograd.
+It materialises the (B, Hq, Sq, Sk) scores: for checking, not for speed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def attention_mask(
+    batch: int,
+    sq: int,
+    sk: int,
+    *,
+    causal: bool = False,
+    prefix_lens: Tensor | None = None,
+    doc_ids: Tensor | None = None,
+    kv_lens: Tensor | None = None,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Boolean (B, Sq, Sk): True where query i may attend to key j. All of these must hold:
+    j < kv_lens[b]; doc_ids[b, i] == doc_ids[b, j]; causal: j <= i or j < prefix_lens[b]."""
+    i = torch.arange(sq, device=device).view(1, sq, 1)
+    j = torch.arange(sk, device=device).view(1, 1, sk)
+    allowed = torch.ones(batch, sq, sk, dtype=torch.bool, device=device)
+    if kv_lens is not None:
+        allowed = allowed & (j < kv_lens.to(device).view(batch, 1, 1))
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids.view(batch, sq, 1) == doc_ids.view(batch, 1, sk))
+    if causal:
+        rule = j <= i
+        if prefix_lens is not None:
+            rule = rule | (j < prefix_lens.to(device).view(batch, 1, 1))
+        allowed = allowed & rule
+    return allowed
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    prefix_lens: Tensor | None = None,
+    doc_ids: Tensor | None = None,
+    kv_lens: Tensor | None = None,
+    scale: float | None = None,
+    upcast: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """(out (B, Hq, Sq, D) in q's dtype, lse (B, Hq, Sq) float32/float64).
+
+    Grouped-query attention repeats each of k's Hkv heads Hq / Hkv times. A query row with no allowed key gives
+    zeros and lse = -inf, and gradients of zero (never NaN). upcast=False computes in the inputs' own precision
+    (the "plain PyTorch in the same precision" yardstick of DESIGN.md's low-precision rule)."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    ct = torch.float64 if q.dtype == torch.float64 else (torch.float32 if upcast else q.dtype)
+    scale = D**-0.5 if scale is None else scale
+    if Hq != Hkv:
+        k = k.repeat_interleave(Hq // Hkv, dim=1)
+        v = v.repeat_interleave(Hq // Hkv, dim=1)
+    s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
+    allowed = attention_mask(B, Sq, Sk, causal=causal, prefix_lens=prefix_lens, doc_ids=doc_ids, kv_lens=kv_lens,
+                             device=q.device).unsqueeze(1)
+    nonempty = allowed.any(dim=-1, keepdim=True)  # (B, 1, Sq, 1)
+    # Empty rows get finite scores (all allowed) and are zeroed afterwards, so no -inf - -inf reaches exp or its
+    # gradient: their output and every gradient through them is exactly 0.
+    s = s.masked_fill(~(allowed | ~nonempty), float("-inf"))
+    p = torch.softmax(s, dim=-1) * nonempty
+    lse = torch.logsumexp(s, dim=-1).masked_fill(~nonempty.squeeze(-1), float("-inf"))
+    out = torch.matmul(p, v.to(ct))
+    return out.to(q.dtype), lse

@@ -1,0 +1,61 @@
+"""Verify rows for the attention family: every mask on every backend that runs here, forward and gradients,
+against the float64 reference with DESIGN.md's low-precision rule."""
+
+from __future__ import annotations
+
+import torch
+
+import lmobj_kernels as L
+from lmobj_kernels._backend import available_backends
+from lmobj_kernels.reference import attention as ref
+from lmobj_kernels.verify import lowp_bound
+
+
+def _row(op, backend, dtype, shape, err, bound):
+    return {"op": op, "backend": backend, "dtype": str(dtype).replace("torch.", ""), "shape": shape,
+            "max_err": err, "bound": bound, "ok": bool(err <= bound)}
+
+
+def _masks(B, S, gen):
+    prefix = torch.randint(0, S + 1, (B,), generator=gen)
+    kv = torch.randint(1, S + 1, (B,), generator=gen)
+    docs = torch.sort(torch.randint(0, 4, (B, S), generator=gen), dim=1).values
+    return {
+        "causal": dict(causal=True),
+        "prefix_lm": dict(causal=True, prefix_lens=prefix),
+        "padding": dict(kv_lens=kv),
+        "docs_causal": dict(causal=True, doc_ids=docs),
+        "docs_padding": dict(doc_ids=docs, kv_lens=kv),
+    }
+
+
+def cases(device: str = "cpu"):
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(torch.seed() % (2**31))
+    on_gpu = dev.type == "cuda"
+    backends = [b for b in available_backends(dev) if b in ("triton", "torch")]
+    if not on_gpu:
+        backends = ["torch"]  # the interpreted Triton kernel is checked by the tests, too slow for a quick verify
+    dtypes = [torch.bfloat16, torch.float16] if on_gpu else [torch.float32]
+    B, Hq, Hkv, S, D = (2, 8, 2, 1000, 128) if on_gpu else (2, 4, 2, 77, 32)
+    for dtype in dtypes:
+        q = torch.randn(B, Hq, S, D, generator=gen).to(device=dev, dtype=dtype).requires_grad_()
+        k = torch.randn(B, Hkv, S, D, generator=gen).to(device=dev, dtype=dtype).requires_grad_()
+        v = torch.randn(B, Hkv, S, D, generator=gen).to(device=dev, dtype=dtype).requires_grad_()
+        do = torch.randn(B, Hq, S, D, generator=gen).to(device=dev, dtype=dtype)
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        for mask_name, opts in _masks(B, S, gen).items():
+            opts = {n: (t.to(dev) if isinstance(t, torch.Tensor) else t) for n, t in opts.items()}
+            r, _ = ref.attention(q64, k64, v64, **opts)
+            rg = torch.autograd.grad(r, (q64, k64, v64), do.double())
+            p, _ = ref.attention(q, k, v, upcast=False, **opts)
+            pg = torch.autograd.grad(p, (q, k, v), do)
+            shape = f"{B}x{Hq}/{Hkv}x{S}x{D}"
+            for b in backends:
+                o = L.attention(q, k, v, backend=b, **opts)
+                og = torch.autograd.grad(o, (q, k, v), do)
+                yield _row(f"attention[{mask_name}]", b, dtype, shape, float((o.detach().double() - r).abs().max()),
+                           lowp_bound(r.detach(), p.detach()))
+                for gname, a, rr, pp in zip(("dq", "dk", "dv"), og, rg, pg):
+                    yield _row(f"attention[{mask_name}].{gname}", b, dtype, shape,
+                               float((a.double() - rr).abs().max()), lowp_bound(rr, pp, factor=3.0))

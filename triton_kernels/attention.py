@@ -1,0 +1,596 @@
+"""Triton attention with the masks of ALGORITHMS.md ("Attention masks"), FlashAttention-2 style.
+
+Forward: one program per (query block, batch x query head); an online softmax (base 2) over the key blocks the mask
+leaves, writing O and the log-sum-exp (natural log, float32). Backward: delta = rowsum(dO * O), then one kernel
+per key block (dK, dV; it loops over the query heads of its grouped-query group and the query blocks) and one per
+query block (dQ). No atomics, so the backward is bitwise repeatable (`deterministic` is always honoured).
+
+Masks (constexpr feature flags, so each variant compiles to lean code): causal, prefix-LM (prefix_len per batch:
+bidirectional inside the prefix, causal after), packed documents (doc ids per position: equal ids attend), key
+padding (kv_len per batch), grouped-query heads, cross attention (Sq != Sk, non-causal).
+
+Block skipping: each program derives the range of blocks it needs from the mask metadata: causal rows stop at the
+diagonal (or at prefix_len, whichever is later), key padding stops at kv_len, and documents use per-block
+[first, last) ranges precomputed from per-block min/max doc ids (`_doc_block_range`), so blocks of other documents
+are never loaded. Inside the range, blocks that need no elementwise mask (fully below the diagonal / inside the
+prefix, fully before kv_len) run a loop without masking; the rest apply the mask. Document ranges are exact for
+packed (non-decreasing or contiguous) doc ids; arbitrary ids are still correct, they just skip fewer blocks.
+
+A query row with no allowed key gets zeros and lse = -inf, and zero gradients: the running max is replaced by 0
+for the exponent while it is -inf, and in backward an lse of -inf is read as +inf (so p = 0).
+Head dims up to 256 (padded to a power of two >= 16 with masked loads). Block sizes: `_CONFIGS`, one table.
+Runs compiled on a GPU and under TRITON_INTERPRET=1 on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, architecture and head-dim bucket (<= 64, <= 128, <= 256).
+# BLOCK_M counts queries, BLOCK_N keys. Starting points from the published FlashAttention-2 Triton kernels and
+# Triton's fused-attention tutorial (fwd 128x64; bwd dK/dV with a wide key block, dQ with a tall query block); not
+# tuned on a card yet. "interp" keeps blocks small and unequal so the CPU tests cross many block boundaries.
+_CONFIGS: dict[tuple[str, str, int], tuple[int, int, int, int]] = {
+    ("fwd", "sm90", 64): (128, 64, 4, 3),
+    ("fwd", "sm90", 128): (128, 64, 8, 3),
+    ("fwd", "sm90", 256): (64, 32, 4, 2),
+    ("fwd", "sm80", 64): (128, 64, 4, 3),
+    ("fwd", "sm80", 128): (128, 32, 8, 2),
+    ("fwd", "sm80", 256): (64, 32, 4, 1),
+    ("dkdv", "sm90", 64): (32, 128, 4, 3),
+    ("dkdv", "sm90", 128): (64, 128, 8, 2),
+    ("dkdv", "sm90", 256): (32, 64, 8, 1),
+    ("dkdv", "sm80", 64): (32, 128, 4, 2),
+    ("dkdv", "sm80", 128): (64, 64, 8, 2),
+    ("dkdv", "sm80", 256): (32, 64, 8, 1),
+    ("dq", "sm90", 64): (128, 32, 4, 3),
+    ("dq", "sm90", 128): (128, 32, 8, 2),
+    ("dq", "sm90", 256): (64, 32, 8, 1),
+    ("dq", "sm80", 64): (128, 32, 4, 2),
+    ("dq", "sm80", 128): (64, 32, 4, 2),
+    ("dq", "sm80", 256): (64, 32, 8, 1),
+    ("fwd", "interp", 0): (32, 16, 4, 1),
+    ("dkdv", "interp", 0): (16, 32, 4, 1),
+    ("dq", "interp", 0): (32, 16, 4, 1),
+}
+
+
+@functools.cache
+def _arch(device_index: int) -> str:
+    return "sm90" if torch.cuda.get_device_capability(device_index)[0] >= 9 else "sm80"
+
+
+def config(kernel: str, head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of `kernel` ("fwd", "dkdv", "dq") for this head dim and device."""
+    if device.type != "cuda":
+        return _CONFIGS[(kernel, "interp", 0)]
+    bucket = 64 if head_dim <= 64 else (128 if head_dim <= 128 else 256)
+    return _CONFIGS[(kernel, _arch(device.index if device.index is not None else torch.cuda.current_device()),
+                     bucket)]
+
+
+@triton.jit
+def _mm(a, b, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b in float32. UPCAST: through float32 operands (the CPU interpreter's bfloat16 dot is wrong in Triton
+    3.8: it multiplies the raw bits; only used under TRITON_INTERPRET=1)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _mma(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b (float32 accumulator), see `_mm`."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _and_d(rows, dmask, EVEN_D: tl.constexpr):
+    """Load/store mask: `rows` alone when the head dim fills its block (a mask constant along the contiguous
+    head-dim axis keeps loads vectorised), else rows & dmask."""
+    if EVEN_D:
+        return rows
+    else:
+        return rows & dmask
+
+
+@triton.jit
+def _allowed(qi, kj, Sk, kv_len, prefix_len, q_doc, k_doc, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
+             HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """Mask of allowed (query, key) pairs. qi / q_doc and kj / k_doc are already shaped to broadcast against each
+    other ((M, 1) with (1, N), or (1, M) with (N, 1)); keys at or past Sk are never allowed."""
+    ok = kj < Sk
+    if HAS_KVLEN:
+        ok = ok & (kj < kv_len)
+    if CAUSAL:
+        rule = kj <= qi
+        if HAS_PREFIX:
+            rule = rule | (kj < prefix_len)
+        ok = ok & rule
+    if HAS_DOCS:
+        ok = ok & (q_doc == k_doc)
+    return ok
+
+
+@triton.jit
+def _key_range(b, pid_m, start_m, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_outer, CAUSAL: tl.constexpr,
+               HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key range of queries [start_m, start_m + BLOCK_M) as (lo, c_lo, c_hi, hi): key blocks in [c_lo, c_hi) need
+    no elementwise mask, those in [lo, c_lo) and [c_hi, hi) do. Keys outside [lo, hi) are masked for every row of
+    the block and never loaded."""
+    lo = 0
+    hi = tl.minimum(Sk, kv_len)
+    full = hi  # keys < full are allowed for every row of the block by the positional rules
+    if CAUSAL:
+        hi = tl.minimum(hi, tl.maximum(tl.minimum(start_m + BLOCK_M, Sq), prefix_len))
+        full = tl.minimum(full, tl.maximum(start_m + 1, prefix_len))
+    c_lo = lo
+    c_hi = (full // BLOCK_N) * BLOCK_N
+    if HAS_DOCS:
+        rng = DOC_RANGE + (b * n_outer + pid_m) * 4
+        lo = tl.load(rng) * BLOCK_N
+        hi = tl.minimum(hi, tl.load(rng + 1) * BLOCK_N)
+        c_lo = tl.load(rng + 2) * BLOCK_N  # blocks of the same single document as the whole query block
+        c_hi = tl.minimum(c_hi, tl.load(rng + 3) * BLOCK_N)
+    hi = tl.maximum(hi, lo)
+    c_lo = tl.minimum(tl.maximum(c_lo, lo), hi)
+    c_hi = tl.minimum(tl.maximum(c_hi, c_lo), hi)
+    return lo, c_lo, c_hi, hi
+
+
+@triton.jit
+def _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d, D, Sk,
+              kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
+              HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr, MASK: tl.constexpr,
+              PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
+    """One key block of the online softmax (base 2): returns the updated (acc, m_i, l_i)."""
+    offs_n = start_n + offs_n0
+    kmask = offs_n < Sk
+    dmask = offs_d < D
+    kT = tl.load(K_base + offs_n[None, :] * stride_ks + offs_d[:, None],
+                 mask=_and_d(kmask[None, :], dmask[:, None], EVEN_D), other=0.0)
+    s = _mm(q, kT, PREC, UPCAST) * qk_scale
+    if MASK:
+        k_doc = offs_n
+        if HAS_DOCS:
+            k_doc = tl.load(DOC_row + offs_n, mask=kmask, other=-1)
+        ok = _allowed(offs_m[:, None], offs_n[None, :], Sk, kv_len, prefix_len, q_doc[:, None], k_doc[None, :],
+                      CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS)
+        s = tl.where(ok, s, -float("inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows with nothing allowed yet: exp2(-inf - 0) = 0
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(V_base + offs_n[:, None] * stride_vs + offs_d[None, :],
+                mask=_and_d(kmask[:, None], dmask[None, :], EVEN_D), other=0.0)
+    acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], PREC, UPCAST)
+    return acc, m_new, l_i
+
+
+@triton.jit(do_not_specialize=["Sq", "Sk", "n_qblocks"])  # one compiled kernel for every sequence length
+def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX, KVLEN, DOC, DOC_RANGE,
+                     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+                     stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os, stride_doc,
+                     Hq, Sq, Sk, D, group, qk_scale, n_qblocks,
+                     CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr,
+                     HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
+    """O[b, h, i] = softmax over allowed keys j of (q_i . k_j * scale) times v_j; LSE[b, h, i] (natural log).
+
+    Q (B, Hq, Sq, D), K and V (B, Hkv, Sk, D), O like Q (last dim contiguous, other strides given); LSE (B, Hq, Sq)
+    contiguous float32. PREFIX / KVLEN: int32 (B,) (read only when their flag is set); DOC: int32 (B, Sq) doc ids,
+    rows stride_doc apart; DOC_RANGE: int32 (B, n_qblocks, 4) per query block: [first, last) key block sharing
+    a document with it, and [first, last) key block of the same single document as the whole query block.
+    group = Hq // Hkv; qk_scale = scale * log2(e). Grid: (n_qblocks, B * Hq)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // group
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    rmask = offs_m < Sq
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+                mask=_and_d(rmask[:, None], dmask[None, :], EVEN_D), other=0.0)
+    K_base = K + b * stride_kb + hk * stride_kh
+    V_base = V + b * stride_vb + hk * stride_vh
+    kv_len = Sk
+    if HAS_KVLEN:
+        kv_len = tl.load(KVLEN + b)
+    prefix_len = 0
+    if HAS_PREFIX:
+        prefix_len = tl.load(PREFIX + b)
+    DOC_row = DOC + b * stride_doc
+    q_doc = offs_m
+    if HAS_DOCS:
+        q_doc = tl.load(DOC_row + offs_m, mask=rmask, other=-2)
+    lo, c_lo, c_hi, hi = _key_range(b, pid_m, start_m, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_qblocks, CAUSAL,
+                                    HAS_DOCS, BLOCK_M, BLOCK_N)
+    m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if HAS_DOCS:  # blocks before the query block's own document (its partial first block)
+        for start_n in range(lo, c_lo, BLOCK_N):
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m,
+                                      offs_n0, offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL,
+                                      HAS_PREFIX, HAS_KVLEN, HAS_DOCS, True, PREC, UPCAST, EVEN_D)
+    for start_n in range(c_lo, c_hi, BLOCK_N):
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0,
+                                  offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL, HAS_PREFIX,
+                                  HAS_KVLEN, HAS_DOCS, False, PREC, UPCAST, EVEN_D)
+    for start_n in range(c_hi, hi, BLOCK_N):
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0,
+                                  offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL, HAS_PREFIX,
+                                  HAS_KVLEN, HAS_DOCS, True, PREC, UPCAST, EVEN_D)
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    lse = tl.where(empty, -float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
+             o.to(O.dtype.element_ty), mask=_and_d(rmask[:, None], dmask[None, :], EVEN_D))
+    tl.store(LSE + bh * Sq + offs_m, lse, mask=rmask)
+
+
+@triton.jit(do_not_specialize=["Sq"])  # one compiled kernel for every sequence length
+def _attn_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride_dob, stride_doh, stride_dos,
+                           Hq, Sq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """DELTA[b, h, i] = sum_d O[b, h, i, d] * dO[b, h, i, d] in float32 (DELTA contiguous (B, Hq, Sq)).
+    Grid: (cdiv(Sq, BLOCK_M), B * Hq)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // Hq
+    h = bh % Hq
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    msk = _and_d(offs_m[:, None] < Sq, offs_d[None, :] < D, EVEN_D)
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :], mask=msk,
+                other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :], mask=msk,
+                 other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh * Sq + offs_m, delta, mask=offs_m < Sq)
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, stride_dos, start_m, offs_m0, offs_n,
+               offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, qk_scale, CAUSAL: tl.constexpr,
+               HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr, MASK: tl.constexpr,
+               PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
+    """One query block's contribution to dK (unscaled) and dV of a key block, in transposed (key, query) form."""
+    offs_m = start_m + offs_m0
+    rmask = offs_m < Sq
+    dmask = offs_d < D
+    q = tl.load(Q_base + offs_m[:, None] * stride_qs + offs_d[None, :],
+                mask=_and_d(rmask[:, None], dmask[None, :], EVEN_D), other=0.0)
+    do = tl.load(DO_base + offs_m[:, None] * stride_dos + offs_d[None, :],
+                 mask=_and_d(rmask[:, None], dmask[None, :], EVEN_D), other=0.0)
+    lse = tl.load(LSE_row + offs_m, mask=rmask, other=float("inf"))
+    lse = tl.where(lse == -float("inf"), float("inf"), lse) * 1.4426950408889634  # empty rows: p = 0
+    delta = tl.load(DELTA_row + offs_m, mask=rmask, other=0.0)
+    sT = _mm(k, tl.trans(q), PREC, UPCAST) * qk_scale
+    pT = tl.exp2(sT - lse[None, :])
+    if MASK:
+        q_doc = offs_m
+        if HAS_DOCS:
+            q_doc = tl.load(DOC_row + offs_m, mask=rmask, other=-2)
+        ok = _allowed(offs_m[None, :], offs_n[:, None], Sk, kv_len, prefix_len, q_doc[None, :], k_doc[:, None],
+                      CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS)
+        pT = tl.where(ok, pT, 0.0)
+    dv = _mma(pT.to(do.dtype), do, dv, PREC, UPCAST)
+    dpT = _mm(v, tl.trans(do), PREC, UPCAST)
+    dsT = pT * (dpT - delta[None, :])
+    dk = _mma(dsT.to(q.dtype), q, dk, PREC, UPCAST)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["Sq", "Sk", "n_kblocks"])  # one compiled kernel for every sequence length
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, DOC_RANGE,
+                          stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+                          stride_vb, stride_vh, stride_vs, stride_dob, stride_doh, stride_dos, stride_doc,
+                          Hq, Hkv, Sq, Sk, D, group, sm_scale, qk_scale, n_kblocks,
+                          CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr,
+                          HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
+    """dK, dV (B, Hkv, Sk, D) contiguous, for one key block and kv head, summed over the `group` query heads that
+    share it and over the query blocks the mask leaves (a causal key block starts at its diagonal unless it lies in
+    the prefix; a block past kv_len has nothing; documents: DOC_RANGE (B, n_kblocks, 4), see `_doc_block_range`).
+    LSE, DELTA: (B, Hq, Sq) float32 contiguous. Grid: (n_kblocks, B * Hkv)."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // Hkv
+    hk = bh % Hkv
+    start_n = pid_n * BLOCK_N
+    end_n = start_n + BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    kmask = offs_n < Sk
+    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
+                mask=_and_d(kmask[:, None], dmask[None, :], EVEN_D), other=0.0)
+    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
+                mask=_and_d(kmask[:, None], dmask[None, :], EVEN_D), other=0.0)
+    kv_len = Sk
+    if HAS_KVLEN:
+        kv_len = tl.load(KVLEN + b)
+    prefix_len = 0
+    if HAS_PREFIX:
+        prefix_len = tl.load(PREFIX + b)
+    DOC_row = DOC + b * stride_doc
+    k_doc = offs_n
+    if HAS_DOCS:
+        k_doc = tl.load(DOC_row + offs_n, mask=kmask, other=-1)
+    # query range [lo, hi); blocks in [c_lo, c_hi) need no elementwise mask, [lo, c_lo) and [c_hi, hi) do.
+    lo = 0
+    hi = tl.where(start_n < kv_len, Sq, 0)
+    c_lo = tl.where(end_n <= tl.minimum(Sk, kv_len), 0, Sq)
+    if CAUSAL:
+        in_prefix = start_n < prefix_len
+        lo = tl.where(in_prefix, 0, (start_n // BLOCK_M) * BLOCK_M)
+        diag = tl.cdiv(end_n - 1, BLOCK_M) * BLOCK_M
+        c_lo = tl.maximum(c_lo, tl.where(end_n <= prefix_len, 0, diag))
+    c_hi = hi
+    if HAS_DOCS:
+        rng = DOC_RANGE + (b * n_kblocks + pid_n) * 4
+        lo = tl.maximum(lo, tl.load(rng) * BLOCK_M)
+        hi = tl.minimum(hi, tl.load(rng + 1) * BLOCK_M)
+        c_lo = tl.maximum(c_lo, tl.load(rng + 2) * BLOCK_M)  # query blocks of this key block's single document
+        c_hi = tl.minimum(c_hi, tl.load(rng + 3) * BLOCK_M)
+    hi = tl.maximum(hi, lo)
+    c_lo = tl.minimum(tl.maximum(c_lo, lo), hi)
+    c_hi = tl.minimum(tl.maximum(c_hi, c_lo), hi)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for g in range(0, group):
+        h = hk * group + g
+        Q_base = Q + b * stride_qb + h * stride_qh
+        DO_base = DO + b * stride_dob + h * stride_doh
+        LSE_row = LSE + (b * Hq + h) * Sq
+        DELTA_row = DELTA + (b * Hq + h) * Sq
+        for start_m in range(lo, c_lo, BLOCK_M):
+            dk, dv = _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, stride_dos, start_m,
+                                offs_m0, offs_n, offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, qk_scale,
+                                CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, True, PREC, UPCAST, EVEN_D)
+        for start_m in range(c_lo, c_hi, BLOCK_M):
+            dk, dv = _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, stride_dos, start_m,
+                                offs_m0, offs_n, offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, qk_scale,
+                                CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, False, PREC, UPCAST, EVEN_D)
+        if HAS_DOCS:  # query blocks after the key block's own document
+            for start_m in range(c_hi, hi, BLOCK_M):
+                dk, dv = _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, stride_dos,
+                                    start_m, offs_m0, offs_n, offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row,
+                                    qk_scale, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, True, PREC, UPCAST, EVEN_D)
+    out = bh * Sk * D + offs_n[:, None] * D + offs_d[None, :]
+    omask = _and_d(kmask[:, None], dmask[None, :], EVEN_D)
+    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=omask)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d, D, Sk,
+             kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
+             HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr, MASK: tl.constexpr,
+              PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
+    """One key block's contribution to dQ (unscaled) of a query block."""
+    offs_n = start_n + offs_n0
+    kmask = offs_n < Sk
+    dmask = offs_d < D
+    kT = tl.load(K_base + offs_n[None, :] * stride_ks + offs_d[:, None],
+                 mask=_and_d(kmask[None, :], dmask[:, None], EVEN_D), other=0.0)
+    vT = tl.load(V_base + offs_n[None, :] * stride_vs + offs_d[:, None],
+                 mask=_and_d(kmask[None, :], dmask[:, None], EVEN_D), other=0.0)
+    s = _mm(q, kT, PREC, UPCAST) * qk_scale
+    p = tl.exp2(s - lse[:, None])
+    if MASK:
+        k_doc = offs_n
+        if HAS_DOCS:
+            k_doc = tl.load(DOC_row + offs_n, mask=kmask, other=-1)
+        ok = _allowed(offs_m[:, None], offs_n[None, :], Sk, kv_len, prefix_len, q_doc[:, None], k_doc[None, :],
+                      CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS)
+        p = tl.where(ok, p, 0.0)
+    dp = _mm(do, vT, PREC, UPCAST)
+    ds = p * (dp - delta[:, None])
+    dq = _mma(ds.to(kT.dtype), tl.trans(kT), dq, PREC, UPCAST)
+    return dq
+
+
+@triton.jit(do_not_specialize=["Sq", "Sk", "n_qblocks"])  # one compiled kernel for every sequence length
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX, KVLEN, DOC, DOC_RANGE,
+                        stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+                        stride_vb, stride_vh, stride_vs, stride_dob, stride_doh, stride_dos, stride_doc,
+                        Hq, Sq, Sk, D, group, sm_scale, qk_scale, n_qblocks,
+                        CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr,
+                        HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
+    """dQ (B, Hq, Sq, D) contiguous for one query block: the same key range as the forward
+    (DOC_RANGE (B, n_qblocks, 4), see `_doc_block_range`). Grid: (n_qblocks, B * Hq)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // group
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    rmask = offs_m < Sq
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+                mask=_and_d(rmask[:, None], dmask[None, :], EVEN_D), other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :],
+                 mask=_and_d(rmask[:, None], dmask[None, :], EVEN_D), other=0.0)
+    lse = tl.load(LSE + bh * Sq + offs_m, mask=rmask, other=float("inf"))
+    lse = tl.where(lse == -float("inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(DELTA + bh * Sq + offs_m, mask=rmask, other=0.0)
+    K_base = K + b * stride_kb + hk * stride_kh
+    V_base = V + b * stride_vb + hk * stride_vh
+    kv_len = Sk
+    if HAS_KVLEN:
+        kv_len = tl.load(KVLEN + b)
+    prefix_len = 0
+    if HAS_PREFIX:
+        prefix_len = tl.load(PREFIX + b)
+    DOC_row = DOC + b * stride_doc
+    q_doc = offs_m
+    if HAS_DOCS:
+        q_doc = tl.load(DOC_row + offs_m, mask=rmask, other=-2)
+    lo, c_lo, c_hi, hi = _key_range(b, pid_m, start_m, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_qblocks, CAUSAL,
+                                    HAS_DOCS, BLOCK_M, BLOCK_N)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if HAS_DOCS:
+        for start_n in range(lo, c_lo, BLOCK_N):
+            dq = _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0,
+                          offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL, HAS_PREFIX, HAS_KVLEN,
+                          HAS_DOCS, True, PREC, UPCAST, EVEN_D)
+    for start_n in range(c_lo, c_hi, BLOCK_N):
+        dq = _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d,
+                      D, Sk, kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS,
+                      False, PREC, UPCAST, EVEN_D)
+    for start_n in range(c_hi, hi, BLOCK_N):
+        dq = _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d,
+                      D, Sk, kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS,
+                      True, PREC, UPCAST, EVEN_D)
+    tl.store(DQ + bh * Sq * D + offs_m[:, None] * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=_and_d(rmask[:, None], dmask[None, :], EVEN_D))
+
+
+# ---- host side ----
+def _block_minmax(doc: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block (min, max) doc id of (B, S) int32 doc ids; the tail of the last block is ignored."""
+    B, S = doc.shape
+    nb = triton.cdiv(S, block)
+    pad = nb * block - S
+    big = torch.iinfo(torch.int32).max
+    lo = torch.nn.functional.pad(doc, (0, pad), value=big).view(B, nb, block).amin(-1)
+    hi = torch.nn.functional.pad(doc, (0, pad), value=-big - 1).view(B, nb, block).amax(-1)
+    return lo, hi
+
+
+def _doc_block_range(doc: torch.Tensor, outer: int, inner: int) -> torch.Tensor:
+    """int32 (B, cdiv(S, outer), 4): for each block of `outer` positions, [first, last) of the blocks of `inner`
+    positions whose doc-id range meets its own (the loop range: blocks outside never share a document), then
+    [first, last) of the blocks that lie in the same single document as the whole outer block (no elementwise mask
+    needed there; empty unless those blocks are contiguous, e.g. arbitrary unsorted ids). No device sync."""
+    omin, omax = _block_minmax(doc, outer)
+    imin, imax = _block_minmax(doc, inner)
+    meet = (imin[:, None, :] <= omax[:, :, None]) & (imax[:, None, :] >= omin[:, :, None])  # (B, n_outer, n_inner)
+    same = ((omin == omax)[:, :, None] & (imin == imax)[:, None, :] & (imin[:, None, :] == omin[:, :, None]))
+    n_inner = meet.shape[-1]
+
+    def span(m, contiguous):
+        first = m.to(torch.int8).argmax(-1)
+        last = n_inner - m.flip(-1).to(torch.int8).argmax(-1)
+        ok = m.any(-1)
+        if contiguous:
+            ok = ok & (m.sum(-1) == last - first)
+        return torch.where(ok, first, 0), torch.where(ok, last, 0)
+
+    first, last = span(meet, False)  # blocks in between that share no document are masked, not skipped
+    s_first, s_last = span(same, True)
+    return torch.stack([first, last, s_first, s_last], dim=-1).to(torch.int32).contiguous()
+
+
+def _meta(q, prefix_lens, kv_lens, doc_ids):
+    dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+    prefix = prefix_lens.to(torch.int32).contiguous() if prefix_lens is not None else dummy
+    kvl = kv_lens.to(torch.int32).contiguous() if kv_lens is not None else dummy
+    doc = doc_ids.to(torch.int32).contiguous() if doc_ids is not None else dummy.view(1, 1)
+    return prefix, kvl, doc
+
+
+def _prec(dtype: torch.dtype) -> str:
+    # float32 inputs: full-precision dots (no TF32), to match plain float32 PyTorch.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _upcast(q: torch.Tensor) -> bool:
+    return q.dtype == torch.bfloat16 and q.device.type != "cuda"  # see `_mm`
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def attention_forward(q, k, v, prefix_lens, doc_ids, kv_lens, causal: bool, scale: float):
+    """(out (B, Hq, Sq, D) like q, lse (B, Hq, Sq) float32)."""
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    out = torch.empty((B, Hq, Sq, D), device=q.device, dtype=q.dtype)
+    lse = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
+    if out.numel() == 0 or Sk == 0:
+        return out.zero_(), lse.fill_(-math.inf)
+    bm, bn, warps, stages = config("fwd", D, q.device)
+    prefix, kvl, doc = _meta(q, prefix_lens, kv_lens, doc_ids)
+    n_qb = triton.cdiv(Sq, bm)
+    rng = _doc_block_range(doc, bm, bn) if doc_ids is not None else prefix
+    _attn_fwd_kernel[(n_qb, B * Hq)](
+        q, k, v, out, lse, prefix, kvl, doc, rng,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), doc.stride(0),
+        Hq, Sq, Sk, D, Hq // Hkv, scale * LOG2E, n_qb,
+        CAUSAL=causal, HAS_PREFIX=prefix_lens is not None, HAS_KVLEN=kv_lens is not None,
+        HAS_DOCS=doc_ids is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        PREC=_prec(q.dtype), UPCAST=_upcast(q), EVEN_D=max(16, triton.next_power_of_2(D)) == D,
+        num_warps=warps, num_stages=stages)
+    return out, lse
+
+
+def attention_backward(do, q, k, v, out, lse, prefix_lens, doc_ids, kv_lens, causal: bool, scale: float):
+    """(dq, dk, dv), each contiguous in its input's dtype. Deterministic: no atomics."""
+    do, q, k, v, out = (_last_dim_contiguous(t) for t in (do, q, k, v, out))
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    dq = torch.empty((B, Hq, Sq, D), device=q.device, dtype=q.dtype)
+    dk = torch.empty((B, Hkv, Sk, D), device=q.device, dtype=k.dtype)
+    dv = torch.empty((B, Hkv, Sk, D), device=q.device, dtype=v.dtype)
+    if dq.numel() == 0 or Sk == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    lse = lse.contiguous()
+    block_d = max(16, triton.next_power_of_2(D))
+    flags = dict(CAUSAL=causal, HAS_PREFIX=prefix_lens is not None, HAS_KVLEN=kv_lens is not None,
+                 HAS_DOCS=doc_ids is not None, BLOCK_D=block_d, PREC=_prec(q.dtype), UPCAST=_upcast(q),
+                 EVEN_D=block_d == D)
+    prefix, kvl, doc = _meta(q, prefix_lens, kv_lens, doc_ids)
+    group = Hq // Hkv
+
+    delta = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
+    bm_d = 64 if block_d <= 128 else 32
+    _attn_bwd_delta_kernel[(triton.cdiv(Sq, bm_d), B * Hq)](
+        out, do, delta, out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        Hq, Sq, D, BLOCK_M=bm_d, BLOCK_D=block_d, EVEN_D=block_d == D)
+
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), doc.stride(0))
+    bm, bn, warps, stages = config("dkdv", D, q.device)
+    n_kb = triton.cdiv(Sk, bn)
+    rng = _doc_block_range(doc, bn, bm) if doc_ids is not None else prefix
+    _attn_bwd_dkdv_kernel[(n_kb, B * Hkv)](
+        q, k, v, do, lse, delta, dk, dv, prefix, kvl, doc, rng, *strides,
+        Hq, Hkv, Sq, Sk, D, group, scale, scale * LOG2E, n_kb,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags)
+
+    bm, bn, warps, stages = config("dq", D, q.device)
+    n_qb = triton.cdiv(Sq, bm)
+    rng = _doc_block_range(doc, bm, bn) if doc_ids is not None else prefix
+    _attn_bwd_dq_kernel[(n_qb, B * Hq)](
+        q, k, v, do, lse, delta, dq, prefix, kvl, doc, rng, *strides,
+        Hq, Sq, Sk, D, group, scale, scale * LOG2E, n_qb,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags)
+    return dq, dk, dv

@@ -213,23 +213,24 @@ def measure_gpu(bench: str, impl: str, size: dict, dtype: torch.dtype) -> dict |
     return {"seconds": secs, "peak_mb": peak / 2**20}
 
 
-def run_gpu(quick: bool) -> list[dict]:
+def run_gpu(quick: bool, full: bool = False) -> list[dict]:
     from lmobj_kernels import _loss_ops
 
     print(f"  dW accumulation through cuBLAS addmm(out_dtype=float32): {_loss_ops._addmm_out_dtype_works()}")
     rows = []
     plan = [
-        ("cross_entropy", dict(N=8192, V=32000), torch.bfloat16, ["lmobj-cuda", "lmobj-triton", "torch"]),
         ("cross_entropy", dict(N=8192, V=128256), torch.bfloat16, ["lmobj-cuda", "lmobj-triton", "torch"]),
+        ("cross_entropy", dict(N=8192, V=32000), torch.bfloat16, ["lmobj-cuda", "lmobj-triton", "torch"]),
         ("masked_lm", dict(B=32, S=512, D=768, V=30522), torch.bfloat16, ["lmobj-cuda", "lmobj-triton", "hf-bert"]),
     ]
-    heads = ["lmobj-cuda", "lmobj-triton", "torch-eager", "torch-compile", "torch-chunked", "liger", "cce"]
-    for name, size in GPU_HEADS.items():
-        # torch.compile costs ~40 s of compilation per shape: measured on the Llama-3 head only (gpu_check's budget)
-        impls = [h for h in heads if _available(h) and (h != "torch-compile" or name == "llama3")]
-        plan.append(("head", size, torch.bfloat16, impls))
+    # torch.compile costs ~40 s of compilation per shape: only with --full (run 1 on an H200 measured it:
+    # benchmarks/results/losses-gpu-H200-2026-11-27-run1.json)
+    heads = ["lmobj-cuda", "lmobj-triton", "torch-eager", "torch-chunked", "liger", "cce"] + (
+        ["torch-compile"] if full else [])
+    for size in GPU_HEADS.values():
+        plan.insert(0, ("head", size, torch.bfloat16, [h for h in heads if _available(h)]))
     if quick:
-        plan = [(b, {k: min(v, 4096) for k, v in s.items()}, dt, im) for b, s, dt, im in plan[:1]]
+        plan = [(b, {k: min(v, 4096) for k, v in s.items()}, dt, im) for b, s, dt, im in plan if b == "cross_entropy"]
     for bench, size, dtype, impls in plan:
         shape = "x".join(f"{k}={v}" for k, v in size.items())
         for impl in impls:
@@ -288,6 +289,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--gpu", action="store_true")
+    p.add_argument("--full", action="store_true", help="with --gpu: torch.compile peers too (+~80 s)")
     p.add_argument("--out", default=common.RESULTS, help="folder for the JSON/PNG results")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -297,7 +299,7 @@ def main() -> int:
         return 0
     if a.gpu and not torch.cuda.is_available():
         p.error("--gpu: no CUDA GPU visible")
-    rows = run_gpu(a.quick) if a.gpu else run_cpu(a.quick)
+    rows = run_gpu(a.quick, a.full) if a.gpu else run_cpu(a.quick)
     table = pivot(rows)
     cols = ["bench", "shape", "backend"] + sorted({k for r in table for k in r} - {"bench", "shape", "backend"})
     print(common.table(table, cols))

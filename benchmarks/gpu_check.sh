@@ -40,14 +40,20 @@ $PY setup.py --quiet build_ext --inplace 2>&1 | grep -E "error|warning: " | head
 if ls .wheels/*.whl >/dev/null 2>&1; then $PY -m pip install --quiet --no-deps .wheels/*.whl 2>&1 | tail -2; fi
 $PY -m lmobj_kernels.cli info | tr -d '\n ' | head -c 1500; echo
 
-step "GPU tests"
-TESTS=""
-for f in $FAMILIES; do [ -f "tests/test_$f.py" ] && TESTS="$TESTS tests/test_$f.py"; done
-run_capped 200 $PY -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -rfE --tb=line $TESTS 2>&1 | tail -40
+# Per-family caps (seconds) for the tests and the benchmarks: one slow family cannot starve the others.
+declare -A TEST_CAP=([losses]=70 [corruption]=50 [attention]=110 [train]=40)
+declare -A BENCH_CAP=([losses]=80 [corruption]=40 [attention]=110 [train]=60)
+
+for f in $FAMILIES; do
+  [ -f "tests/test_$f.py" ] || continue
+  step "GPU tests: $f"
+  run_capped "${TEST_CAP[$f]:-60}" $PY -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -rfE --tb=line \
+    "tests/test_$f.py" 2>&1 | tail -25
+done
 
 step "compute-sanitizer (memcheck) on small cases"
 if command -v compute-sanitizer >/dev/null; then
-  run_capped 60 compute-sanitizer --tool memcheck --error-exitcode 3 $PY benchmarks/sanitize_cases.py $FAMILIES 2>&1 \
+  run_capped 40 compute-sanitizer --tool memcheck --error-exitcode 3 $PY benchmarks/sanitize_cases.py $FAMILIES 2>&1 \
     | grep -v "^========= COMPUTE-SANITIZER" | tail -15
   echo "compute-sanitizer exit: ${PIPESTATUS[0]}"
 else
@@ -58,7 +64,7 @@ step "benchmarks (--gpu)"
 for f in $FAMILIES; do
   if [ -f "benchmarks/bench_$f.py" ]; then
     echo "### bench_$f"
-    run_capped 150 $PY benchmarks/bench_$f.py --gpu --out "$OUT" 2>&1 | tail -45
+    run_capped "${BENCH_CAP[$f]:-60}" $PY benchmarks/bench_$f.py --gpu --out "$OUT" 2>&1 | tail -45
   fi
 done
 step "done"

@@ -261,6 +261,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny CPU run (seconds)")
     ap.add_argument("--gpu", action="store_true", help="GPU run (needs CUDA)")
     ap.add_argument("--full", action="store_true", help="with --gpu: every head dim, length and mask")
+    ap.add_argument("--out", default=os.environ.get("LMOBJ_RESULTS_DIR"), help="folder for the JSON results")
     args = ap.parse_args(argv)
     if args.gpu and not torch.cuda.is_available():
         print("--gpu needs a CUDA GPU", file=sys.stderr)
@@ -268,7 +269,7 @@ def main(argv=None) -> int:
     rows = run_gpu(args.full) if args.gpu else run_cpu(args.quick)
     print(f"attention benchmark on {machine()}")
     print(table(rows, ["bench", "backend", "shape", "metric", "value", "unit"]))
-    path = write_results("attention", rows, where=os.environ.get("LMOBJ_RESULTS_DIR"))
+    path = write_results("attention", rows, where=args.out)
     print(f"wrote {path}")
     return 0
 

@@ -15,7 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-STREAM_SPAN_NOISE, STREAM_SPAN_KEEP, STREAM_MLM_SELECT, STREAM_MLM_WORD, STREAM_MLM_REPLACE = 1, 2, 3, 4, 5
+# tl.constexpr: compiled Triton (3.6 on the GPU machines) refuses plain globals inside @jit; the interpreter took them
+STREAM_SPAN_NOISE, STREAM_SPAN_KEEP, STREAM_MLM_SELECT, STREAM_MLM_WORD, STREAM_MLM_REPLACE = (
+    tl.constexpr(1), tl.constexpr(2), tl.constexpr(3), tl.constexpr(4), tl.constexpr(5))
 
 
 @triton.jit

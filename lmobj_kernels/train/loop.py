@@ -318,7 +318,8 @@ def demo_clm(model, tok, prompt="I love", n=80, seed=0) -> str:
 @torch.no_grad()
 def demo_mlm(model, tok, sentence, seed=0) -> str:
     model.eval()
-    ids = tok.encode(sentence)[None].to(model.emb.weight.device)
+    ids = tok.encode(sentence)[None, : model.emb.pos.num_embeddings - 2].to(model.emb.weight.device)
+    sentence = tok.decode(ids[0])
     for s in range(seed, seed + 100):  # some masks, not too many
         inputs, labels = kernels.mlm_corrupt(ids, mask_id=tok.mask_id, vocab_size=tok.vocab_size, special_ids=(),
                                              seed=s, mask_prob=0.15, mask_replace_prob=1.0, random_replace_prob=0.0)
@@ -338,7 +339,8 @@ def demo_mlm(model, tok, sentence, seed=0) -> str:
 def demo_t5(model, tok, sentence, seed=0, noise_density=0.15, mean_span_length=3.0) -> str:
     model.eval()
     dev = model.emb.weight.device
-    ids = tok.encode(sentence)[None].to(dev)
+    ids = tok.encode(sentence)[None, : model.emb.pos.num_embeddings - 2].to(dev)
+    sentence = tok.decode(ids[0])
     b = kernels.t5_corrupt(ids, vocab_size=tok.vocab_size, eos_id=tok.eos_id, pad_id=tok.pad_id,
                            decoder_start_id=tok.bos_id, seed=seed, noise_density=noise_density,
                            mean_span_length=mean_span_length, max_sentinels=tok.n_sentinels)

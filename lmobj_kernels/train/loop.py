@@ -58,6 +58,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if there is a GPU, else cpu), cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (default: torch's choice; 1 is faster on a busy machine)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR (its settings)")
     p.add_argument("--stop-after", type=int, default=None, metavar="STEP",
@@ -114,6 +116,8 @@ def setup(args) -> tuple[torch.device, int, int]:
             device = torch.device("cuda", local)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device, (dist.get_rank() if world > 1 else 0), world
@@ -247,8 +251,10 @@ def train_objective(name: str, args, corpus: Corpus, tok: ByteTokenizer, device,
             state["start_val"] = ev["loss"]
         log.write(objective=name, kind="val", step=state["step"], **ev)
         extra = f"ppl {ev['perplexity']:.2f}" if "perplexity" in ev else f"accuracy {ev['accuracy']:.1%}"
-        log.say(f"[{name}] step {state['step']:>5}  val loss {ev['loss']:.3f}  {extra}")
+        pace = f"  | {speed[0] / 1e3:.1f}k tok/s, ETA {_hms(speed[1])}" if speed else ""
+        log.say(f"[{name}] step {state['step']:>5}  val loss {ev['loss']:.3f}  {extra}{pace}")
 
+    speed = []  # (tokens/s, ETA seconds) of the latest step
     n_params = sum(p.numel() for p in model.parameters())
     if state["step"] == 0:
         log.say(f"== {obj.title}: {type(model).__name__}, {n_params / 1e6:.2f}M parameters, {args.steps} steps of "
@@ -284,8 +290,8 @@ def train_objective(name: str, args, corpus: Corpus, tok: ByteTokenizer, device,
         log.write(objective=name, kind="train", step=state["step"], loss=train_loss, lr=lr_at(step, args),
                   tokens_per_s=tps)
         steps_in_window = (state["tokens"] - tok_start) // (args.batch_size * args.seq_len)
-        log.bar(name, state["step"], args.steps, train_loss, tps,
-                elapsed / max(steps_in_window, 1) * (args.steps - state["step"]))
+        speed[:] = [tps, elapsed / max(steps_in_window, 1) * (args.steps - state["step"])]
+        log.bar(name, state["step"], args.steps, train_loss, *speed)
         if state["step"] % args.eval_every == 0 or state["step"] == args.steps:
             state["train_time"] += time.perf_counter() - t_start
             eval_and_log()

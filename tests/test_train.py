@@ -50,6 +50,8 @@ def test_resume_is_bit_exact(objective, tmp_path):
     assert train("--objective", objective, "--out", str(whole), "--steps", "5", "--no-demo") == 0
     assert train("--objective", objective, "--out", str(parts), "--steps", "5", "--stop-after", "3") == 0
     assert params(parts, objective)["state"]["step"] == 3
+    with pytest.raises(SystemExit):  # the same --out again without --resume
+        train("--objective", objective, "--out", str(parts))
     assert cli.main(["train", "--resume", str(parts), "--quiet", "--no-demo"]) == 0
     a, b = params(whole, objective), params(parts, objective)
     assert b["state"]["step"] == 5

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import json
 import math
 import os
@@ -58,8 +59,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if there is a GPU, else cpu), cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for torch (default: torch's choice; 1 is faster on a busy machine)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads per process (default 1: these models are small, and one thread is the fastest "
+                        "on a shared machine; 0 = torch's choice)")
     p.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR (its settings)")
     p.add_argument("--stop-after", type=int, default=None, metavar="STEP",
@@ -77,6 +79,15 @@ def check_args(args, p: argparse.ArgumentParser) -> None:
         with open(saved) as f:
             vars(args).update({k: v for k, v in json.load(f).items() if k in RUN_KEYS})
         args.out = args.resume
+    elif args.out is not None and glob.glob(os.path.join(args.out, "ckpt_*.pt")):
+        p.error(f"--out {args.out} already holds a run; continue it with --resume {args.out}, or pick another --out")
+    if args.device != "auto":
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError:
+            p.error(f"--device {args.device!r} is not a device (try cpu, cuda or cuda:1)")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            p.error(f"--device {args.device}: no CUDA GPU is visible")
     if args.data is not None and not os.path.exists(args.data):
         p.error(f"--data {args.data}: no such file or folder")
     for name in ("steps", "batch_size", "seq_len", "d_model", "n_layer", "n_head", "eval_every", "eval_batches"):
@@ -221,7 +232,7 @@ def train_objective(name: str, args, corpus: Corpus, tok: ByteTokenizer, device,
     model, opt = build(name, args, tok, device)
     state = {"step": 0, "start_val": None, "val": None, "train_time": 0.0, "tokens": 0}
     ckpt = os.path.join(run_dir, f"ckpt_{name}.pt")
-    if os.path.exists(ckpt):  # --resume (or a re-run into the same --out)
+    if args.resume is not None and os.path.exists(ckpt):
         saved = torch.load(ckpt, map_location=device, weights_only=True)
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
@@ -310,7 +321,7 @@ def demo_clm(model, tok, prompt="I love", n=80, seed=0) -> str:
     model.eval()
     ids = tok.encode(prompt)[None].to(model.emb.weight.device)
     g = torch.Generator(ids.device).manual_seed(seed)
-    limit = model.emb.pos.num_embeddings
+    limit = model.emb.block_size
     for _ in range(n):
         logits = model.hidden(ids[:, -limit:])[:, -1] @ model.emb.weight.T
         logits[:, : tok.offset] = -float("inf")  # bytes only
@@ -324,7 +335,7 @@ def demo_clm(model, tok, prompt="I love", n=80, seed=0) -> str:
 @torch.no_grad()
 def demo_mlm(model, tok, sentence, seed=0) -> str:
     model.eval()
-    ids = tok.encode(sentence)[None, : model.emb.pos.num_embeddings - 2].to(model.emb.weight.device)
+    ids = tok.encode(sentence)[None, : model.emb.block_size - 2].to(model.emb.weight.device)
     sentence = tok.decode(ids[0])
     for s in range(seed, seed + 100):  # some masks, not too many
         inputs, labels = kernels.mlm_corrupt(ids, mask_id=tok.mask_id, vocab_size=tok.vocab_size, special_ids=(),
@@ -345,7 +356,7 @@ def demo_mlm(model, tok, sentence, seed=0) -> str:
 def demo_t5(model, tok, sentence, seed=0, noise_density=0.15, mean_span_length=3.0) -> str:
     model.eval()
     dev = model.emb.weight.device
-    ids = tok.encode(sentence)[None, : model.emb.pos.num_embeddings - 2].to(dev)
+    ids = tok.encode(sentence)[None, : model.emb.block_size - 2].to(dev)
     sentence = tok.decode(ids[0])
     b = kernels.t5_corrupt(ids, vocab_size=tok.vocab_size, eos_id=tok.eos_id, pad_id=tok.pad_id,
                            decoder_start_id=tok.bos_id, seed=seed, noise_density=noise_density,

@@ -30,8 +30,19 @@ class ModelConfig:
     d_model: int = 128
 
 
+def rope(x: Tensor) -> Tensor:
+    """Rotary position embedding of (B, H, S, Dh) queries or keys: position s rotates each pair of channels."""
+    S, Dh = x.shape[-2], x.shape[-1]
+    inv_freq = 10000.0 ** (-torch.arange(0, Dh, 2, device=x.device, dtype=torch.float32) / Dh)
+    angle = torch.arange(S, device=x.device, dtype=torch.float32)[:, None] * inv_freq
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
 class Attention(nn.Module):
-    """Multi-head attention: self-attention over x, or cross-attention from x to `memory`."""
+    """Multi-head attention: self-attention over x (with rotary positions), or cross-attention from x to `memory`
+    (no positions: T5's decoder finds what it needs by content)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -44,8 +55,10 @@ class Attention(nn.Module):
         B, S, D = x.shape
         src = x if memory is None else memory
         heads = lambda t: t.view(B, t.shape[1], self.n_head, D // self.n_head).transpose(1, 2)  # (B, H, S, Dh)
-        k, v = self.kv(src).split(D, dim=-1)
-        y = kernels.attention(heads(self.q(x)), heads(k), heads(v), causal=causal, kv_lens=kv_lens)
+        q, (k, v) = heads(self.q(x)), (heads(t) for t in self.kv(src).split(D, dim=-1))
+        if memory is None:
+            q, k = rope(q), rope(k)
+        y = kernels.attention(q, k, v, causal=causal, kv_lens=kv_lens)
         return self.proj(y.transpose(1, 2).reshape(B, S, D))
 
 
@@ -76,19 +89,21 @@ class Block(nn.Module):
 
 
 class Embedding(nn.Module):
-    """Token + learned absolute position embeddings; `weight` is also the (tied) LM head."""
+    """Token embeddings (positions come from rotary attention); `weight` is also the (tied) LM head."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos = nn.Embedding(cfg.block_size, cfg.d_model)
+        self.block_size = cfg.block_size
 
     @property
     def weight(self) -> Tensor:
         return self.tok.weight
 
     def forward(self, ids: Tensor) -> Tensor:
-        return self.tok(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device))
+        if ids.shape[1] > self.block_size:
+            raise ValueError(f"sequence of {ids.shape[1]} tokens is longer than the model's {self.block_size}")
+        return self.tok(ids)
 
 
 def _init(module: nn.Module, n_layer: int) -> None:

@@ -44,6 +44,19 @@ def test_tiny_run(objective, tmp_path, capsys):
     assert (tmp_path / "loss_curves.png").stat().st_size > 1000
 
 
+def test_baseline_learns_the_same(tmp_path):
+    """--baseline (SDPA, F.cross_entropy over logits, CPU corruption) trains the same models to the same losses."""
+    for mode in ("lib", "base"):
+        assert train("--objective", "all", "--out", str(tmp_path / mode), "--no-demo",
+                     *(["--baseline"] if mode == "base" else [])) == 0
+    val = {m: [(r["objective"], r["step"], r["loss"]) for r in map(json.loads, open(tmp_path / m / "metrics.jsonl"))
+               if r["kind"] == "val"] for m in ("lib", "base")}
+    assert [v[:2] for v in val["lib"]] == [v[:2] for v in val["base"]]
+    torch.testing.assert_close([v[2] for v in val["lib"]], [v[2] for v in val["base"]], rtol=1e-4, atol=1e-5)
+    kernels.use_baseline(False)
+    assert kernels.SOURCE["losses"].startswith("lmobj_kernels")
+
+
 @pytest.mark.parametrize("objective", ["clm", "mlm", "t5"])
 def test_resume_is_bit_exact(objective, tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"

@@ -2,7 +2,9 @@
 
 `attention`, `mlm_mask` and `span_corrupt` are the library's ops when they are importable (issues 3 and 4), else the
 small plain-PyTorch stand-ins below, with the same signatures (correct, not fast). `SOURCE` says which is in use.
-The trainer only ever calls `attention`, `mlm_corrupt` and `t5_corrupt` from this module.
+The trainer only ever calls `attention`, the three losses, `mlm_corrupt` and `t5_corrupt` from this module.
+`use_baseline()` swaps all of them for what people use today (PyTorch's own SDPA, F.cross_entropy over
+materialised logits, corruption in plain PyTorch), for `lmobj train --baseline` tokens/s comparisons.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from lmobj_kernels.losses import causal_lm_loss, masked_lm_loss, seq2seq_lm_loss  # noqa: F401 (the models call these)
 
 try:  # issue 4
     from lmobj_kernels import attention  # type: ignore[attr-defined]
@@ -29,7 +33,7 @@ except ImportError:
     mlm_mask = span_corrupt = None
     _CORR = "fallback (plain PyTorch)"
 
-SOURCE = {"attention": _ATTN, "corruption": _CORR}
+SOURCE = {"attention": _ATTN, "corruption": _CORR, "losses": "lmobj_kernels (fused linear cross-entropy)"}
 
 
 # ---- attention stand-in: ALGORITHMS.md "Attention masks" ----
@@ -139,6 +143,33 @@ def _span_corrupt_fallback(input_ids, lengths=None, *, noise_density=0.15, mean_
     dec = torch.cat([torch.full_like(tgt[:, :1], start), tgt[:, :-1]], 1)
     dec = torch.where(torch.arange(dec.shape[1], device=dev)[None] < tgt_lens[:, None], dec, pad_id)
     return enc, enc_lens, tgt, tgt_lens, dec
+
+
+# ---- the baseline: the same model with PyTorch's own pieces ----
+def _plain_loss(shift: bool):
+    def loss(hidden, weight, labels, reduction="mean"):
+        if shift:
+            hidden, labels = hidden[:, :-1], labels[:, 1:]
+        logits = (hidden @ weight.T).float()  # materialised, as in most training code
+        return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction=reduction)
+
+    return loss
+
+
+_SWAPPED = ("attention", "causal_lm_loss", "masked_lm_loss", "seq2seq_lm_loss", "mlm_mask", "span_corrupt")
+_LIBRARY = {n: globals()[n] for n in _SWAPPED} | {"SOURCE": dict(SOURCE)}
+
+
+def use_baseline(on: bool = True) -> None:
+    """on: the baseline's pieces; off: back to the library's."""
+    if on:
+        plain = (_attention_fallback, _plain_loss(True), _plain_loss(False), _plain_loss(False), None, None)
+        globals().update(zip(_SWAPPED, plain))
+        SOURCE.update(attention="baseline (F.scaled_dot_product_attention)", losses="baseline (F.cross_entropy "
+                      "over materialised logits)", corruption="baseline (plain PyTorch, CPU)")
+    else:
+        globals().update({n: _LIBRARY[n] for n in _SWAPPED})
+        SOURCE.update(_LIBRARY["SOURCE"])
 
 
 # ---- what the trainer calls ----

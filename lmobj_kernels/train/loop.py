@@ -59,6 +59,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if there is a GPU, else cpu), cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--baseline", action="store_true",
+                   help="the same models with PyTorch's own SDPA, F.cross_entropy and corruption on the CPU "
+                        "(to compare tokens/s)")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads per process (default 1: these models are small, and one thread is the fastest "
                         "on a shared machine; 0 = torch's choice)")
@@ -243,8 +246,11 @@ def train_objective(name: str, args, corpus: Corpus, tok: ByteTokenizer, device,
         net = torch.compile(net)
 
     def make(split, step, batch_size, salt):
-        rows = corpus.windows(split, batch_size, args.seq_len, step_seed(args.seed, step, salt)).to(device)
-        return obj.corrupt(rows, tok, step_seed(args.seed, step, salt + 1), opts)
+        rows = corpus.windows(split, batch_size, args.seq_len, step_seed(args.seed, step, salt))
+        if args.baseline:  # a CPU collator, then the copy
+            return {k: v.to(device) for k, v in obj.corrupt(rows, tok, step_seed(args.seed, step, salt + 1),
+                                                            opts).items()}
+        return obj.corrupt(rows.to(device), tok, step_seed(args.seed, step, salt + 1), opts)
 
     val_batches = [make("val", i, args.batch_size, 101) for i in range(args.eval_batches)]
 
@@ -442,12 +448,13 @@ def run(args, p: argparse.ArgumentParser) -> int:
     corpus = Corpus.load(args.data, tok)
     check_data(args, corpus, p)
     device, rank, world = setup(args)
+    kernels.use_baseline(args.baseline)
     run_dir = out_dir(args, rank, world)
     log = Log(os.path.join(run_dir, "metrics.jsonl"), rank, args.quiet)
     names = list(OBJECTIVES) if args.objective == "all" else [args.objective]
     log.say(f"lmobj train: {', '.join(names)} on {device} x{world} | data {corpus.source}: {len(corpus.train)} "
-            f"train / {len(corpus.val)} val tokens | attention: {kernels.SOURCE['attention']} | corruption: "
-            f"{kernels.SOURCE['corruption']}")
+            f"train / {len(corpus.val)} val tokens\n  attention: {kernels.SOURCE['attention']}\n  corruption: "
+            f"{kernels.SOURCE['corruption']}\n  losses: {kernels.SOURCE['losses']}")
     t0 = time.perf_counter()
     results = {n: train_objective(n, args, corpus, tok, device, rank, world, run_dir, log) for n in names}
     if rank == 0:

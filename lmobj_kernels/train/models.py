@@ -5,7 +5,8 @@
 - T5: an encoder, and a decoder with causal self-attention and cross-attention to it, scored by `seq2seq_lm_loss`.
 
 Every model ties its LM head to the token embedding and never materialises the logits in training: the library's
-fused losses take the final hidden states and the embedding matrix. Attention goes through `kernels.attention`.
+fused losses (`kernels.causal_lm_loss` ...) take the final hidden states and the embedding matrix. Attention goes
+through `kernels.attention`.
 Each model's forward takes a batch dict and returns the summed loss; `logits` is for evaluation and demos only.
 """
 
@@ -17,7 +18,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lmobj_kernels.losses import causal_lm_loss, masked_lm_loss, seq2seq_lm_loss
 from lmobj_kernels.train import kernels
 
 
@@ -130,7 +130,8 @@ class GPT(nn.Module):
         return self.ln_f(x)
 
     def forward(self, batch: dict, reduction: str = "sum") -> Tensor:
-        return causal_lm_loss(self.hidden(batch["input_ids"]), self.emb.weight, batch["labels"], reduction=reduction)
+        h = self.hidden(batch["input_ids"])
+        return kernels.causal_lm_loss(h, self.emb.weight, batch["labels"], reduction=reduction)
 
     def logits(self, batch: dict) -> tuple[Tensor, Tensor]:
         """(logits, targets) aligned: position t predicts token t+1."""
@@ -155,7 +156,7 @@ class BERT(nn.Module):
 
     def forward(self, batch: dict, reduction: str = "sum") -> Tensor:
         h = self.hidden(batch["input_ids"], batch.get("input_lens"))
-        return masked_lm_loss(h, self.emb.weight, batch["labels"], reduction=reduction)
+        return kernels.masked_lm_loss(h, self.emb.weight, batch["labels"], reduction=reduction)
 
     def logits(self, batch: dict) -> tuple[Tensor, Tensor]:
         return self.hidden(batch["input_ids"], batch.get("input_lens")) @ self.emb.weight.T, batch["labels"]
@@ -189,7 +190,7 @@ class T5(nn.Module):
         return self.decode(batch["decoder_input_ids"], memory, batch.get("input_lens"))
 
     def forward(self, batch: dict, reduction: str = "sum") -> Tensor:
-        return seq2seq_lm_loss(self.hidden(batch), self.emb.weight, batch["labels"], reduction=reduction)
+        return kernels.seq2seq_lm_loss(self.hidden(batch), self.emb.weight, batch["labels"], reduction=reduction)
 
     def logits(self, batch: dict) -> tuple[Tensor, Tensor]:
         return self.hidden(batch) @ self.emb.weight.T, batch["labels"]

@@ -397,7 +397,7 @@ def demo_t5(model, tok, sentence, seed=0, noise_density=0.15, mean_span_length=3
             true_spans[cur].append(t)
     right = sum(spans.get(s) == v for s, v in true_spans.items())
     return (f"  sentence:  {sentence}\n  corrupted: {tok.decode(b.input_ids[0, : int(b.input_lens[0]) - 1])}\n"
-            f"  predicted: {tok.decode(pred)}\n  repaired:  {tok.decode(repaired)}\n"
+            f"  answer:    {tok.decode(truth)}\n  predicted: {tok.decode(pred)}\n  repaired:  {tok.decode(repaired)}\n"
             f"  ({right}/{len(true_spans)} spans exactly right)")
 
 

@@ -241,7 +241,9 @@ def train_objective(name: str, args, corpus: Corpus, tok: ByteTokenizer, device,
         opt.load_state_dict(saved["opt"])
         state = saved["state"]
         log.say(f"[{name}] resumed from {ckpt} at step {state['step']}")
-    net = DDP(model) if world > 1 else model
+    net = model
+    if world > 1:
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         net = torch.compile(net)
 

@@ -45,7 +45,8 @@ def test_tiny_run(objective, tmp_path, capsys):
 
 
 def test_baseline_learns_the_same(tmp_path):
-    """--baseline (SDPA, F.cross_entropy over logits, CPU corruption) trains the same models to the same losses."""
+    """--baseline (SDPA, F.cross_entropy over logits, corruption on the CPU) trains the same models to the same
+    losses."""
     for mode in ("lib", "base"):
         assert train("--objective", "all", "--out", str(tmp_path / mode), "--no-demo",
                      *(["--baseline"] if mode == "base" else [])) == 0

@@ -3,8 +3,8 @@
 `attention`, `mlm_mask` and `span_corrupt` are the library's ops when they are importable (issues 3 and 4), else the
 small plain-PyTorch stand-ins below, with the same signatures (correct, not fast). `SOURCE` says which is in use.
 The trainer only ever calls `attention`, the three losses, `mlm_corrupt` and `t5_corrupt` from this module.
-`use_baseline()` swaps all of them for what people use today (PyTorch's own SDPA, F.cross_entropy over
-materialised logits, corruption in plain PyTorch), for `lmobj train --baseline` tokens/s comparisons.
+`use_baseline()` swaps them for what people use today (PyTorch's own SDPA, F.cross_entropy over materialised
+logits, corruption on the CPU before the copy), for `lmobj train --baseline` tokens/s comparisons.
 """
 
 from __future__ import annotations
@@ -156,17 +156,18 @@ def _plain_loss(shift: bool):
     return loss
 
 
-_SWAPPED = ("attention", "causal_lm_loss", "masked_lm_loss", "seq2seq_lm_loss", "mlm_mask", "span_corrupt")
+_SWAPPED = ("attention", "causal_lm_loss", "masked_lm_loss", "seq2seq_lm_loss")
 _LIBRARY = {n: globals()[n] for n in _SWAPPED} | {"SOURCE": dict(SOURCE)}
 
 
 def use_baseline(on: bool = True) -> None:
-    """on: the baseline's pieces; off: back to the library's."""
+    """on: the baseline's pieces; off: back to the library's. The baseline's corruption is the same op (so both
+    learn from the same bytes) run on the CPU by the loop, as a collator would, and then copied to the device."""
     if on:
-        plain = (_attention_fallback, _plain_loss(True), _plain_loss(False), _plain_loss(False), None, None)
-        globals().update(zip(_SWAPPED, plain))
+        globals().update(zip(_SWAPPED, (_attention_fallback, _plain_loss(True), _plain_loss(False),
+                                        _plain_loss(False))))
         SOURCE.update(attention="baseline (F.scaled_dot_product_attention)", losses="baseline (F.cross_entropy "
-                      "over materialised logits)", corruption="baseline (plain PyTorch, CPU)")
+                      "over materialised logits)", corruption=f"baseline ({_CORR} on the CPU, then copied)")
     else:
         globals().update({n: _LIBRARY[n] for n in _SWAPPED})
         SOURCE.update(_LIBRARY["SOURCE"])

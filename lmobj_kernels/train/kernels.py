@@ -18,7 +18,7 @@ from torch import Tensor
 from lmobj_kernels.losses import causal_lm_loss, masked_lm_loss, seq2seq_lm_loss  # noqa: F401 (the models call these)
 
 try:  # issue 4
-    from lmobj_kernels import attention  # type: ignore[attr-defined]
+    from lmobj_kernels.attention import attention  # type: ignore[import-not-found]
 
     _ATTN = "lmobj_kernels.attention"
 except ImportError:
@@ -26,7 +26,7 @@ except ImportError:
     _ATTN = "fallback (F.scaled_dot_product_attention + boolean mask)"
 
 try:  # issue 3
-    from lmobj_kernels import mlm_mask, span_corrupt  # type: ignore[attr-defined]
+    from lmobj_kernels.corruption import mlm_mask, span_corrupt  # type: ignore[import-not-found]
 
     _CORR = "lmobj_kernels.span_corrupt / mlm_mask"
 except ImportError:

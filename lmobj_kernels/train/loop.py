@@ -490,8 +490,9 @@ def finish(results, args, corpus, tok, run_dir, log, wall) -> None:
     with open(os.path.join(run_dir, "samples.txt"), "w") as f:
         f.write("\n\n".join(samples) + "\n\n" + summary + "\n")
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump({n: {k: v for k, v in st.items()} | {"drop": drops[n]} for n, (_, st) in results.items()}, f,
-                  indent=1)
+        json.dump({n: st | {"drop": drops[n], "tokens_per_s": st["tokens"] / max(st["train_time"], 1e-9),
+                            "device": str(next(m.parameters()).device), "baseline": args.baseline}
+                   for n, (m, st) in results.items()}, f, indent=1)
     png = os.path.join(run_dir, "loss_curves.png")
     log.say(f"\nwall time {wall:.0f}s. Wrote {run_dir}/: metrics.jsonl (metrics), "
             f"{'loss_curves.png (plot), ' if plot(log.path, png) else '(no plot: matplotlib missing), '}"

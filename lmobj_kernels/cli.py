@@ -1,5 +1,5 @@
-"""The `lmobj` command: `lmobj verify` (every op against the reference), `lmobj bench` (the benchmark scripts),
-`lmobj info` (build info)."""
+"""The `lmobj` command: `lmobj train` (GPT, BERT and T5 side by side), `lmobj verify` (every op against the
+reference), `lmobj bench` (the benchmark scripts), `lmobj info` (build info)."""
 
 from __future__ import annotations
 
@@ -65,6 +65,12 @@ def cmd_info(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lmobj", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
+    from lmobj_kernels.train import loop
+
+    t = sub.add_parser("train", help="train GPT, BERT and T5 side by side on a small corpus",
+                       description=loop.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    loop.add_args(t)
+    t.set_defaults(fn=lambda a: loop.run(a, t))
     v = sub.add_parser("verify", help="check every op on every available backend against the reference")
     v.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     v.add_argument("--family", action="append", help="only this family (repeatable)")

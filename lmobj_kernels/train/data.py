@@ -1,0 +1,102 @@
+"""Text in, token windows out: a byte-level tokenizer, the default corpus, a held-out split, seeded batches.
+
+Token ids: 0 pad, 1 BOS, 2 EOS, 3 mask, 4..259 the bytes 0..255, then 100 sentinels counted down from the top of
+the vocabulary (sentinel i = vocab_size - 1 - i, as T5's <extra_id_i>), so vocab_size = 360.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+class ByteTokenizer:
+    pad_id, bos_id, eos_id, mask_id = 0, 1, 2, 3
+    offset = 4
+    n_sentinels = 100
+    vocab_size = offset + 256 + n_sentinels
+
+    def sentinel(self, i: int) -> int:
+        return self.vocab_size - 1 - i
+
+    def is_sentinel(self, t: int) -> bool:
+        return t >= self.offset + 256
+
+    def encode(self, text: str) -> Tensor:
+        data = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
+        return data.to(torch.int64) + self.offset
+
+    def decode(self, ids, show_special: bool = True) -> str:
+        out, buf = [], bytearray()
+
+        def flush():
+            out.append(buf.decode("utf-8", errors="replace"))
+            buf.clear()
+
+        for t in (ids.tolist() if isinstance(ids, Tensor) else ids):
+            if self.offset <= t < self.offset + 256:
+                buf.append(t - self.offset)
+                continue
+            flush()
+            if show_special:
+                if self.is_sentinel(t):
+                    out.append(f"<{self.vocab_size - 1 - t}>")
+                else:
+                    out.append({0: "", 1: "<s>", 2: "</s>", 3: "_"}.get(t, f"<{t}>"))
+        flush()
+        return "".join(out)
+
+
+def default_text() -> tuple[str, str]:
+    """The documentation text that ships with every Python: pydoc_data.topics (~465 k characters)."""
+    from pydoc_data import topics
+
+    return "\n\n".join(topics.topics[k] for k in sorted(topics.topics)), "pydoc_data.topics (Python's own docs)"
+
+
+def read_text(path: str) -> tuple[str, str]:
+    """A text file, or every text file under a folder (sorted; files with NUL bytes are skipped as binary)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--data {path}: no such file or folder")
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if not f.startswith("."))
+    parts = []
+    for f in files:
+        with open(f, "rb") as fh:
+            raw = fh.read()
+        if b"\0" not in raw:
+            parts.append(raw.decode("utf-8", errors="replace"))
+    return "\n\n".join(parts), f"{path} ({len(parts)} text file{'s' if len(parts) != 1 else ''})"
+
+
+@dataclass
+class Corpus:
+    train: Tensor  # int64 token ids
+    val: Tensor
+    source: str
+
+    @classmethod
+    def load(cls, path: str | None, tok: ByteTokenizer, val_fraction: float = 0.1) -> Corpus:
+        text, source = default_text() if path is None else read_text(path)
+        ids = tok.encode(text)
+        n_val = int(len(ids) * val_fraction)
+        return cls(ids[: len(ids) - n_val], ids[len(ids) - n_val:], source)
+
+    def windows(self, split: str, batch_size: int, seq_len: int, seed: int) -> Tensor:
+        """batch_size random windows of seq_len tokens; the same seed gives the same windows (resume, DDP)."""
+        data = self.train if split == "train" else self.val
+        g = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, len(data) - seq_len + 1, (batch_size,), generator=g)
+        return torch.stack([data[s: s + seq_len] for s in starts.tolist()])
+
+    def sentence(self, min_len: int = 40, max_len: int = 100) -> str:
+        """A held-out sentence (from the validation split) for the end-of-run demos."""
+        text = bytes((self.val - ByteTokenizer.offset).clamp(0, 255).tolist()).decode("utf-8", errors="replace")
+        for line in text.replace(". ", ".\n").split("\n"):
+            line = " ".join(line.split())
+            if min_len <= len(line) <= max_len and line.isascii() and line[0].isupper():
+                return line
+        return " ".join(text.split())[:max_len]

@@ -1,0 +1,511 @@
+"""Train GPT (causal LM), BERT (masked LM) and T5 (span corruption) side by side, then show what each learned.
+
+    lmobj train --objective all                      # CPU, a few minutes, the default corpus
+    python -m lmobj_kernels.train --objective t5 --data my_texts/
+    torchrun --nproc-per-node 2 -m lmobj_kernels.train --objective clm
+
+Reads top to bottom: arguments, distributed set-up, one objective's training loop (evaluate, checkpoint, resume),
+the end-of-run demos, the comparison table and the plot. Every step's windows and corruption are a function of
+(seed, step) only, so a resumed run continues bit-exactly and every rank can build the same global batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import glob
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from lmobj_kernels.train import kernels
+from lmobj_kernels.train.data import ByteTokenizer, Corpus
+from lmobj_kernels.train.models import MODELS, ModelConfig
+from lmobj_kernels.train.objectives import OBJECTIVES
+
+# Saved with the run and restored by --resume; the other options are how to run, not what to train.
+RUN_KEYS = ("objective", "data", "steps", "batch_size", "seq_len", "d_model", "n_layer", "n_head", "lr", "warmup",
+            "weight_decay", "grad_clip", "eval_every", "eval_batches", "seed", "dtype", "mask_prob",
+            "noise_density", "mean_span_length")
+
+
+# ---- arguments ----
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--objective", default="all", choices=[*OBJECTIVES, "all"], help="what to train (default: all)")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="a text file or a folder of them (default: Python's own pydoc_data docs, ~465k chars)")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps per objective")
+    p.add_argument("--batch-size", type=int, default=16, help="global batch (windows per step, all ranks)")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens (bytes) per window")
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--n-layer", type=int, default=2, help="layers (T5: per encoder and per decoder)")
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-batches", type=int, default=4)
+    p.add_argument("--mask-prob", type=float, default=0.15, help="MLM: share of tokens to predict")
+    p.add_argument("--noise-density", type=float, default=0.15, help="T5: share of tokens corrupted")
+    p.add_argument("--mean-span-length", type=float, default=3.0, help="T5: mean corrupted span length")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (cuda if there is a GPU, else cpu), cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--baseline", action="store_true",
+                   help="the same models with PyTorch's own SDPA, F.cross_entropy and corruption on the CPU "
+                        "(to compare tokens/s)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads per process (default 1: these models are small, and one thread is the fastest "
+                        "on a shared machine; 0 = torch's choice)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR (its settings)")
+    p.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                   help="stop each objective after this step, leaving a checkpoint (to resume later)")
+    p.add_argument("--no-demo", action="store_true", help="skip the end-of-run samples")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def check_args(args, p: argparse.ArgumentParser) -> None:
+    """Errors a user can fix, with a message that says how (argparse exits with status 2)."""
+    if args.resume is not None:
+        saved = os.path.join(args.resume, "args.json")
+        if not os.path.isfile(saved):
+            p.error(f"--resume {args.resume}: no args.json there (not a run folder written by `lmobj train`)")
+        with open(saved) as f:
+            vars(args).update({k: v for k, v in json.load(f).items() if k in RUN_KEYS})
+        args.out = args.resume
+    elif args.out is not None and glob.glob(os.path.join(args.out, "ckpt_*.pt")):
+        p.error(f"--out {args.out} already holds a run; continue it with --resume {args.out}, or pick another --out")
+    if args.device != "auto":
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError:
+            p.error(f"--device {args.device!r} is not a device (try cpu, cuda or cuda:1)")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            p.error(f"--device {args.device}: no CUDA GPU is visible")
+    if args.data is not None and not os.path.exists(args.data):
+        p.error(f"--data {args.data}: no such file or folder")
+    for name in ("steps", "batch_size", "seq_len", "d_model", "n_layer", "n_head", "eval_every", "eval_batches"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.seq_len < 8:
+        p.error(f"--seq-len must be at least 8, got {args.seq_len}")
+    if args.d_model % args.n_head:
+        p.error(f"--d-model {args.d_model} is not a multiple of --n-head {args.n_head}")
+    if not 0 < args.mask_prob < 1 or not 0 < args.noise_density < 1 or args.mean_span_length < 1:
+        p.error("--mask-prob and --noise-density must be in (0, 1), --mean-span-length at least 1")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch_size % world:
+        p.error(f"--batch-size {args.batch_size} must be a multiple of the number of processes ({world})")
+
+
+def check_data(args, corpus: Corpus, p: argparse.ArgumentParser) -> None:
+    need = args.batch_size * args.seq_len
+    if len(corpus.train) < need:
+        p.error(f"--batch-size {args.batch_size} x --seq-len {args.seq_len} = {need} tokens is larger than the "
+                f"data: the training split of {corpus.source} has {len(corpus.train)} tokens (bytes). Use a smaller "
+                "--batch-size or --seq-len, or more data")
+    if len(corpus.val) < args.seq_len + 1:
+        p.error(f"--seq-len {args.seq_len} is longer than the validation split ({len(corpus.val)} tokens, 10% of "
+                f"{corpus.source}); use a smaller --seq-len or more data")
+
+
+# ---- distributed set-up (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK) ----
+def setup(args) -> tuple[torch.device, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+    if args.device == "auto":
+        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, (dist.get_rank() if world > 1 else 0), world
+
+
+def out_dir(args, rank: int, world: int) -> str:
+    path = [args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))]
+    if world > 1:  # every rank writes to rank 0's folder
+        dist.broadcast_object_list(path, src=0)
+    if rank == 0:
+        os.makedirs(path[0], exist_ok=True)
+        with open(os.path.join(path[0], "args.json"), "w") as f:
+            json.dump({k: getattr(args, k) for k in RUN_KEYS}, f, indent=1)
+    return path[0]
+
+
+# ---- logging ----
+class Log:
+    """Metrics as JSON lines (rank 0), and a one-line progress bar."""
+
+    def __init__(self, path: str, rank: int, quiet: bool):
+        self.path, self.on, self.quiet = path, rank == 0, quiet
+        self.tty = sys.stdout.isatty()
+
+    def write(self, **rec) -> None:
+        if self.on:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def say(self, msg: str = "") -> None:
+        if self.on:
+            print(("\r\033[K" if self.tty else "") + msg, flush=True)
+
+    def bar(self, name, step, steps, loss, tps, eta) -> None:
+        if not self.on or self.quiet or not self.tty:
+            return
+        done = int(24 * step / steps)
+        print(f"\r\033[K[{name}] {step:>5}/{steps} |{'#' * done}{'.' * (24 - done)}| loss {loss:6.3f} | "
+              f"{tps / 1e3:6.1f}k tok/s | ETA {_hms(eta)}", end="", flush=True)
+
+
+def _hms(s: float) -> str:
+    s = int(max(s, 0))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+# ---- one objective ----
+def step_seed(seed: int, step: int, salt: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + salt) % (2**31 - 1)
+
+
+def lr_at(step: int, args) -> float:
+    """Linear warm-up, then cosine decay to a tenth."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    t = (step - args.warmup) / max(1, args.steps - args.warmup)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def build(obj_name: str, args, tok: ByteTokenizer, device: torch.device):
+    torch.manual_seed(args.seed)
+    cfg = ModelConfig(tok.vocab_size, args.seq_len + 2, args.n_layer, args.n_head, args.d_model)
+    model = MODELS[OBJECTIVES[obj_name].model](cfg).to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    return model, opt
+
+
+def autocast(args, device):
+    if args.dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model, obj, val_batches, args, device) -> dict:
+    model.eval()
+    loss = n = correct = 0.0
+    for batch in val_batches:
+        with autocast(args, device):
+            loss += float(model(batch, reduction="sum"))
+            logits, target = model.logits(batch)
+        keep = target != -100
+        correct += float((logits.argmax(-1) == target)[keep].sum())
+        n += float(keep.sum())
+    model.train()
+    out = {"loss": loss / max(n, 1), "accuracy": correct / max(n, 1)}
+    if obj.name == "clm":
+        out["perplexity"] = math.exp(min(out["loss"], 50.0))
+    return out
+
+
+def train_objective(name: str, args, corpus: Corpus, tok: ByteTokenizer, device, rank: int, world: int,
+                    run_dir: str, log: Log):
+    """Train one objective to args.steps (or --stop-after); returns the model and its summary."""
+    obj = OBJECTIVES[name]
+    opts = {"mask_prob": args.mask_prob, "noise_density": args.noise_density,
+            "mean_span_length": args.mean_span_length}
+    model, opt = build(name, args, tok, device)
+    state = {"step": 0, "start_val": None, "val": None, "train_time": 0.0, "tokens": 0}
+    ckpt = os.path.join(run_dir, f"ckpt_{name}.pt")
+    if args.resume is not None and os.path.exists(ckpt):
+        saved = torch.load(ckpt, map_location=device, weights_only=True)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        state = saved["state"]
+        log.say(f"[{name}] resumed from {ckpt} at step {state['step']}")
+    net = model
+    if world > 1:
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        net = torch.compile(net)
+
+    def make(split, step, batch_size, salt):
+        rows = corpus.windows(split, batch_size, args.seq_len, step_seed(args.seed, step, salt))
+        if args.baseline:  # a CPU collator, then the copy
+            return {k: v.to(device) for k, v in obj.corrupt(rows, tok, step_seed(args.seed, step, salt + 1),
+                                                            opts).items()}
+        return obj.corrupt(rows.to(device), tok, step_seed(args.seed, step, salt + 1), opts)
+
+    val_batches = [make("val", i, args.batch_size, 101) for i in range(args.eval_batches)]
+
+    def save():
+        if rank == 0:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "state": state}, ckpt + ".tmp")
+            os.replace(ckpt + ".tmp", ckpt)
+        if world > 1:
+            dist.barrier()
+
+    def eval_and_log():
+        ev = evaluate(model, obj, val_batches, args, device)
+        state["val"] = ev
+        if state["start_val"] is None:
+            state["start_val"] = ev["loss"]
+        log.write(objective=name, kind="val", step=state["step"], **ev)
+        extra = f"ppl {ev['perplexity']:.2f}" if "perplexity" in ev else f"accuracy {ev['accuracy']:.1%}"
+        pace = f"  | {speed[0] / 1e3:.1f}k tok/s, ETA {_hms(speed[1])}" if speed else ""
+        log.say(f"[{name}] step {state['step']:>5}  val loss {ev['loss']:.3f}  {extra}{pace}")
+
+    speed = []  # (tokens/s, ETA seconds) of the latest step
+    n_params = sum(p.numel() for p in model.parameters())
+    if state["step"] == 0:
+        log.say(f"== {obj.title}: {type(model).__name__}, {n_params / 1e6:.2f}M parameters, {args.steps} steps of "
+                f"{args.batch_size} x {args.seq_len} tokens")
+        eval_and_log()
+    lo, hi = rank * args.batch_size // world, (rank + 1) * args.batch_size // world
+    stop = min(args.steps, args.stop_after) if args.stop_after is not None else args.steps
+    t_start, tok_start = time.perf_counter(), state["tokens"]
+    while state["step"] < stop:
+        step = state["step"]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
+        batch = make("train", step, args.batch_size, 0)  # the global batch, the same on every rank
+        n_global = obj.n_targets(batch)
+        mine = {k: v[lo:hi] for k, v in batch.items()}
+        with autocast(args, device):
+            loss_sum = net(mine, reduction="sum")
+        # Each rank's sum over the global count (times world: DDP averages gradients), so the update equals
+        # single-process training on the global batch.
+        (loss_sum * (world / max(n_global, 1))).backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        total = loss_sum.detach().float()
+        if world > 1:
+            dist.all_reduce(total)
+        state["step"] = step + 1
+        state["tokens"] += args.batch_size * args.seq_len
+        elapsed = time.perf_counter() - t_start
+        tps = (state["tokens"] - tok_start) / max(elapsed, 1e-9)
+        train_loss = float(total) / max(n_global, 1)
+        log.write(objective=name, kind="train", step=state["step"], loss=train_loss, lr=lr_at(step, args),
+                  tokens_per_s=tps)
+        steps_in_window = (state["tokens"] - tok_start) // (args.batch_size * args.seq_len)
+        speed[:] = [tps, elapsed / max(steps_in_window, 1) * (args.steps - state["step"])]
+        log.bar(name, state["step"], args.steps, train_loss, *speed)
+        if state["step"] % args.eval_every == 0 or state["step"] == args.steps:
+            state["train_time"] += time.perf_counter() - t_start
+            eval_and_log()
+            save()
+            t_start, tok_start = time.perf_counter(), state["tokens"]
+    if state["step"] != args.steps or not os.path.exists(ckpt):
+        state["train_time"] += time.perf_counter() - t_start
+        save()
+    state["params"] = n_params
+    return model, state
+
+
+# ---- what each student learned ----
+@torch.no_grad()
+def demo_clm(model, tok, prompt="I love", n=80, seed=0) -> str:
+    model.eval()
+    ids = tok.encode(prompt)[None].to(model.emb.weight.device)
+    g = torch.Generator(ids.device).manual_seed(seed)
+    limit = model.emb.block_size
+    for _ in range(n):
+        logits = model.hidden(ids[:, -limit:])[:, -1] @ model.emb.weight.T
+        logits[:, : tok.offset] = -float("inf")  # bytes only
+        logits[:, tok.offset + 256:] = -float("inf")
+        probs = torch.softmax(logits / 0.7, -1)
+        ids = torch.cat([ids, torch.multinomial(probs, 1, generator=g)], 1)
+    text = tok.decode(ids[0], show_special=False)
+    return f"  prompt:    {prompt!r}\n  continues: {text!r}"
+
+
+@torch.no_grad()
+def demo_mlm(model, tok, sentence, seed=0) -> str:
+    model.eval()
+    ids = tok.encode(sentence)[None, : model.emb.block_size - 2].to(model.emb.weight.device)
+    sentence = tok.decode(ids[0])
+    for s in range(seed, seed + 100):  # some masks, not too many
+        inputs, labels = kernels.mlm_corrupt(ids, mask_id=tok.mask_id, vocab_size=tok.vocab_size, special_ids=(),
+                                             seed=s, mask_prob=0.15, mask_replace_prob=1.0, random_replace_prob=0.0)
+        if (labels != -100).sum() >= 3:
+            break
+    logits = model.hidden(inputs) @ model.emb.weight.T
+    logits[..., : tok.offset] = -float("inf")
+    logits[..., tok.offset + 256:] = -float("inf")
+    masked = labels != -100
+    filled = torch.where(masked, logits.argmax(-1), inputs)
+    right = int((filled == ids)[masked].sum())
+    return (f"  sentence: {sentence}\n  masked:   {tok.decode(inputs[0])}\n  filled:   {tok.decode(filled[0])}\n"
+            f"  ({right}/{int(masked.sum())} masked bytes right)")
+
+
+@torch.no_grad()
+def demo_t5(model, tok, sentence, seed=0, noise_density=0.15, mean_span_length=3.0) -> str:
+    model.eval()
+    dev = model.emb.weight.device
+    ids = tok.encode(sentence)[None, : model.emb.block_size - 2].to(dev)
+    sentence = tok.decode(ids[0])
+    b = kernels.t5_corrupt(ids, vocab_size=tok.vocab_size, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                           decoder_start_id=tok.bos_id, seed=seed, noise_density=noise_density,
+                           mean_span_length=mean_span_length, max_sentinels=tok.n_sentinels)
+    memory = model.encode(b.input_ids, b.input_lens)
+    out = torch.full((1, 1), tok.bos_id, device=dev)
+    for _ in range(b.labels.shape[1] + 8):  # greedy decoding
+        nxt = (model.decode(out, memory, b.input_lens)[:, -1] @ model.emb.weight.T).argmax(-1, keepdim=True)
+        out = torch.cat([out, nxt], 1)
+        if int(nxt) == tok.eos_id:
+            break
+    pred = out[0, 1:].tolist()
+    spans, cur = {}, None  # sentinel -> predicted span
+    for t in pred:
+        if tok.is_sentinel(t):
+            cur = t
+            spans[cur] = []
+        elif t == tok.eos_id:
+            break
+        elif cur is not None:
+            spans[cur].append(t)
+    repaired = []
+    for t in b.input_ids[0, : int(b.input_lens[0]) - 1].tolist():
+        repaired += spans.get(t, [tok.mask_id]) if tok.is_sentinel(t) else [t]
+    truth = [t for t in b.labels[0].tolist() if t != -100]
+    true_spans, cur = {}, None
+    for t in truth:
+        if tok.is_sentinel(t):
+            cur = t
+            true_spans[cur] = []
+        elif t != tok.eos_id:
+            true_spans[cur].append(t)
+    right = sum(spans.get(s) == v for s, v in true_spans.items())
+    return (f"  sentence:  {sentence}\n  corrupted: {tok.decode(b.input_ids[0, : int(b.input_lens[0]) - 1])}\n"
+            f"  answer:    {tok.decode(truth)}\n  predicted: {tok.decode(pred)}\n  repaired:  {tok.decode(repaired)}\n"
+            f"  ({right}/{len(true_spans)} spans exactly right)")
+
+
+# ---- the comparison table and the plot ----
+def table(results: dict) -> str:
+    rows = []
+    for name, (_, st) in results.items():
+        v, s0 = st["val"], st["start_val"]
+        metric = f"ppl {v['perplexity']:.2f}" if "perplexity" in v else f"acc {v['accuracy']:.1%}"
+        rows.append([OBJECTIVES[name].title, f"{st['params'] / 1e6:.2f}M", str(st["step"]), f"{s0:.3f}",
+                     f"{v['loss']:.3f}", f"{100 * (1 - v['loss'] / s0):.0f}%", metric,
+                     f"{st['tokens'] / max(st['train_time'], 1e-9) / 1e3:.1f}k", f"{st['train_time']:.0f}s"])
+    head = ["objective", "params", "steps", "val loss start", "val loss end", "drop", "metric", "tok/s", "time"]
+    w = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    line = lambda xs: "  ".join(x.ljust(n) for x, n in zip(xs, w))  # noqa: E731
+    return "\n".join([line(head), line(["-" * n for n in w])] + [line(r) for r in rows])
+
+
+def plot(metrics_path: str, png: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    recs = [json.loads(x) for x in open(metrics_path)]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, name in enumerate(dict.fromkeys(r["objective"] for r in recs)):
+        color = f"C{i}"
+        tr = {r["step"]: r["loss"] for r in recs if r["objective"] == name and r["kind"] == "train"}
+        va = {r["step"]: r["loss"] for r in recs if r["objective"] == name and r["kind"] == "val"}
+        ax.plot(list(tr), list(tr.values()), color=color, alpha=0.3, lw=1)
+        ax.plot(list(va), list(va.values()), "o-", color=color, label=f"{OBJECTIVES[name].title} (val)")
+    ax.set(xlabel="step", ylabel="loss (nats per target token)", title="lmobj train: three objectives side by side")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ---- the whole run ----
+def run(args, p: argparse.ArgumentParser) -> int:
+    check_args(args, p)
+    tok = ByteTokenizer()
+    corpus = Corpus.load(args.data, tok)
+    check_data(args, corpus, p)
+    device, rank, world = setup(args)
+    kernels.use_baseline(args.baseline)
+    run_dir = out_dir(args, rank, world)
+    log = Log(os.path.join(run_dir, "metrics.jsonl"), rank, args.quiet)
+    names = list(OBJECTIVES) if args.objective == "all" else [args.objective]
+    log.say(f"lmobj train: {', '.join(names)} on {device} x{world} | data {corpus.source}: {len(corpus.train)} "
+            f"train / {len(corpus.val)} val tokens\n  attention: {kernels.SOURCE['attention']}\n  corruption: "
+            f"{kernels.SOURCE['corruption']}\n  losses: {kernels.SOURCE['losses']}")
+    t0 = time.perf_counter()
+    results = {n: train_objective(n, args, corpus, tok, device, rank, world, run_dir, log) for n in names}
+    if rank == 0:
+        if args.stop_after is not None and any(st["step"] < args.steps for _, st in results.values()):
+            log.say(f"\nstopped after step {args.stop_after}; continue with: lmobj train --resume {run_dir}")
+        else:
+            finish(results, args, corpus, tok, run_dir, log, time.perf_counter() - t0)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+def finish(results, args, corpus, tok, run_dir, log, wall) -> None:
+    samples = []
+    if not args.no_demo:
+        sentence = corpus.sentence()
+        show = {"clm": lambda m: demo_clm(m, tok, seed=args.seed),
+                "mlm": lambda m: demo_mlm(m, tok, sentence, seed=args.seed),
+                "t5": lambda m: demo_t5(m, tok, sentence, seed=args.seed, noise_density=args.noise_density,
+                                        mean_span_length=args.mean_span_length)}
+        for name, (model, _) in results.items():
+            if name in show:  # an objective plugged in later may bring its own demo
+                samples.append(f"{OBJECTIVES[name].title}:\n{show[name](model)}")
+        log.say("\n== what each student learned\n" + "\n\n".join(samples))
+    summary = table(results)
+    log.say("\n== comparison\n" + summary)
+    drops = {n: 1 - st["val"]["loss"] / st["start_val"] for n, (_, st) in results.items()}
+    log.say("validation loss drop: " + ", ".join(f"{n} {100 * d:.0f}%" for n, d in drops.items()) +
+            f"  (goal: at least 40% each; {'met' if all(d >= 0.4 for d in drops.values()) else 'NOT met'})")
+    with open(os.path.join(run_dir, "samples.txt"), "w") as f:
+        f.write("\n\n".join(samples) + "\n\n" + summary + "\n")
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump({n: st | {"drop": drops[n], "tokens_per_s": st["tokens"] / max(st["train_time"], 1e-9),
+                            "device": str(next(m.parameters()).device), "baseline": args.baseline}
+                   for n, (m, st) in results.items()}, f, indent=1)
+    png = os.path.join(run_dir, "loss_curves.png")
+    log.say(f"\nwall time {wall:.0f}s. Wrote {run_dir}/: metrics.jsonl (metrics), "
+            f"{'loss_curves.png (plot), ' if plot(log.path, png) else '(no plot: matplotlib missing), '}"
+            "samples.txt (samples and table), summary.json, ckpt_*.pt (checkpoints)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmobj train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    return run(p.parse_args(argv), p)

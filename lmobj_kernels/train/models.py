@@ -1,0 +1,199 @@
+"""Three students built from the same blocks, in the spirit of nanoGPT:
+
+- GPT: a decoder-only stack with causal attention, scored by `causal_lm_loss` (predict the next token);
+- BERT: an encoder stack with bidirectional attention over the unpadded keys, scored by `masked_lm_loss`;
+- T5: an encoder, and a decoder with causal self-attention and cross-attention to it, scored by `seq2seq_lm_loss`.
+
+Every model ties its LM head to the token embedding and never materialises the logits in training: the library's
+fused losses (`kernels.causal_lm_loss` ...) take the final hidden states and the embedding matrix. Attention goes
+through `kernels.attention`.
+Each model's forward takes a batch dict and returns the summed loss; `logits` is for evaluation and demos only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from lmobj_kernels.train import kernels
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 360
+    block_size: int = 130  # the longest sequence (positions)
+    n_layer: int = 2  # T5 gets n_layer in its encoder and n_layer in its decoder
+    n_head: int = 4
+    d_model: int = 128
+
+
+def rope(x: Tensor) -> Tensor:
+    """Rotary position embedding of (B, H, S, Dh) queries or keys: position s rotates each pair of channels."""
+    S, Dh = x.shape[-2], x.shape[-1]
+    inv_freq = 10000.0 ** (-torch.arange(0, Dh, 2, device=x.device, dtype=torch.float32) / Dh)
+    angle = torch.arange(S, device=x.device, dtype=torch.float32)[:, None] * inv_freq
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head attention: self-attention over x (with rotary positions), or cross-attention from x to `memory`
+    (no positions: T5's decoder finds what it needs by content)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor, memory: Tensor | None = None, *, causal=False, kv_lens=None) -> Tensor:
+        B, S, D = x.shape
+        src = x if memory is None else memory
+        heads = lambda t: t.view(B, t.shape[1], self.n_head, D // self.n_head).transpose(1, 2)  # (B, H, S, Dh)
+        q, (k, v) = heads(self.q(x)), (heads(t) for t in self.kv(src).split(D, dim=-1))
+        if memory is None:
+            q, k = rope(q), rope(k)
+        y = kernels.attention(q, k, v, causal=causal, kv_lens=kv_lens)
+        return self.proj(y.transpose(1, 2).reshape(B, S, D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.d_model, 4 * cfg.d_model, bias=False)
+        self.down = nn.Linear(4 * cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; with `cross=True` it also attends to an encoder's output (T5's decoder)."""
+
+    def __init__(self, cfg: ModelConfig, cross: bool = False):
+        super().__init__()
+        self.ln1, self.attn = nn.LayerNorm(cfg.d_model), Attention(cfg)
+        self.ln_x, self.xattn = (nn.LayerNorm(cfg.d_model), Attention(cfg)) if cross else (None, None)
+        self.ln2, self.mlp = nn.LayerNorm(cfg.d_model), MLP(cfg)
+
+    def forward(self, x, *, causal=False, kv_lens=None, memory=None, memory_lens=None):
+        x = x + self.attn(self.ln1(x), causal=causal, kv_lens=kv_lens)
+        if self.xattn is not None:
+            x = x + self.xattn(self.ln_x(x), memory, kv_lens=memory_lens)
+        return x + self.mlp(self.ln2(x))
+
+
+class Embedding(nn.Module):
+    """Token embeddings (positions come from rotary attention); `weight` is also the (tied) LM head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.block_size = cfg.block_size
+
+    @property
+    def weight(self) -> Tensor:
+        return self.tok.weight
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if ids.shape[1] > self.block_size:
+            raise ValueError(f"sequence of {ids.shape[1]} tokens is longer than the model's {self.block_size}")
+        return self.tok(ids)
+
+
+def _init(module: nn.Module, n_layer: int) -> None:
+    for name, p in module.named_parameters():
+        if p.dim() >= 2:  # GPT-2: N(0, 0.02), residual projections scaled down by depth
+            std = 0.02 / (2 * n_layer) ** 0.5 if name.endswith(("proj.weight", "down.weight")) else 0.02
+            nn.init.normal_(p, 0.0, std)
+
+
+class GPT(nn.Module):
+    """Decoder-only: causal attention; loss = next-token cross-entropy (labels = the inputs, shifted inside)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.emb = Embedding(cfg)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        _init(self, cfg.n_layer)
+
+    def hidden(self, ids: Tensor) -> Tensor:
+        x = self.emb(ids)
+        for block in self.blocks:
+            x = block(x, causal=True)
+        return self.ln_f(x)
+
+    def forward(self, batch: dict, reduction: str = "sum") -> Tensor:
+        h = self.hidden(batch["input_ids"])
+        return kernels.causal_lm_loss(h, self.emb.weight, batch["labels"], reduction=reduction)
+
+    def logits(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """(logits, targets) aligned: position t predicts token t+1."""
+        return self.hidden(batch["input_ids"])[:, :-1] @ self.emb.weight.T, batch["labels"][:, 1:]
+
+
+class BERT(nn.Module):
+    """Encoder: bidirectional attention (padding keys masked); loss only at the masked positions."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.emb = Embedding(cfg)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        _init(self, cfg.n_layer)
+
+    def hidden(self, ids: Tensor, lens: Tensor | None = None) -> Tensor:
+        x = self.emb(ids)
+        for block in self.blocks:
+            x = block(x, kv_lens=lens)
+        return self.ln_f(x)
+
+    def forward(self, batch: dict, reduction: str = "sum") -> Tensor:
+        h = self.hidden(batch["input_ids"], batch.get("input_lens"))
+        return kernels.masked_lm_loss(h, self.emb.weight, batch["labels"], reduction=reduction)
+
+    def logits(self, batch: dict) -> tuple[Tensor, Tensor]:
+        return self.hidden(batch["input_ids"], batch.get("input_lens")) @ self.emb.weight.T, batch["labels"]
+
+
+class T5(nn.Module):
+    """Encoder-decoder: the encoder reads the corrupted text, the decoder writes the missing spans."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.emb = Embedding(cfg)  # shared by encoder, decoder and the LM head
+        self.encoder = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.decoder = nn.ModuleList(Block(cfg, cross=True) for _ in range(cfg.n_layer))
+        self.ln_enc, self.ln_dec = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        _init(self, 2 * cfg.n_layer)
+
+    def encode(self, ids: Tensor, lens: Tensor | None) -> Tensor:
+        x = self.emb(ids)
+        for block in self.encoder:
+            x = block(x, kv_lens=lens)
+        return self.ln_enc(x)
+
+    def decode(self, dec_ids: Tensor, memory: Tensor, memory_lens: Tensor | None) -> Tensor:
+        y = self.emb(dec_ids)
+        for block in self.decoder:
+            y = block(y, causal=True, memory=memory, memory_lens=memory_lens)
+        return self.ln_dec(y)
+
+    def hidden(self, batch: dict) -> Tensor:
+        memory = self.encode(batch["input_ids"], batch.get("input_lens"))
+        return self.decode(batch["decoder_input_ids"], memory, batch.get("input_lens"))
+
+    def forward(self, batch: dict, reduction: str = "sum") -> Tensor:
+        return kernels.seq2seq_lm_loss(self.hidden(batch), self.emb.weight, batch["labels"], reduction=reduction)
+
+    def logits(self, batch: dict) -> tuple[Tensor, Tensor]:
+        return self.hidden(batch) @ self.emb.weight.T, batch["labels"]
+
+
+MODELS = {"gpt": GPT, "bert": BERT, "t5": T5}

@@ -183,7 +183,10 @@ def test_triton_cross_lengths(gen):
 
 @needs_triton
 def test_triton_bfloat16_interpreted(gen):
-    _check(gen, "triton", 1, 2, 1, 40, 40, 16, _mask(gen, 1, 40, 40, causal=True, prefix=True), dtype=torch.bfloat16)
+    # Large enough that the max-norm errors are stable: at 1x2x40x16, plain bf16's own max error varied 3x between
+    # seeds and dq's ratio to it passed 3 for about 1 seed in 4 (CI, 2026-11-27); at this size 48 samples stayed at
+    # or below 2.8. dq is the weak one: FA2's delta = rowsum(dO * O) uses the rounded output (see issue note).
+    _check(gen, "triton", 2, 4, 2, 96, 96, 16, _mask(gen, 2, 96, 96, causal=True, prefix=True), dtype=torch.bfloat16)
 
 
 @needs_triton

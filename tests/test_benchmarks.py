@@ -1,0 +1,24 @@
+"""Smoke tests: the loss and trainer benchmark scripts run at tiny sizes and write their result files (the
+attention and corruption benchmarks have theirs beside their tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+
+
+@pytest.mark.parametrize("name", ["losses", "train"])
+def test_bench_quick(name, tmp_path):
+    res = subprocess.run([sys.executable, os.path.join(BENCH, f"bench_{name}.py"), "--quick", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    files = list(tmp_path.glob(f"{name}-quick-*.json"))
+    assert len(files) == 1, res.stdout[-2000:]
+    rows = json.load(open(files[0]))["rows"]
+    assert rows and all(r["value"] > 0 for r in rows)

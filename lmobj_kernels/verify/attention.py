@@ -54,8 +54,8 @@ def cases(device: str = "cpu"):
             for b in backends:
                 o = L.attention(q, k, v, backend=b, **opts)
                 og = torch.autograd.grad(o, (q, k, v), do)
-                yield _row(f"attention[{mask_name}]", b, dtype, shape, float((o.detach().double() - r).abs().max()),
-                           lowp_bound(r.detach(), p.detach()))
+                err = float((o.detach().double() - r.detach()).abs().max())
+                yield _row(f"attention[{mask_name}]", b, dtype, shape, err, lowp_bound(r.detach(), p.detach()))
                 for gname, a, rr, pp in zip(("dq", "dk", "dv"), og, rg, pg):
                     yield _row(f"attention[{mask_name}].{gname}", b, dtype, shape,
                                float((a.double() - rr).abs().max()), lowp_bound(rr, pp, factor=3.0))

@@ -265,6 +265,9 @@ def masked_lm_loss(
     _check_tensor("hidden", hidden)
     if hidden.dim() < 2:
         raise ValueError(f"hidden must be (B, S, D) or (N, D), got shape {tuple(hidden.shape)}")
+    if kwargs.get("return_lse"):
+        raise ValueError("return_lse is not supported by masked_lm_loss (the lse exists at the masked positions only); "
+                         "call linear_cross_entropy on the gathered rows for it")
     _check_target("labels", labels, hidden.shape[:-1], hidden.device)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -293,8 +296,7 @@ def masked_lm_loss(
                                **kwargs)
     if reduction != "none":
         return out
-    rows = (out[0] if isinstance(out, tuple) else out)
-    full = rows.new_zeros(flat_l.numel()).index_add(0, idx, rows)
+    full = out.new_zeros(flat_l.numel()).index_add(0, idx, out)
     return full.reshape(labels.shape)
 
 

@@ -248,6 +248,8 @@ def test_masked_lm_loss_over_bound_is_an_error(gen):
     labels = torch.randint(0, 20, (2, 8))
     with pytest.raises(ValueError, match="max_predictions"):
         L.masked_lm_loss(h, w, labels, max_predictions=3)
+    with pytest.raises(ValueError, match="return_lse"):
+        L.masked_lm_loss(h, w, labels, return_lse=True, reduction="none")
 
 
 def test_linear_bad_input(gen):

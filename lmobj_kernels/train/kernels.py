@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmobj_kernels.attention import attention  # noqa: F401 (the models call it)
+from lmobj_kernels.attention import attention as _library_attention  # fixed: use_baseline rebinds `attention`
 from lmobj_kernels.corruption import mlm_mask, span_corrupt
 from lmobj_kernels.losses import causal_lm_loss, masked_lm_loss, seq2seq_lm_loss  # noqa: F401 (the models call these)
 
@@ -23,31 +24,9 @@ SOURCE = {"attention": "lmobj_kernels.attention", "corruption": _CORR,
           "losses": "lmobj_kernels (fused linear cross-entropy)"}
 
 
-def _sdpa_attention(q, k, v, *, causal=False, prefix_lens=None, doc_ids=None, kv_lens=None, scale=None,
-                    backend="auto"):
-    """The baseline's attention: PyTorch's SDPA with a boolean mask built as ALGORITHMS.md says."""
-    B, _, Sq, _ = q.shape
-    Sk = k.shape[2]
-    if q.shape[1] != k.shape[1]:  # grouped-query: repeat k, v heads
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    if prefix_lens is None and doc_ids is None and kv_lens is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-    j = torch.arange(Sk, device=q.device)
-    allowed = torch.ones(B, Sq, Sk, dtype=torch.bool, device=q.device)
-    if kv_lens is not None:
-        allowed = allowed & (j[None, None, :] < kv_lens.to(q.device)[:, None, None])
-    if doc_ids is not None:
-        allowed = allowed & (doc_ids[:, :, None] == doc_ids[:, None, :])
-    if causal:
-        i = torch.arange(Sq, device=q.device)
-        c = j[None, :] <= i[:, None]
-        if prefix_lens is not None:
-            c = c[None] | (j[None, None, :] < prefix_lens.to(q.device)[:, None, None])
-        allowed = allowed & c
-    has_key = allowed.any(-1, keepdim=True)  # rows with no allowed key output zeros, never NaN
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=(allowed | ~has_key)[:, None], scale=scale)
-    return out * has_key[:, None].to(out.dtype)
+def _sdpa_attention(q, k, v, **mask):
+    """The baseline's attention: PyTorch's SDPA with a boolean mask (the library's `torch` backend is exactly that)."""
+    return _library_attention(q, k, v, backend="torch", **mask)
 
 
 # ---- the baseline: the same model with PyTorch's own pieces ----

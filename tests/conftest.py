@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lmobj_kernels._backend import available_backends
+from lmobj_kernels.verify import lowp_bound
 
 HAS_GPU = torch.cuda.is_available()
 
@@ -33,7 +34,7 @@ def assert_lowp_close(out, ref64, plain, factor=2.0, floor=1e-6, what="output"):
     out, ref64, plain = out.detach().double(), ref64.detach().double(), plain.detach().double()
     assert torch.isfinite(out).all(), f"{what}: non-finite values"
     err = float((out - ref64).abs().max()) if out.numel() else 0.0
-    bound = factor * (float((plain - ref64).abs().max()) if plain.numel() else 0.0) + floor
+    bound = lowp_bound(ref64, plain, factor, floor)
     assert err <= bound, f"{what}: max error {err:.3g} > bound {bound:.3g}"
 
 

@@ -41,7 +41,8 @@ def _extension():
     sources += [rel(p) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
     # -fno-trapping-math -fno-math-errno let gcc vectorise the exp loops (nothing here reads FP flags or errno);
     # the C++ standard comes from torch (C++20 for 2.14)
-    cxx = ["-O3", "-fopenmp-simd", "-fno-trapping-math", "-fno-math-errno"]
+    # -fopenmp: at::parallel_for runs its range on one thread unless the extension itself is built with OpenMP
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
     if platform.machine() in ("x86_64", "AMD64"):
         cxx += ["-mavx2", "-mfma"]  # the CPU kernels' inner loops auto-vectorise with these
     archs = os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else ""
@@ -53,13 +54,13 @@ def _extension():
           f"MAX_JOBS={os.environ.get('MAX_JOBS', 'default')}")
     if not with_cuda:
         return CppExtension("lmobj_kernels._C", sources, include_dirs=include, define_macros=define,
-                            extra_compile_args={"cxx": cxx})
+                            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     sources += [rel(p) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))]
     sources += [rel(p) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))]
     # no --use_fast_math: it turns tanhf into tanh.approx (2^-11 error); kernels use __expf/__logf explicitly
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
     return CUDAExtension("lmobj_kernels._C", sources, include_dirs=include, define_macros=define,
-                         extra_compile_args={"cxx": cxx, "nvcc": nvcc})
+                         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])
 
 
 setup(

@@ -1,6 +1,7 @@
 """Trainer throughput: tokens/s of each objective with the library's kernels against the same model built from
 PyTorch's own pieces (`lmobj train --baseline`: SDPA, F.cross_entropy over materialised logits, corruption on the
-CPU), each in a fresh process, same seed and batches.
+CPU), each in a fresh process, same seed and batches. Tokens/s counts the steps after the first three (those compile
+kernels; `--timing-skip`).
 
   python benchmarks/bench_train.py            # CPU, small model (a few minutes)
   python benchmarks/bench_train.py --quick    # seconds (smoke test)
@@ -23,8 +24,8 @@ import common  # noqa: E402
 SIZES = {
     "quick": ["--steps", "3", "--batch-size", "4", "--seq-len", "32", "--d-model", "32", "--n-layer", "1"],
     "cpu": ["--steps", "30", "--batch-size", "16", "--seq-len", "128"],
-    "gpu": ["--steps", "60", "--batch-size", "64", "--seq-len", "512", "--d-model", "512", "--n-layer", "4",
-            "--n-head", "8", "--device", "cuda", "--dtype", "bf16"],
+    "gpu": ["--steps", "30", "--batch-size", "64", "--seq-len", "512", "--d-model", "512", "--n-layer", "4",
+            "--n-head", "8", "--device", "cuda", "--dtype", "bf16", "--eval-batches", "1"],
 }
 
 

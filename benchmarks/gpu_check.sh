@@ -4,12 +4,15 @@
 # and a report with card, driver, versions, commit and every figure. Finishes within GPU_CHECK_SECONDS (default
 # 470, under DESIGN.md's 8 minutes): each stage gets a time cap, shrunk to what is left, and says when it was cut.
 #   usage: benchmarks/gpu_check.sh [OUT_DIR] [family ...]     (families: losses corruption attention train)
+#   GPU_CHECK_BENCH="family ...": benchmark only these (default: the families tested), e.g. to spend a short device
+#   budget on the tests of a family whose kernels did not change since its last benchmark.
 # Pure-Python peers (liger-kernel, cut-cross-entropy) are installed with --no-deps from .wheels/ when present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results}
 shift || true
 FAMILIES=${*:-losses corruption attention train}
+BENCH_FAMILIES=${GPU_CHECK_BENCH-$FAMILIES}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-')
@@ -28,7 +31,7 @@ echo "- date: $(date -u +%FT%TZ)"
 echo "- commit: ${LMOBJ_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
 echo "- card: $(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader)"
 echo "- nvcc: $(nvcc --version | tail -1)"
-echo "- families: $FAMILIES; budget ${BUDGET}s"
+echo "- families: $FAMILIES (benchmarks: ${BENCH_FAMILIES:-none}); budget ${BUDGET}s"
 $PY -c "import torch, triton, sys; print(f'- python {sys.version.split()[0]}, torch {torch.__version__} (cuda {torch.version.cuda}), triton {triton.__version__}')"
 
 step "build (this card only)"
@@ -41,14 +44,15 @@ if ls .wheels/*.whl >/dev/null 2>&1; then $PY -m pip install --quiet --no-deps .
 $PY -m lmobj_kernels.cli info | tr -d '\n ' | head -c 1500; echo
 
 # Per-family caps (seconds) for the tests and the benchmarks: one slow family cannot starve the others.
-declare -A TEST_CAP=([losses]=70 [corruption]=50 [attention]=110 [train]=40)
-declare -A BENCH_CAP=([losses]=80 [corruption]=40 [attention]=110 [train]=60)
+declare -A TEST_CAP=([losses]=70 [corruption]=50 [attention]=170 [train]=40)
+declare -A BENCH_CAP=([losses]=150 [corruption]=45 [attention]=110 [train]=150)
 
 for f in $FAMILIES; do
   [ -f "tests/test_$f.py" ] || continue
   step "GPU tests: $f"
-  run_capped "${TEST_CAP[$f]:-60}" $PY -m pytest -q -m gpu -p no:cacheprovider -o addopts="" -rfE --tb=line \
-    "tests/test_$f.py" 2>&1 | tail -25
+  # -v with only failures kept: a stage cut by its cap still names the tests that failed before the cut
+  run_capped "${TEST_CAP[$f]:-60}" $PY -m pytest -v -m gpu -p no:cacheprovider -o addopts="" -rfE --tb=line \
+    "tests/test_$f.py" 2>&1 | grep -E --line-buffered "FAILED|ERROR|Error|[0-9]+ (passed|failed)|^!!" | tail -40
 done
 
 step "compute-sanitizer (memcheck) on small cases"
@@ -61,7 +65,7 @@ else
 fi
 
 step "benchmarks (--gpu)"
-for f in $FAMILIES; do
+for f in $BENCH_FAMILIES; do
   if [ -f "benchmarks/bench_$f.py" ]; then
     echo "### bench_$f"
     run_capped "${BENCH_CAP[$f]:-60}" $PY benchmarks/bench_$f.py --gpu --out "$OUT" 2>&1 | tail -45

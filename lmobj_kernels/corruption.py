@@ -320,8 +320,11 @@ def span_corrupt(
         in_len = _to_device(torch.from_numpy(ins.astype(np.int64)), dev)
         tg_len = _to_device(torch.from_numpy(tgs.astype(np.int64)), dev)
     start = pad_id if decoder_start_id is None else decoder_start_id
-    dec = torch.cat([torch.full((B, 1), start, dtype=torch.int64, device=dev), labels[:, :-1]], dim=1)
-    dec = torch.where(dec < 0, pad_id, dec)
+    dec = labels.new_empty(labels.shape)
+    dec[:, :1] = start
+    dec[:, 1:] = labels[:, :-1]
+    if host_len is not None:  # label padding (-100) becomes pad_id; fixed-length rows have none
+        dec.masked_fill_(dec < 0, pad_id)
     if host_len is None:  # fixed-length rows: every position is real
         attn = torch.ones((B, in_w), dtype=torch.int64, device=dev)
         dattn = torch.ones((B, tg_w), dtype=torch.int64, device=dev)

@@ -88,9 +88,14 @@ def _check(gen, backend, B, Hq, Hkv, Sq, Sk, D, opts, dtype=torch.float32, devic
     og = torch.autograd.grad(out, (q, k, v), do)
     rg = torch.autograd.grad(r, (q64, k64, v64), do.double())
     pg = torch.autograd.grad(p, (q, k, v), do)
+    # A gradient whose exact value is 0 (dq and dk with a single allowed key: P = 1, dS = dP - delta = 0) is 0 in
+    # plain low precision too, while float32 accumulation leaves a few ulps of the cancelled terms (seen: 1.04e-6
+    # on dq at S=1, D=128, bf16): the floor is 1e-5 relative to the largest gradient of the call.
+    gfloor = 1e-5 * max([1.0] + [float(x.detach().abs().max()) for x in rg if x.numel()])
     for name, a, b, c in zip(("dq", "dk", "dv"), og, rg, pg):
         assert a.dtype == dtype and a.shape == b.shape
-        assert_lowp_close(a, b, c, factor=3.0, floor=_floor(b, dtype), what=f"{backend} {name}")
+        floor = _floor(b, dtype) if dtype == torch.float32 else gfloor
+        assert_lowp_close(a, b, c, factor=3.0, floor=floor, what=f"{backend} {name}")
 
 
 # every combination of causal / prefix / documents / key padding / GQA (self-attention), and cross attention

@@ -81,17 +81,22 @@ inline void row_draws(uint64_t seed, int64_t row, uint32_t stream, int64_t m, st
   }
 }
 
-// The `want`-th smallest (key << 32 | index) among m keys. A pass keeps the candidates under a generous estimate
-// of the quantile (uniform keys), so nth_element sorts a few dozen values; all of them if the estimate falls short.
+// The `want`-th smallest (key << 32 | index) among the m keys (those with valid[j], when given). A pass keeps the
+// candidates under a generous estimate of the quantile (uniform keys): a few dozen values, all of them if the
+// estimate falls short. Then a bucket histogram of the candidates' keys (monotone in the key, branch-free) finds
+// the bucket that holds the answer, and nth_element orders its one or two values. nth_element on all candidates
+// mispredicted a branch per comparison and took a third of span_corrupt's time.
 inline uint64_t kth_smallest(const uint32_t* keys, const uint8_t* valid, int64_t m, int64_t want,
                              std::vector<uint64_t>& cand) {
   const double q = (2.0 * static_cast<double>(want) + 32.0) / static_cast<double>(m);
   const uint64_t lim = q >= 1.0 ? (uint64_t(1) << 32) : static_cast<uint64_t>(q * 4294967296.0);
-  cand.resize(static_cast<size_t>(m));
+  cand.resize(static_cast<size_t>(2 * m));
   uint64_t* c = cand.data();
+  uint64_t* small = c + m;
   int64_t cnt = 0;
+  uint64_t l = lim;
   for (int pass = 0; pass < 2; ++pass) {
-    const uint64_t l = pass == 0 ? lim : (uint64_t(1) << 32);
+    l = pass == 0 ? lim : (uint64_t(1) << 32);
     cnt = 0;
     for (int64_t j = 0; j < m; ++j) {  // branch-free compaction
       c[cnt] = (static_cast<uint64_t>(keys[j]) << 32) | static_cast<uint64_t>(j);
@@ -99,22 +104,47 @@ inline uint64_t kth_smallest(const uint32_t* keys, const uint8_t* valid, int64_t
     }
     if (cnt >= want) break;
   }
-  std::nth_element(c, c + (want - 1), c + cnt);
-  return c[want - 1];
+  constexpr int kBuckets = 64;
+  const float scale = static_cast<float>(kBuckets) / static_cast<float>(l);  // keys of candidates are < l
+  auto bucket = [scale](uint64_t v) {
+    const int bk = static_cast<int>(static_cast<float>(static_cast<uint32_t>(v >> 32)) * scale);
+    return bk < kBuckets - 1 ? bk : kBuckets - 1;
+  };
+  int64_t hist[kBuckets] = {0};
+  for (int64_t i = 0; i < cnt; ++i) ++hist[bucket(c[i])];
+  int64_t before = 0;
+  int bk = 0;
+  while (before + hist[bk] < want) before += hist[bk++];
+  int64_t ns = 0;
+  for (int64_t i = 0; i < cnt; ++i) {
+    small[ns] = c[i];
+    ns += bucket(c[i]) == bk;
+  }
+  const int64_t r = want - 1 - before;
+  std::nth_element(small, small + r, small + ns);
+  return small[r];
 }
 
-// cut[j] = 1 for the `want` slots j < m with the smallest (key_j, j); keys from `stream` of row `row`.
-void select_cuts(uint64_t seed, int64_t row, uint32_t stream, int64_t m, int64_t want, std::vector<uint8_t>& cut,
-                 std::vector<uint32_t>& keys, std::vector<uint64_t>& cand) {
-  cut.assign(static_cast<size_t>(std::max<int64_t>(m, 0)), 0);
-  if (want <= 0 || m <= 0) return;
+// The `want` slots j < m with the smallest (key_j, j), in increasing j, into cuts; keys from `stream` of row
+// `row`. Returns how many (min(want, m), 0 when want <= 0).
+int64_t select_cuts(uint64_t seed, int64_t row, uint32_t stream, int64_t m, int64_t want, std::vector<int64_t>& cuts,
+                    std::vector<uint32_t>& keys, std::vector<uint64_t>& cand) {
+  if (want <= 0 || m <= 0) return 0;
+  cuts.resize(static_cast<size_t>(m));
+  int64_t* ct = cuts.data();
   if (want >= m) {
-    std::fill(cut.begin(), cut.end(), 1);
-    return;
+    for (int64_t j = 0; j < m; ++j) ct[j] = j;
+    return m;
   }
   row_draws(seed, row, stream, m, keys);
   const uint64_t thr = kth_smallest(keys.data(), nullptr, m, want, cand);
-  for (int64_t j = 0; j < m; ++j) cut[j] = ((static_cast<uint64_t>(keys[j]) << 32) | static_cast<uint64_t>(j)) <= thr;
+  const uint32_t* kk = keys.data();
+  int64_t n = 0;
+  for (int64_t j = 0; j < m; ++j) {  // branch-free compaction of the chosen slots
+    ct[n] = j;
+    n += ((static_cast<uint64_t>(kk[j]) << 32) | static_cast<uint64_t>(j)) <= thr;
+  }
+  return n;
 }
 
 std::tuple<at::Tensor, at::Tensor> span_corrupt_cpu(const at::Tensor& input_ids, const at::Tensor& lengths,
@@ -144,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor> span_corrupt_cpu(const at::Tensor& input_ids,
   int64_t* ot_base = targets.mutable_data_ptr<int64_t>();
   const uint64_t sd = static_cast<uint64_t>(seed.const_data_ptr<int64_t>()[0]);
   at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
-    std::vector<uint8_t> cut_noise, cut_keep;
+    std::vector<int64_t> cut_noise, cut_keep;
     std::vector<uint32_t> keys;
     std::vector<uint64_t> cand;
     for (int64_t b = b0; b < b1; ++b) {
@@ -155,23 +185,29 @@ std::tuple<at::Tensor, at::Tensor> span_corrupt_cpu(const at::Tensor& input_ids,
       const SpanCounts c = span_counts(L, r, m);
       int64_t oi = 0, ot = 0;
       if (c.n == 0) {
-        for (int64_t p = 0; p < L; ++p) in[oi++] = row[p];
+        std::copy(row, row + L, in);
+        oi = L;
       } else {
+        // Run q of the kept (noise) tokens ends at the q-th cut of its slots, the last run at the last slot:
+        // cuts are the k-1 chosen slots of the n-1 (nkeep-1) gaps of a random composition into k parts.
         const int64_t nkeep = L - c.n;
         select_cuts(sd, g, kStreamSpanNoise, c.n - 1, c.k - 1, cut_noise, keys, cand);
         select_cuts(sd, g, kStreamSpanKeep, nkeep - 1, c.k - 1, cut_keep, keys, cand);
-        int64_t p = 0, jn = 0, jx = 0;
+        int64_t p = 0, end_keep = -1, end_noise = -1;
         for (int64_t q = 0; q < c.k; ++q) {
-          for (bool end = false; !end; ++jx) {  // non-noise run q
-            in[oi++] = row[p++];
-            end = jx == nkeep - 1 || cut_keep[jx];
-          }
+          const bool last = q == c.k - 1;
+          const int64_t lk = (last ? nkeep - 1 : cut_keep[q]) - end_keep;
+          end_keep += lk;
+          std::copy(row + p, row + p + lk, in + oi);
+          oi += lk;
+          p += lk;
           in[oi++] = sent[q];
           tg[ot++] = sent[q];
-          for (bool end = false; !end; ++jn) {  // noise run q
-            tg[ot++] = row[p++];
-            end = jn == c.n - 1 || cut_noise[jn];
-          }
+          const int64_t ln = (last ? c.n - 1 : cut_noise[q]) - end_noise;
+          end_noise += ln;
+          std::copy(row + p, row + p + ln, tg + ot);
+          ot += ln;
+          p += ln;
         }
       }
       in[oi++] = eos_id;
@@ -214,44 +250,86 @@ std::tuple<at::Tensor, at::Tensor> mlm_mask_cpu(const at::Tensor& input_ids, con
       int64_t* o = o_base + b * S;
       int64_t* lab = l_base + b * S;
       row_draws(sd, g, words ? kStreamMLMWord : kStreamMLMSelect, S, keys);
-      // Eligible tokens; a selection unit is an eligible token, or with word ids the first token of a run of
-      // eligible tokens sharing a word id (>= 0). start[p] = the unit that decides token p.
-      int64_t cur = -1, E = 0;
-      for (int64_t p = 0; p < S; ++p) {
-        bool e = true;
-        for (int64_t s = 0; s < nsp; ++s) e &= row[p] != sp[s];
-        if (words) e = e && wrow[p] >= 0;
-        elig[p] = e;
-        bool u = e;
-        if (words) u = e && (p == 0 || !elig[p - 1] || wrow[p - 1] != wrow[p]);
-        unit[p] = u;
-        E += u;
-        if (u) cur = p;
-        start[p] = e ? cur : -1;
-      }
-      uint64_t thr = 0;
-      int64_t want = 0;
-      if (exact) {
-        want = mlm_exact_count(E, select_threshold);
-        if (want > 0) thr = kth_smallest(keys.data(), unit.data(), S, want, cand);
-      }
-      chosen.clear();
-      for (int64_t p = 0; p < S; ++p) {
-        bool sel = false;
-        if (start[p] >= 0) {
-          const int64_t u = start[p];
-          if (exact) {
-            sel = want > 0 && ((static_cast<uint64_t>(keys[u]) << 32) | static_cast<uint64_t>(u)) <= thr;
-          } else {
-            sel = static_cast<int64_t>(keys[u]) < select_threshold;
-          }
+      chosen.resize(static_cast<size_t>(S));
+      int64_t nc = 0;
+      if (!words) {
+        // Token units (no word ids): branch-free passes the compiler vectorises; eligibility one special id at a
+        // time, then selection, labels and the compaction of the selected positions.
+        // Locals and __restrict: a uint8_t store may alias anything, and the loops would reload S each step.
+        const int64_t n = S;
+        uint8_t* __restrict el = elig.data();
+        const int64_t* __restrict rw = row;
+        for (int64_t p = 0; p < n; ++p) el[p] = 1;
+        for (int64_t s = 0; s < nsp; ++s) {
+          const int64_t id = sp[s];
+          for (int64_t p = 0; p < n; ++p) el[p] &= static_cast<uint8_t>(rw[p] != id);
         }
-        o[p] = row[p];
-        lab[p] = sel ? row[p] : ignore_index;
-        if (sel) chosen.push_back(p);
+        uint64_t thr = 0;
+        bool any = !exact;
+        if (exact) {
+          int64_t E = 0;
+          for (int64_t p = 0; p < n; ++p) E += el[p];
+          const int64_t want = mlm_exact_count(E, select_threshold);
+          any = want > 0;
+          if (any) thr = kth_smallest(keys.data(), el, n, want, cand);
+        }
+        const uint32_t* __restrict kk = keys.data();
+        int64_t* __restrict ch = chosen.data();
+        int64_t* __restrict ov = o;
+        int64_t* __restrict lv = lab;
+        const int64_t ign = ignore_index;
+        const uint64_t sel_thr = static_cast<uint64_t>(select_threshold);
+        std::copy(rw, rw + n, ov);
+        if (exact) {
+          for (int64_t p = 0; p < n; ++p) {
+            const uint64_t key = (static_cast<uint64_t>(kk[p]) << 32) | static_cast<uint64_t>(p);
+            lv[p] = (any & (el[p] != 0) & (key <= thr)) ? rw[p] : ign;
+          }
+        } else {
+          for (int64_t p = 0; p < n; ++p) lv[p] = ((el[p] != 0) & (static_cast<uint64_t>(kk[p]) < sel_thr)) ? rw[p] : ign;
+        }
+        for (int64_t p = 0; p < n; ++p) {  // compaction of the selected positions
+          ch[nc] = p;
+          nc += (el[p] != 0) & (exact ? any & (((static_cast<uint64_t>(kk[p]) << 32) | static_cast<uint64_t>(p)) <= thr)
+                                      : static_cast<uint64_t>(kk[p]) < sel_thr);
+        }
+      } else {
+        // Word units: a unit is the first token of a run of eligible tokens sharing a word id (>= 0);
+        // start[p] = the unit that decides token p.
+        int64_t cur = -1, E = 0;
+        for (int64_t p = 0; p < S; ++p) {
+          bool e = wrow[p] >= 0;
+          for (int64_t s = 0; s < nsp; ++s) e &= row[p] != sp[s];
+          elig[p] = e;
+          const bool u = e && (p == 0 || !elig[p - 1] || wrow[p - 1] != wrow[p]);
+          unit[p] = u;
+          E += u;
+          if (u) cur = p;
+          start[p] = e ? cur : -1;
+        }
+        uint64_t thr = 0;
+        int64_t want = 0;
+        if (exact) {
+          want = mlm_exact_count(E, select_threshold);
+          if (want > 0) thr = kth_smallest(keys.data(), unit.data(), S, want, cand);
+        }
+        for (int64_t p = 0; p < S; ++p) {
+          bool sel = false;
+          if (start[p] >= 0) {
+            const int64_t u = start[p];
+            if (exact) {
+              sel = want > 0 && ((static_cast<uint64_t>(keys[u]) << 32) | static_cast<uint64_t>(u)) <= thr;
+            } else {
+              sel = static_cast<int64_t>(keys[u]) < select_threshold;
+            }
+          }
+          o[p] = row[p];
+          lab[p] = sel ? row[p] : ignore_index;
+          chosen[nc] = p;
+          nc += sel;
+        }
       }
       // 80/10/10 of the selected tokens, 8 Philox blocks at a time
-      const int64_t nc = static_cast<int64_t>(chosen.size());
       for (int64_t i = 0; i < nc; i += kLanes) {
         uint32_t c0[kLanes];
         for (int l = 0; l < kLanes; ++l) c0[l] = static_cast<uint32_t>(chosen[std::min(i + l, nc - 1)]);

@@ -52,6 +52,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-batches", type=int, default=4)
+    p.add_argument("--timing-skip", type=int, default=3,
+                   help="steps left out of the steady tokens/s (the first ones compile kernels)")
     p.add_argument("--mask-prob", type=float, default=0.15, help="MLM: share of tokens to predict")
     p.add_argument("--noise-density", type=float, default=0.15, help="T5: share of tokens corrupted")
     p.add_argument("--mean-span-length", type=float, default=3.0, help="T5: mean corrupted span length")
@@ -233,7 +235,8 @@ def train_objective(name: str, args, corpus: Corpus, tok: ByteTokenizer, device,
     opts = {"mask_prob": args.mask_prob, "noise_density": args.noise_density,
             "mean_span_length": args.mean_span_length}
     model, opt = build(name, args, tok, device)
-    state = {"step": 0, "start_val": None, "val": None, "train_time": 0.0, "tokens": 0}
+    state = {"step": 0, "start_val": None, "val": None, "train_time": 0.0, "tokens": 0, "steady_time": 0.0,
+             "steady_tokens": 0}
     ckpt = os.path.join(run_dir, f"ckpt_{name}.pt")
     if args.resume is not None and os.path.exists(ckpt):
         saved = torch.load(ckpt, map_location=device, weights_only=True)
@@ -284,6 +287,7 @@ def train_objective(name: str, args, corpus: Corpus, tok: ByteTokenizer, device,
     t_start, tok_start = time.perf_counter(), state["tokens"]
     while state["step"] < stop:
         step = state["step"]
+        t_step = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
         batch = make("train", step, args.batch_size, 0)  # the global batch, the same on every rank
@@ -303,9 +307,12 @@ def train_objective(name: str, args, corpus: Corpus, tok: ByteTokenizer, device,
             dist.all_reduce(total)
         state["step"] = step + 1
         state["tokens"] += args.batch_size * args.seq_len
+        train_loss = float(total) / max(n_global, 1)  # reads the loss: the step has finished on the device
+        if step >= args.timing_skip:
+            state["steady_time"] += time.perf_counter() - t_step
+            state["steady_tokens"] += args.batch_size * args.seq_len
         elapsed = time.perf_counter() - t_start
         tps = (state["tokens"] - tok_start) / max(elapsed, 1e-9)
-        train_loss = float(total) / max(n_global, 1)
         log.write(objective=name, kind="train", step=state["step"], loss=train_loss, lr=lr_at(step, args),
                   tokens_per_s=tps)
         steps_in_window = (state["tokens"] - tok_start) // (args.batch_size * args.seq_len)
@@ -404,6 +411,14 @@ def demo_t5(model, tok, sentence, seed=0, noise_density=0.15, mean_span_length=3
 
 
 # ---- the comparison table and the plot ----
+def _steady_tps(st: dict) -> float:
+    """Tokens/s of the training steps after the first --timing-skip (those compile kernels and warm allocators);
+    over all steps when the run was too short to have any."""
+    if st.get("steady_tokens"):
+        return st["steady_tokens"] / max(st["steady_time"], 1e-9)
+    return st["tokens"] / max(st["train_time"], 1e-9)
+
+
 def table(results: dict) -> str:
     rows = []
     for name, (_, st) in results.items():
@@ -411,7 +426,7 @@ def table(results: dict) -> str:
         metric = f"ppl {v['perplexity']:.2f}" if "perplexity" in v else f"acc {v['accuracy']:.1%}"
         rows.append([OBJECTIVES[name].title, f"{st['params'] / 1e6:.2f}M", str(st["step"]), f"{s0:.3f}",
                      f"{v['loss']:.3f}", f"{100 * (1 - v['loss'] / s0):.0f}%", metric,
-                     f"{st['tokens'] / max(st['train_time'], 1e-9) / 1e3:.1f}k", f"{st['train_time']:.0f}s"])
+                     f"{_steady_tps(st) / 1e3:.1f}k", f"{st['train_time']:.0f}s"])
     head = ["objective", "params", "steps", "val loss start", "val loss end", "drop", "metric", "tok/s", "time"]
     w = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     line = lambda xs: "  ".join(x.ljust(n) for x, n in zip(xs, w))  # noqa: E731
@@ -490,7 +505,7 @@ def finish(results, args, corpus, tok, run_dir, log, wall) -> None:
     with open(os.path.join(run_dir, "samples.txt"), "w") as f:
         f.write("\n\n".join(samples) + "\n\n" + summary + "\n")
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump({n: st | {"drop": drops[n], "tokens_per_s": st["tokens"] / max(st["train_time"], 1e-9),
+        json.dump({n: st | {"drop": drops[n], "tokens_per_s": _steady_tps(st),
                             "device": str(next(m.parameters()).device), "baseline": args.baseline}
                    for n, (m, st) in results.items()}, f, indent=1)
     png = os.path.join(run_dir, "loss_curves.png")

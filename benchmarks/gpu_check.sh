@@ -46,6 +46,8 @@ $PY -m lmobj_kernels.cli info | tr -d '\n ' | head -c 1500; echo
 # Per-family caps (seconds) for the tests and the benchmarks: one slow family cannot starve the others.
 declare -A TEST_CAP=([losses]=70 [corruption]=50 [attention]=170 [train]=40)
 declare -A BENCH_CAP=([losses]=150 [corruption]=45 [attention]=110 [train]=150)
+# GPU_CHECK_LOSSES_FULL=1: bench_losses --full (the torch.compile peers too, +~80 s)
+declare -A BENCH_ARGS=([losses]="$([ "${GPU_CHECK_LOSSES_FULL:-0}" = 1 ] && echo --full)")
 
 for f in $FAMILIES; do
   [ -f "tests/test_$f.py" ] || continue
@@ -68,7 +70,7 @@ step "benchmarks (--gpu)"
 for f in $BENCH_FAMILIES; do
   if [ -f "benchmarks/bench_$f.py" ]; then
     echo "### bench_$f"
-    run_capped "${BENCH_CAP[$f]:-60}" $PY benchmarks/bench_$f.py --gpu --out "$OUT" 2>&1 | tail -45
+    run_capped "${BENCH_CAP[$f]:-60}" $PY benchmarks/bench_$f.py --gpu ${BENCH_ARGS[$f]:-} --out "$OUT" 2>&1 | tail -60
   fi
 done
 step "done"

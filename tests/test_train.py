@@ -160,3 +160,22 @@ def test_mlm_corruption_split():
     masked = (inputs[sel] == tok.mask_id).float().mean().item()
     kept = (inputs[sel] == ids[sel]).float().mean().item()
     assert abs(masked - 0.8) < 0.03 and abs(kept - 0.1) < 0.03  # random ids may equal the original (~0.3%)
+
+
+@pytest.mark.gpu
+def test_gpu_library_and_baseline_learn_the_same(tmp_path):
+    """On the GPU in bf16 (autocast): every objective trains with the library's kernels (Triton attention, CUDA
+    losses, on-device corruption) and with the PyTorch baseline, to losses that fall and agree within bf16 noise."""
+    gpu = ["--device", "cuda", "--dtype", "bf16", "--steps", "20", "--eval-every", "10"]
+    for mode in ("lib", "base"):
+        assert train("--objective", "all", "--out", str(tmp_path / mode), "--no-demo", *gpu,
+                     *(["--baseline"] if mode == "base" else [])) == 0
+    val = {m: [(r["objective"], r["step"], r["loss"]) for r in map(json.loads, open(tmp_path / m / "metrics.jsonl"))
+               if r["kind"] == "val"] for m in ("lib", "base")}
+    assert [v[:2] for v in val["lib"]] == [v[:2] for v in val["base"]]
+    for objective in ("clm", "mlm", "t5"):
+        lib = [v[2] for v in val["lib"] if v[0] == objective]
+        base = [v[2] for v in val["base"] if v[0] == objective]
+        assert all(torch.isfinite(torch.tensor(lib))) and lib[-1] < lib[0], (objective, lib)
+        assert abs(lib[-1] - base[-1]) <= 0.05 * base[-1], (objective, lib, base)
+    kernels.use_baseline(False)

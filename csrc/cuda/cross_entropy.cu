@@ -60,6 +60,31 @@ __device__ __forceinline__ void block_reduce(float& m, float& s, float& sz, floa
   }
 }
 
+// The gradient pass of one row (both kernels): g * d loss / d z_j for every j, written to orow. A row with an
+// ignored target gets zeros; a target outside [0, V) gets NaN (the loss is NaN too; never an out-of-bounds read).
+template <typename T, int VEC, bool CAP>
+__device__ __forceinline__ void write_grad_row(const T* row, T* orow, int64_t V, int64_t y, float lse, float g,
+                                               const CEOptions& o) {
+  const bool ignored = y == o.ignore_index, valid = y >= 0 && y < V;
+  const float c = o.softcap, inv_c = CAP ? 1.0f / o.softcap : 0.0f;
+  const float coef = g * (1.0f + 2.0f * o.z_loss * lse), uni = g * o.smoothing / static_cast<float>(V);
+  const float hit = g * (1.0f - o.smoothing);
+  auto grad = [&](float x, int64_t j) {
+    const float z = cap<CAP>(x, c, inv_c);
+    float d = __expf(z - lse) * coef - uni - (j == y ? hit : 0.0f);
+    if constexpr (CAP) d *= 1.0f - (z * inv_c) * (z * inv_c);
+    return from_f<T>(ignored ? 0.0f : (valid ? d : NAN));
+  };
+  const int64_t nvec = V / VEC;
+  for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x) {
+    Pack<T, VEC> p = reinterpret_cast<const Pack<T, VEC>*>(row)[k], q;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) q.v[i] = grad(to_f(p.v[i]), k * VEC + i);
+    reinterpret_cast<Pack<T, VEC>*>(orow)[k] = q;
+  }
+  for (int64_t j = nvec * VEC + threadIdx.x; j < V; j += blockDim.x) orow[j] = grad(to_f(row[j]), j);
+}
+
 template <typename T, int VEC, bool CAP>
 __global__ void ce_fwd_kernel(const T* __restrict__ x, int64_t ld, const int64_t* __restrict__ target, int64_t V,
                               CEOptions o, float* __restrict__ loss, float* __restrict__ lse_out, T* grad) {
@@ -103,27 +128,7 @@ __global__ void ce_fwd_kernel(const T* __restrict__ x, int64_t ld, const int64_t
   }
   if (grad == nullptr) return;
   __syncthreads();  // thread 0 has read row[y] before any thread overwrites the row
-  T* grow = grad + r * ld;
-  const bool ignored = y == o.ignore_index;
-  const float coef = 1.0f + 2.0f * o.z_loss * lse, uni = o.smoothing / static_cast<float>(V);
-  const float hit = 1.0f - o.smoothing;
-  for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x) {
-    Pack<T, VEC> p = reinterpret_cast<const Pack<T, VEC>*>(row)[k], q;
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      const float z = cap<CAP>(to_f(p.v[i]), c, inv_c);
-      float d = __expf(z - lse) * coef - uni - (k * VEC + i == y ? hit : 0.0f);
-      if constexpr (CAP) d *= 1.0f - (z * inv_c) * (z * inv_c);
-      q.v[i] = from_f<T>(ignored ? 0.0f : (valid ? d : NAN));
-    }
-    reinterpret_cast<Pack<T, VEC>*>(grow)[k] = q;
-  }
-  for (int64_t j = nvec * VEC + threadIdx.x; j < V; j += blockDim.x) {
-    const float z = cap<CAP>(to_f(row[j]), c, inv_c);
-    float d = __expf(z - lse) * coef - uni - (j == y ? hit : 0.0f);
-    if constexpr (CAP) d *= 1.0f - (z * inv_c) * (z * inv_c);
-    grow[j] = from_f<T>(ignored ? 0.0f : (valid ? d : NAN));
-  }
+  write_grad_row<T, VEC, CAP>(row, grad + r * ld, V, y, lse, 1.0f, o);
 }
 
 template <typename T, int VEC, bool CAP>
@@ -131,32 +136,9 @@ __global__ void ce_bwd_kernel(const float* __restrict__ grad_loss, const T* __re
                               const int64_t* __restrict__ target, const float* __restrict__ lse_in, int64_t V,
                               CEOptions o, T* __restrict__ out) {
   const int64_t r = blockIdx.x;
-  const T* row = x + r * ld;
-  T* orow = out + r * V;
   const int64_t y = row_target(target, o.row_offset + r, o.shift_len, o.ignore_index);
-  const bool ignored = y == o.ignore_index, valid = y >= 0 && y < V;
-  const float g = ignored ? 0.0f : grad_loss[r], lse = lse_in[r];
-  const float c = o.softcap, inv_c = CAP ? 1.0f / o.softcap : 0.0f;
-  const float coef = g * (1.0f + 2.0f * o.z_loss * lse), uni = g * o.smoothing / static_cast<float>(V);
-  const float hit = g * (1.0f - o.smoothing);
-  const int64_t nvec = V / VEC;
-  for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x) {
-    Pack<T, VEC> p = reinterpret_cast<const Pack<T, VEC>*>(row)[k], q;
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      const float z = cap<CAP>(to_f(p.v[i]), c, inv_c);
-      float d = __expf(z - lse) * coef - uni - (k * VEC + i == y ? hit : 0.0f);
-      if constexpr (CAP) d *= 1.0f - (z * inv_c) * (z * inv_c);
-      q.v[i] = from_f<T>(ignored ? 0.0f : (valid ? d : NAN));
-    }
-    reinterpret_cast<Pack<T, VEC>*>(orow)[k] = q;
-  }
-  for (int64_t j = nvec * VEC + threadIdx.x; j < V; j += blockDim.x) {
-    const float z = cap<CAP>(to_f(row[j]), c, inv_c);
-    float d = __expf(z - lse) * coef - uni - (j == y ? hit : 0.0f);
-    if constexpr (CAP) d *= 1.0f - (z * inv_c) * (z * inv_c);
-    orow[j] = from_f<T>(ignored ? 0.0f : (valid ? d : NAN));
-  }
+  const float g = y == o.ignore_index ? 0.0f : grad_loss[r];
+  write_grad_row<T, VEC, CAP>(x + r * ld, out + r * V, V, y, lse_in[r], g, o);
 }
 
 // About 16 vector loads per thread: enough in flight per thread, and blocks small enough that several share an SM

@@ -79,8 +79,8 @@ def write_results(name: str, rows: list[dict], where: str | None = None) -> str:
     now = datetime.datetime.now(datetime.timezone.utc)
     date = now.date().isoformat()
     path = os.path.join(where, f"{name}-{kind}-{date}.json")
-    if os.path.exists(path):  # a second run the same day keeps the first
-        path = path.replace(".json", f"-{now:%H%M}.json")
+    if os.path.exists(path):  # a later run the same day keeps the earlier ones
+        path = path.replace(".json", f"-{now:%H%M%S}.json")
     with open(path, "w") as f:
         json.dump({"machine": machine(), "commit": commit(), "date": date, "rows": rows}, f, indent=1)
     return path

@@ -151,6 +151,34 @@ def _key_range(b, pid_m, start_m, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_outer
 
 
 @triton.jit
+def _query_block(pid_m, bh, Hq, group, Sq, Sk, PREFIX, KVLEN, DOC, DOC_RANGE, stride_doc, n_qblocks,
+                 CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What the forward and dQ kernels know of query block pid_m of (batch, head) bh: batch b, head h, kv head hk,
+    its rows and their mask, the row's mask metadata and the key blocks [lo, hi) it needs ([c_lo, c_hi): the blocks
+    that need no element mask, see `_key_range`)."""
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // group
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    rmask = offs_m < Sq
+    kv_len = Sk
+    if HAS_KVLEN:
+        kv_len = tl.load(KVLEN + b)
+    prefix_len = 0
+    if HAS_PREFIX:
+        prefix_len = tl.load(PREFIX + b)
+    DOC_row = DOC + b * stride_doc
+    q_doc = offs_m
+    if HAS_DOCS:
+        q_doc = tl.load(DOC_row + offs_m, mask=rmask, other=-2)
+    lo, c_lo, c_hi, hi = _key_range(b, pid_m, start_m, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_qblocks, CAUSAL,
+                                    HAS_DOCS, BLOCK_M, BLOCK_N)
+    return b, h, hk, offs_m, rmask, kv_len, prefix_len, DOC_row, q_doc, lo, c_lo, c_hi, hi
+
+
+@triton.jit
 def _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d, D, Sk,
               kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
               HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr, MASK: tl.constexpr,
@@ -197,31 +225,16 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX, KVLEN, DOC, DOC_RANGE,
     group = Hq // Hkv; qk_scale = scale * log2(e). Grid: (n_qblocks, B * Hq)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    b = bh // Hq
-    h = bh % Hq
-    hk = h // group
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    b, h, hk, offs_m, rmask, kv_len, prefix_len, DOC_row, q_doc, lo, c_lo, c_hi, hi = _query_block(
+        pid_m, bh, Hq, group, Sq, Sk, PREFIX, KVLEN, DOC, DOC_RANGE, stride_doc, n_qblocks, CAUSAL, HAS_PREFIX,
+        HAS_KVLEN, HAS_DOCS, BLOCK_M, BLOCK_N)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    rmask = offs_m < Sq
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
                 mask=_and_d(rmask[:, None], dmask[None, :], EVEN_D), other=0.0)
     K_base = K + b * stride_kb + hk * stride_kh
     V_base = V + b * stride_vb + hk * stride_vh
-    kv_len = Sk
-    if HAS_KVLEN:
-        kv_len = tl.load(KVLEN + b)
-    prefix_len = 0
-    if HAS_PREFIX:
-        prefix_len = tl.load(PREFIX + b)
-    DOC_row = DOC + b * stride_doc
-    q_doc = offs_m
-    if HAS_DOCS:
-        q_doc = tl.load(DOC_row + offs_m, mask=rmask, other=-2)
-    lo, c_lo, c_hi, hi = _key_range(b, pid_m, start_m, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_qblocks, CAUSAL,
-                                    HAS_DOCS, BLOCK_M, BLOCK_N)
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -422,15 +435,12 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX, KVLEN, DOC, DOC_RAN
     (DOC_RANGE (B, n_qblocks, 4), see `_doc_block_range`). Grid: (n_qblocks, B * Hq)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    b = bh // Hq
-    h = bh % Hq
-    hk = h // group
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    b, h, hk, offs_m, rmask, kv_len, prefix_len, DOC_row, q_doc, lo, c_lo, c_hi, hi = _query_block(
+        pid_m, bh, Hq, group, Sq, Sk, PREFIX, KVLEN, DOC, DOC_RANGE, stride_doc, n_qblocks, CAUSAL, HAS_PREFIX,
+        HAS_KVLEN, HAS_DOCS, BLOCK_M, BLOCK_N)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    rmask = offs_m < Sq
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
                 mask=_and_d(rmask[:, None], dmask[None, :], EVEN_D), other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :],
@@ -440,18 +450,6 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX, KVLEN, DOC, DOC_RAN
     delta = tl.load(DELTA + bh * Sq + offs_m, mask=rmask, other=0.0)
     K_base = K + b * stride_kb + hk * stride_kh
     V_base = V + b * stride_vb + hk * stride_vh
-    kv_len = Sk
-    if HAS_KVLEN:
-        kv_len = tl.load(KVLEN + b)
-    prefix_len = 0
-    if HAS_PREFIX:
-        prefix_len = tl.load(PREFIX + b)
-    DOC_row = DOC + b * stride_doc
-    q_doc = offs_m
-    if HAS_DOCS:
-        q_doc = tl.load(DOC_row + offs_m, mask=rmask, other=-2)
-    lo, c_lo, c_hi, hi = _key_range(b, pid_m, start_m, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_qblocks, CAUSAL,
-                                    HAS_DOCS, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if HAS_DOCS:
         for start_n in range(lo, c_lo, BLOCK_N):

@@ -86,8 +86,10 @@ inline void row_draws(uint64_t seed, int64_t row, uint32_t stream, int64_t m, st
 // estimate falls short. Then a bucket histogram of the candidates' keys (monotone in the key, branch-free) finds
 // the bucket that holds the answer, and nth_element orders its one or two values. nth_element on all candidates
 // mispredicted a branch per comparison and took a third of span_corrupt's time.
+// On return cand[0, *n_cand) holds the candidates (key << 32 | index) in increasing index: every pair <= the
+// result is among them.
 inline uint64_t kth_smallest(const uint32_t* keys, const uint8_t* valid, int64_t m, int64_t want,
-                             std::vector<uint64_t>& cand) {
+                             std::vector<uint64_t>& cand, int64_t* n_cand = nullptr) {
   const double q = (2.0 * static_cast<double>(want) + 32.0) / static_cast<double>(m);
   const uint64_t lim = q >= 1.0 ? (uint64_t(1) << 32) : static_cast<uint64_t>(q * 4294967296.0);
   cand.resize(static_cast<size_t>(2 * m));
@@ -122,6 +124,7 @@ inline uint64_t kth_smallest(const uint32_t* keys, const uint8_t* valid, int64_t
   }
   const int64_t r = want - 1 - before;
   std::nth_element(small, small + r, small + ns);
+  if (n_cand != nullptr) *n_cand = cnt;
   return small[r];
 }
 
@@ -137,12 +140,13 @@ int64_t select_cuts(uint64_t seed, int64_t row, uint32_t stream, int64_t m, int6
     return m;
   }
   row_draws(seed, row, stream, m, keys);
-  const uint64_t thr = kth_smallest(keys.data(), nullptr, m, want, cand);
-  const uint32_t* kk = keys.data();
+  int64_t cnt = 0;
+  const uint64_t thr = kth_smallest(keys.data(), nullptr, m, want, cand, &cnt);
+  const uint64_t* c = cand.data();
   int64_t n = 0;
-  for (int64_t j = 0; j < m; ++j) {  // branch-free compaction of the chosen slots
-    ct[n] = j;
-    n += ((static_cast<uint64_t>(kk[j]) << 32) | static_cast<uint64_t>(j)) <= thr;
+  for (int64_t i = 0; i < cnt; ++i) {  // the chosen slots are among the candidates, already in slot order
+    ct[n] = static_cast<int64_t>(c[i] & 0xFFFFFFFFull);
+    n += c[i] <= thr;
   }
   return n;
 }

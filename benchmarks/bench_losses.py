@@ -33,8 +33,9 @@ import lmobj_kernels as L  # noqa: E402
 def lin_case(impl: str, h, w, t, shift=False):
     def run():
         h.grad = w.grad = None
-        if impl.startswith("lmobj-"):
-            loss = L.linear_cross_entropy(h, w, t, shift=shift, backend=impl[len("lmobj-"):])
+        if impl.startswith("lmobj-"):  # lmobj-<backend>[-lowmem]
+            backend, _, low = impl[len("lmobj-"):].partition("-")
+            loss = L.linear_cross_entropy(h, w, t, shift=shift, backend=backend, low_memory=low == "lowmem")
         elif impl == "torch-eager":
             loss = F.cross_entropy((h @ w.t()).float(), t)
         elif impl == "torch-compile":
@@ -130,7 +131,7 @@ QUICK_SIZES = {
     "cross_entropy": dict(N=256, V=4001),
 }
 CPU_IMPLS = {
-    "linear_ce": ["lmobj-cpu", "torch-eager", "torch-chunked"],
+    "linear_ce": ["lmobj-cpu", "lmobj-cpu-lowmem", "torch-eager", "torch-chunked"],
     "masked_lm": ["lmobj-cpu", "hf-bert"],
     "cross_entropy": ["lmobj-cpu", "torch"],
 }
@@ -225,7 +226,8 @@ def run_gpu(quick: bool, full: bool = False) -> list[dict]:
     ]
     # torch.compile costs ~40 s of compilation per shape: only with --full (run 1 on an H200 measured it:
     # benchmarks/results/losses-gpu-H200-2026-11-27-run1.json)
-    heads = ["lmobj-cuda", "lmobj-triton", "torch-eager", "torch-chunked", "liger", "cce"] + (
+    heads = ["lmobj-cuda", "lmobj-triton", "lmobj-cuda-lowmem", "lmobj-triton-lowmem", "torch-eager",
+             "torch-chunked", "liger", "cce"] + (
         ["torch-compile"] if full else [])
     for size in GPU_HEADS.values():
         plan.insert(0, ("head", size, torch.bfloat16, [h for h in heads if _available(h)]))

@@ -116,20 +116,24 @@ def _addmm_out_dtype_works() -> bool:
         return False
 
 
-def _chunks(hidden, weight, bias, target, opts, chunk, backend, need, grad_rows=None, lse=None):
+def _chunks(hidden, weight, bias, target, opts, chunk, backend, need, grad_rows=None, lse=None, vocab_block=0):
     """The loop shared by the linear ops. Modes: grad_rows None and need all False: forward only;
     grad_rows None and need: forward with in-place gradients for a sum of row losses (the fused path);
-    grad_rows given: backward with per-row weights (recomputes each chunk's logits)."""
+    grad_rows given: backward with per-row weights (recomputes each chunk's logits).
+    vocab_block > 0 (low memory): dW is not accumulated over the row chunks but computed afterwards, block by block
+    of `vocab_block` vocabulary rows, from logits recomputed for every token (`_dw_by_vocab_blocks`)."""
     n, d = hidden.shape
     v = weight.shape[0]
     need_dh, need_dw, need_db = need
+    lean_dw = need_dw and vocab_block > 0
+    need_dw = need_dw and not lean_dw
     fwd, bwd, fused = row_ops(backend)
     loss = hidden.new_empty(n, dtype=torch.float32) if grad_rows is None else None
     lse_out = hidden.new_empty(n, dtype=torch.float32) if grad_rows is None else None
     dh = hidden.new_empty((n, d)) if need_dh else hidden.new_empty(0)
     dw32 = weight.new_zeros((v, d), dtype=torch.float32) if need_dw else None
     db32 = weight.new_zeros(v, dtype=torch.float32) if need_db else None
-    grads = any(need)
+    grads = need_dh or need_dw or need_db  # in this pass (a low-memory dW only needs the rows' lse from it)
     # One logits buffer for every chunk: a fresh (chunk, V) allocation per chunk fragments the CPU heap (measured:
     # +50 MB of resident memory over 32 chunks of Llama-size rows) and costs an allocator round trip on the GPU.
     buf = hidden.new_empty((min(chunk, n), v), dtype=torch.result_type(hidden, weight)) if n else None
@@ -157,26 +161,93 @@ def _chunks(hidden, weight, bias, target, opts, chunk, backend, need, grad_rows=
         if need_db:
             db32.add_(g.sum(0, dtype=torch.float32))
     del buf, logits, g  # before the float32 -> weight-dtype copy of dW: the peak holds one of them, not both
-    dw = dw32.to(weight.dtype) if need_dw else weight.new_empty(0)
+    if lean_dw:
+        rows_lse = lse_out if grad_rows is None else lse
+        dw = _dw_by_vocab_blocks(hidden, weight, bias, target, opts, rows_lse, grad_rows, vocab_block, backend)
+    else:
+        dw = dw32.to(weight.dtype) if need_dw else weight.new_empty(0)
     db = db32.to(weight.dtype) if need_db else weight.new_empty(0)
     return loss, lse_out, dh, dw, db
+
+
+def _row_targets(target: Tensor, n: int, shift_len: int, ignore_index: int) -> Tensor:
+    """The target of each row as the kernels read it (row_target in csrc/common/cross_entropy_row.h)."""
+    if shift_len <= 0:
+        return target[:n]
+    r = torch.arange(n, device=target.device)
+    nxt = target.index_select(0, (r + 1).clamp(max=target.numel() - 1))
+    return torch.where(r % shift_len == shift_len - 1, ignore_index, nxt)
+
+
+def _dw_by_vocab_blocks(hidden, weight, bias, target, opts, lse, grad_rows, vocab_block, backend):
+    """dW of sum_r w_r loss_r, one block of vocabulary rows at a time, each written once in the weight's dtype (no
+    float32 accumulator): the block's logits are recomputed for every token, turned into their gradient with the
+    row lse of the first pass (the same formula as the row kernels: ALGORITHMS.md, "Cross-entropy family"), and
+    multiplied by the hidden states. w_r = grad_rows (per-row backward) or 1 (sum), 0 for ignored rows.
+    The gradient of a block is one in-place Triton kernel on the triton backend; PyTorch elementwise ops (float32
+    temporaries) on the others (a C++/CUDA kernel for it is still to be written)."""
+    shift_len, ignore_index, eps, zl, cap = opts
+    n = hidden.shape[0]
+    v = weight.shape[0]
+    dw = torch.empty_like(weight)
+    y = _row_targets(target, n, shift_len, ignore_index)
+    valid = y != ignore_index
+    w_rows = valid.to(torch.float32) if grad_rows is None else torch.where(valid, grad_rows.float(), 0.0)
+    lse = lse.float().contiguous()  # finite for every row, ignored ones too (their weight is 0)
+    if backend == "triton":
+        tk = triton_module("cross_entropy")
+        y, w_rows = y.contiguous(), w_rows.contiguous()
+        for a in range(0, v, vocab_block):
+            b = min(v, a + vocab_block)
+            z = torch.mm(hidden, weight[a:b].t()) if bias is None else torch.addmm(bias[a:b], hidden, weight[a:b].t())
+            tk.ce_grad_cols_(z, y, lse, w_rows, a, v, eps, zl, cap)
+            torch.mm(z.t(), hidden, out=dw[a:b])
+            del z
+        return dw
+    coef = (w_rows * (1.0 + 2.0 * zl * lse))[:, None]
+    uni = (w_rows * (eps / v))[:, None]
+    hit = w_rows * (1.0 - eps)
+    lse = lse[:, None]
+    for a in range(0, v, vocab_block):
+        b = min(v, a + vocab_block)
+        z = torch.mm(hidden, weight[a:b].t()) if bias is None else torch.addmm(bias[a:b], hidden, weight[a:b].t())
+        g = z if z.dtype == torch.float32 else z.float()
+        del z
+        if cap > 0:
+            g.mul_(1.0 / cap).tanh_()
+            dcap = 1.0 - g * g  # d softcap / d raw logit
+            g.mul_(cap)
+        g.sub_(lse).exp_().mul_(coef)
+        if eps:
+            g.sub_(uni)
+        inside = (y >= a) & (y < b)  # the target's column, when it falls in this block
+        col = (y - a).clamp(0, b - a - 1)
+        g.scatter_add_(1, col[:, None], torch.where(inside, -hit, 0.0)[:, None])
+        if cap > 0:
+            g.mul_(dcap)
+            del dcap
+        torch.mm(g.t().to(weight.dtype), hidden, out=dw[a:b])
+        del g
+    return dw
 
 
 @torch.library.custom_op("lmobj::linear_ce_sum", mutates_args=())
 def linear_ce_sum(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, shift_len: int,
                   ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, chunk_size: int,
-                  backend: str, need_dh: bool, need_dw: bool, need_db: bool
+                  vocab_block: int, backend: str, need_dh: bool, need_dw: bool, need_db: bool
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Sum of row losses (float32 scalar), lse per row, and the gradients of that sum (empty when not needed),
-    computed in the same pass: each chunk's logits are turned into their gradient in place, then dh and dW."""
+    computed in the same pass: each chunk's logits are turned into their gradient in place, then dh and dW
+    (vocab_block > 0: dW afterwards, by vocabulary blocks)."""
     opts = (shift_len, ignore_index, label_smoothing, z_loss, softcap)
     loss, lse, dh, dw, db = _chunks(hidden, weight, bias, target, opts, chunk_size, backend,
-                                    (need_dh, need_dw, need_db and bias is not None))
+                                    (need_dh, need_dw, need_db and bias is not None), vocab_block=vocab_block)
     return loss.sum(), lse, dh, dw, db
 
 
 @linear_ce_sum.register_fake
-def _(hidden, weight, bias, target, shift_len, ignore_index, ls, zl, cap, chunk, backend, need_dh, need_dw, need_db):
+def _(hidden, weight, bias, target, shift_len, ignore_index, ls, zl, cap, chunk, vocab_block, backend, need_dh,
+      need_dw, need_db):
     n, d = hidden.shape
     v = weight.shape[0]
     return (hidden.new_empty((), dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32),
@@ -203,7 +274,7 @@ def _sum_backward(ctx, g, _g_lse, _g_dh, _g_dw, _g_db):
     gh = scale(dh) if ctx.needs_input_grad[0] else None
     gw = scale(dw) if ctx.needs_input_grad[1] else None
     gb = scale(db) if ctx.has_bias and ctx.needs_input_grad[2] else None
-    return (gh, gw, gb) + (None,) * 11
+    return (gh, gw, gb) + (None,) * 12
 
 
 linear_ce_sum.register_autograd(_sum_backward, setup_context=_sum_setup)
@@ -212,8 +283,9 @@ linear_ce_sum.register_autograd(_sum_backward, setup_context=_sum_setup)
 @torch.library.custom_op("lmobj::linear_ce_rows", mutates_args=())
 def linear_ce_rows(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, shift_len: int,
                    ignore_index: int, label_smoothing: float, z_loss: float, softcap: float, chunk_size: int,
-                   backend: str) -> tuple[Tensor, Tensor]:
-    """Per-row loss and lse; the backward (linear_ce_rows_bwd) recomputes each chunk's logits."""
+                   vocab_block: int, backend: str) -> tuple[Tensor, Tensor]:
+    """Per-row loss and lse; the backward (linear_ce_rows_bwd) recomputes each chunk's logits (vocab_block: how
+    the backward computes dW, see `_chunks`)."""
     opts = (shift_len, ignore_index, label_smoothing, z_loss, softcap)
     loss, lse, *_ = _chunks(hidden, weight, bias, target, opts, chunk_size, backend, (False, False, False))
     return loss, lse
@@ -227,10 +299,12 @@ def _(hidden, *args):
 @torch.library.custom_op("lmobj::linear_ce_rows_bwd", mutates_args=())
 def linear_ce_rows_bwd(grad_rows: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
                        lse: Tensor, shift_len: int, ignore_index: int, label_smoothing: float, z_loss: float,
-                       softcap: float, chunk_size: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                       softcap: float, chunk_size: int, vocab_block: int, backend: str
+                       ) -> tuple[Tensor, Tensor, Tensor]:
     opts = (shift_len, ignore_index, label_smoothing, z_loss, softcap)
     _, _, dh, dw, db = _chunks(hidden, weight, bias, target, opts, chunk_size, backend,
-                               (True, True, bias is not None), grad_rows=grad_rows.float().contiguous(), lse=lse)
+                               (True, True, bias is not None), grad_rows=grad_rows.float().contiguous(), lse=lse,
+                               vocab_block=vocab_block)
     return dh, dw, db
 
 
@@ -250,10 +324,10 @@ def _rows_setup(ctx, inputs, output):
 
 def _rows_backward(ctx, grad_rows, _grad_lse):
     hidden, weight, bias, target, lse = ctx.saved_tensors
-    shift_len, ii, ls, zl, cap, chunk, backend = ctx.opts
+    shift_len, ii, ls, zl, cap, chunk, vocab_block, backend = ctx.opts
     dh, dw, db = linear_ce_rows_bwd(grad_rows, hidden, weight, bias, target, lse, shift_len, ii, ls, zl, cap, chunk,
-                                    backend)
-    return (dh, dw, db if ctx.has_bias else None) + (None,) * 8
+                                    vocab_block, backend)
+    return (dh, dw, db if ctx.has_bias else None) + (None,) * 9
 
 
 linear_ce_rows.register_autograd(_rows_backward, setup_context=_rows_setup)

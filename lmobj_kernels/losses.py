@@ -138,10 +138,27 @@ def cross_entropy(
 CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
 
 
-def _default_chunk(n: int, v: int, elt: int, device: torch.device) -> int:
-    """Rows per chunk: as many as fit CHUNK_BYTES of logits, 64 at least."""
-    budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"])
+# low_memory=True: no float32 weight-gradient accumulator; the extra memory is bounded by these bytes: a logits chunk
+# of at most this size (rows, for the loss, lse and dh), then blocks of vocabulary rows whose float32 logits for
+# every token take a third of it (for dW, each block written once in the weight's dtype). The price is one more
+# logits matmul (4 instead of 3).
+LOW_MEMORY_BYTES = {"cuda": 96 << 20, "cpu": 16 << 20}
+
+
+def _default_chunk(n: int, v: int, elt: int, device: torch.device, low_memory: bool = False) -> int:
+    """Rows per chunk: as many as fit CHUNK_BYTES (LOW_MEMORY_BYTES) of logits, 64 at least."""
+    table = LOW_MEMORY_BYTES if low_memory else CHUNK_BYTES
+    budget = table.get(device.type, table["cpu"])
     return max(1, min(n, max(64, budget // max(1, v * elt))))
+
+
+def _vocab_block(n: int, v: int, device: torch.device) -> int:
+    """Vocabulary rows per dW block of low_memory=True: float32 logits of every token in a third of the budget,
+    a multiple of 128 (aligned GEMM operands) when there is room."""
+    budget = LOW_MEMORY_BYTES.get(device.type, LOW_MEMORY_BYTES["cpu"]) // 3
+    cols = budget // max(1, 4 * n)
+    cols = cols // 128 * 128 if cols >= 128 else max(16, cols)
+    return max(1, min(v, cols))
 
 
 def linear_cross_entropy(
@@ -157,6 +174,7 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
+    low_memory: bool = False,
     return_lse: bool = False,
     backend: str = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -168,10 +186,15 @@ def linear_cross_entropy(
     (default: a logits chunk of at most 1 GiB on a GPU, 64 MiB on the CPU), which bounds the extra memory: the
     chunk's logits plus a float32 accumulator for the weight gradient. With a scalar reduction
     the gradients are computed during the forward (no second pass over the logits) and scaled in backward.
+    low_memory=True drops the accumulator and bounds the extra memory to about 96 MiB on a GPU (16 MiB on the CPU;
+    `LOW_MEMORY_BYTES`): the weight gradient is computed by blocks of the vocabulary from recomputed logits, each
+    block written once in the weight's dtype; it costs one more logits matmul (about 4/3 of the time).
     """
     _check_tensor("hidden", hidden)
     _check_tensor("weight", weight)
     _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size)
+    if not isinstance(low_memory, bool):
+        raise TypeError(f"low_memory must be a bool, got {low_memory!r}")
     if hidden.dim() < 1 or (shift and hidden.dim() < 2):
         raise ValueError(f"hidden must be (..., D){' with a sequence axis for shift=True' if shift else ''}, "
                          f"got shape {tuple(hidden.shape)}")
@@ -209,8 +232,9 @@ def linear_cross_entropy(
         loss = _reduce(rows, count, reduction)
     else:
         h = h.contiguous()
-        chunk = chunk_size or _default_chunk(h.shape[0], V, h.element_size(), h.device)
-        args = (seq, ignore_index, float(label_smoothing), float(z_loss), cap, chunk, name)
+        chunk = chunk_size or _default_chunk(h.shape[0], V, h.element_size(), h.device, low_memory)
+        vocab_block = _vocab_block(h.shape[0], V, h.device) if low_memory else 0
+        args = (seq, ignore_index, float(label_smoothing), float(z_loss), cap, chunk, vocab_block, name)
         if reduction == "none" or not torch.is_grad_enabled():
             rows, lse = _loss_ops.linear_ce_rows(h, weight, bias, tgt, *args)
             loss = _reduce(rows, count, reduction)

@@ -166,6 +166,43 @@ def test_linear_cross_entropy_float32(backend, shift, reduction, chunk, gen):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_linear_cross_entropy_low_memory(backend, shift, reduction, softcap, gen, monkeypatch):
+    """low_memory=True: dW by vocabulary blocks (a tiny budget forces blocks of 16 rows of V = 41: the last one
+    partial, targets in every block), every option on, against the float64 reference."""
+    monkeypatch.setitem(L.losses.LOW_MEMORY_BYTES, "cpu", 3000)
+    h, w, b = _lin_inputs(gen, (3, 7), 16, 41, torch.float32, bias=True)
+    t = _target(gen, (3, 7), 41)
+    opts = dict(shift=shift, reduction=reduction, label_smoothing=0.1, z_loss=1e-3, softcap=softcap, bias=b)
+    out = L.linear_cross_entropy(h, w, t, backend=backend, low_memory=True, **opts)
+    h64, w64, b64 = (x.detach().double().requires_grad_() for x in (h, w, b))
+    ref = L.linear_cross_entropy(h64, w64, t, backend="torch", **{**opts, "bias": b64})
+    plain = L.linear_cross_entropy(h, w, t, backend="torch", **opts)
+    assert_lowp_close(out, ref, plain, floor=1e-5)
+    wts = torch.rand(out.shape, generator=gen) if reduction == "none" else 1.0
+    for o, r, p, name in zip(_grads((out * wts).sum(), (h, w, b)), _grads((ref * wts).sum(), (h64, w64, b64)),
+                             _grads((plain * wts).sum(), (h, w, b)), ("hidden", "weight", "bias")):
+        assert_lowp_close(o, r, p, factor=3.0, floor=1e-6, what=f"d_{name}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_linear_cross_entropy_low_memory_bfloat16(backend, gen, monkeypatch):
+    monkeypatch.setitem(L.losses.LOW_MEMORY_BYTES, "cpu", 100_000)  # vocabulary blocks of 126 rows of 300
+    h, w, _ = _lin_inputs(gen, (2, 33), 32, 300, torch.bfloat16)
+    t = _target(gen, (2, 33), 300)
+    out = L.causal_lm_loss(h, w, t, backend=backend, low_memory=True)
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = L.causal_lm_loss(h64, w64, t, backend="torch")
+    plain = L.causal_lm_loss(h, w, t, backend="torch")
+    assert_lowp_close(out, ref, plain.float(), floor=1e-5)
+    for o, r, p in zip(_grads(out, (h, w)), _grads(ref, (h64, w64)), _grads(plain, (h, w))):
+        assert o.dtype == torch.bfloat16
+        assert_lowp_close(o, r, p, factor=3.0, floor=1e-6, what="grad")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_linear_cross_entropy_bfloat16(backend, gen):
     h, w, _ = _lin_inputs(gen, (2, 33), 32, 257, torch.bfloat16)
     t = _target(gen, (2, 33), 257)
@@ -305,12 +342,13 @@ def test_opcheck_row_ops(backend, gen):
 def test_opcheck_linear_ops(backend, gen):
     h, w, b = _lin_inputs(gen, (6,), 8, 20, torch.float32, bias=True)
     t = _target(gen, (6,), 20)
-    opts = (0, -100, 0.1, 0.0, 0.0, 4, backend)
-    torch.library.opcheck(_loss_ops.linear_ce_sum, (h, w, b, t) + opts + (True, True, True))
-    torch.library.opcheck(_loss_ops.linear_ce_rows, (h, w, b, t) + opts)
-    _, lse = _loss_ops.linear_ce_rows(h.detach(), w.detach(), b.detach(), t, *opts)
-    torch.library.opcheck(_loss_ops.linear_ce_rows_bwd, (torch.rand(6), h.detach(), w.detach(), b.detach(), t, lse)
-                          + opts)
+    for vocab_block in (0, 7):  # 7: low memory, dW by vocabulary blocks (the last one partial)
+        opts = (0, -100, 0.1, 0.0, 0.0, 4, vocab_block, backend)
+        torch.library.opcheck(_loss_ops.linear_ce_sum, (h, w, b, t) + opts + (True, True, True))
+        torch.library.opcheck(_loss_ops.linear_ce_rows, (h, w, b, t) + opts)
+        _, lse = _loss_ops.linear_ce_rows(h.detach(), w.detach(), b.detach(), t, *opts)
+        torch.library.opcheck(_loss_ops.linear_ce_rows_bwd,
+                              (torch.rand(6), h.detach(), w.detach(), b.detach(), t, lse) + opts)
 
 
 @pytest.mark.parametrize("backend", ["cpu"])
@@ -375,11 +413,12 @@ def test_gpu_cross_entropy(backend, dtype, n, v, opts, gen):
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_gpu_linear_cross_entropy(backend, dtype, reduction, gen):
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_gpu_linear_cross_entropy(backend, dtype, reduction, low_memory, gen):
     h = torch.randn(4, 511, 256, generator=gen).to("cuda", dtype).requires_grad_()
     w = (torch.randn(32003, 256, generator=gen) / 16).to("cuda", dtype).requires_grad_()
     t = _target(gen, (4, 511), 32003, "cuda")
-    opts = dict(reduction=reduction, label_smoothing=0.05, z_loss=1e-4)
+    opts = dict(reduction=reduction, label_smoothing=0.05, z_loss=1e-4, low_memory=low_memory)
     out = L.causal_lm_loss(h, w, t, backend=backend, **opts)
     h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     ref = L.causal_lm_loss(h64, w64, t, backend="torch", **opts)
@@ -389,6 +428,29 @@ def test_gpu_linear_cross_entropy(backend, dtype, reduction, gen):
     for o, r, p in zip(_grads((out * wts).sum(), (h, w)), _grads((ref * wts).sum(), (h64, w64)),
                        _grads((plain * wts).sum(), (h, w))):
         assert_lowp_close(o, r, p, factor=3.0, floor=1e-6, what="grad")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_low_memory_bounds_the_extra_memory(backend, gen):
+    """low_memory=True: peak memory over the inputs = the gradients (dW, dh in bf16) plus at most
+    LOW_MEMORY_BYTES and a little; the default path holds a float32 dW as well."""
+    n, d, v = 4096, 1024, 65536
+    h = torch.randn(n, d, generator=gen).to("cuda", torch.bfloat16).requires_grad_()
+    w = (torch.randn(v, d, generator=gen) / 32).to("cuda", torch.bfloat16).requires_grad_()
+    t = _target(gen, (n,), v, "cuda")
+    grads = (n * d + v * d) * 2
+    peaks = {}
+    for low in (True, False):
+        h.grad = w.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        L.linear_cross_entropy(h, w, t, backend=backend, low_memory=low).backward()
+        torch.cuda.synchronize()
+        peaks[low] = torch.cuda.max_memory_allocated() - base
+    assert peaks[True] <= grads + L.losses.LOW_MEMORY_BYTES["cuda"] + (8 << 20), peaks
+    assert peaks[False] >= grads + v * d * 4, peaks  # the float32 accumulator: what low_memory saves
 
 
 @pytest.mark.gpu

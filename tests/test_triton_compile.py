@@ -79,6 +79,9 @@ def _launch_everything(gen):
     w = torch.randn(37, 8, generator=gen, requires_grad=True)
     y = torch.randint(0, 37, (2, 6), generator=gen)
     L.causal_lm_loss(h, w, y, backend="triton").backward()
+    for cap in (None, 3.0):  # low memory: the column-block gradient kernel, in bf16 as on a GPU
+        hb, wb = (t.detach().bfloat16().requires_grad_() for t in (h, w))
+        L.causal_lm_loss(hb, wb, y, backend="triton", low_memory=True, softcap=cap).backward()
     ids = torch.randint(5, 300, (3, 40), generator=gen)
     L.span_corrupt(ids, [40, 30, 1], vocab_size=400, eos_id=1, seed=3, backend="triton")
     for exact in (False, True):

@@ -128,3 +128,39 @@ def ce_backward(grad_loss, logits, target, lse, row_offset, shift_len, ignore_in
                          ignore_index, smoothing, z_loss, softcap if softcap > 0 else 1.0, HAS_CAP=softcap > 0,
                          SHIFT=shift_len > 0, BLOCK=block, num_warps=warps)
     return out
+
+
+@triton.jit
+def _ce_grad_cols_kernel(X, stride_x, Y, LSE, W, col0, ncols, V, smoothing, z_loss, softcap,
+                         HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
+    """X[r, j] <- W[r] * d loss_r / d z[r, col0 + j], in place, for a block X (N, ncols) of the logits' columns
+    [col0, col0 + ncols) of a V-column row (the low-memory weight gradient). Y: each row's target (any value where
+    W[r] == 0); LSE: the full rows' lse. Grid: (N, cdiv(ncols, BLOCK))."""
+    r = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    msk = cols < ncols
+    w = tl.load(W + r)
+    lse = tl.load(LSE + r)
+    y = tl.load(Y + r) - col0
+    coef = w * (1.0 + 2.0 * z_loss * lse)
+    uni = w * smoothing / V
+    hit = w * (1.0 - smoothing)
+    ptr = X + r * stride_x + cols
+    z = _capped(tl.load(ptr, mask=msk, other=0.0).to(tl.float32), softcap, HAS_CAP)
+    d = tl.exp(z - lse) * coef - uni - tl.where(cols == y, hit, 0.0)
+    if HAS_CAP:
+        d = d * (1.0 - (z / softcap) * (z / softcap))
+    tl.store(ptr, d.to(X.dtype.element_ty), mask=msk)
+
+
+def ce_grad_cols_(block, y, lse, w, col0, V, smoothing, z_loss, softcap):
+    """In place: block (N, ncols; rows block.stride(0) apart, unit column stride) of the logits' columns
+    [col0, col0 + ncols) becomes w[r] * their gradient (float32 y as int64 targets, lse and w float32)."""
+    N, ncols = block.shape
+    if N == 0 or ncols == 0:
+        return block
+    BLOCK = min(triton.next_power_of_2(ncols), 2048)
+    _ce_grad_cols_kernel[(N, triton.cdiv(ncols, BLOCK))](
+        block, block.stride(0), y, lse, w, col0, ncols, V, smoothing, z_loss, softcap if softcap > 0 else 1.0,
+        HAS_CAP=softcap > 0, BLOCK=BLOCK, num_warps=4 if BLOCK <= 1024 else 8)
+    return block

@@ -28,6 +28,11 @@ TORCH_LIBRARY(lmobj, m) {
   // Forward, then overwrite `logits` (a scratch buffer the library owns) with d(sum of row losses)/d logits.
   m.def("ce_fwd_bwd_(Tensor(a!) logits, Tensor target, int row_offset, int shift_len, int ignore_index, "
         "float label_smoothing, float z_loss, float softcap) -> (Tensor, Tensor)");
+  // Low-memory linear CE: `block` (N, C) holds columns [col0, col0 + C) of V-column logit rows; overwrite it with
+  // weight_rows[r] * d loss_r / d z (loss_r with row lse lse[r] and target target[r], any value where
+  // weight_rows[r] == 0).
+  m.def("ce_grad_cols_(Tensor(a!) block, Tensor target, Tensor lse, Tensor weight_rows, int col0, int vocab, "
+        "float label_smoothing, float z_loss, float softcap) -> ()");
 
   // ---- corruption family (ALGORITHMS.md, "Randomness", "T5 span corruption", "MLM masking") ----
   // Philox counters use the global row row_offset + r, so a row's bytes depend on the seed (int64 [1] tensor

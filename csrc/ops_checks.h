@@ -27,4 +27,19 @@ inline void check_row_vector(const char* op, const char* name, const at::Tensor&
               " must be a contiguous float32 vector of ", n, " rows");
 }
 
+inline void check_grad_cols_args(const char* op, const at::Tensor& block, const at::Tensor& target,
+                                 const at::Tensor& lse, const at::Tensor& w, int64_t col0, int64_t vocab) {
+  TORCH_CHECK(block.dim() == 2 && block.stride(1) == 1 && block.stride(0) >= block.size(1), op,
+              ": block must be 2-D with contiguous rows");
+  const int64_t n = block.size(0);
+  TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 && target.numel() == n &&
+                  target.is_contiguous(), op, ": target must be a contiguous int64 vector of ", n, " rows");
+  check_row_vector(op, "lse", lse, n);
+  check_row_vector(op, "weight_rows", w, n);
+  TORCH_CHECK(target.device() == block.device() && lse.device() == block.device() && w.device() == block.device(),
+              op, ": all tensors must be on the device of block");
+  TORCH_CHECK(col0 >= 0 && vocab >= col0 + block.size(1), op, ": columns [", col0, ", ", col0 + block.size(1),
+              ") are outside a vocabulary of ", vocab);
+}
+
 }  // namespace lmobj

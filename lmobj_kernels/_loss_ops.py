@@ -33,6 +33,10 @@ if _C() is not None:
     def _(grad_loss, logits, *args):
         return logits.new_empty(logits.shape)
 
+    @torch.library.register_fake("lmobj::ce_grad_cols_")
+    def _(block, *args):
+        return None
+
 
 # ---- Triton row ops ----
 @torch.library.custom_op("lmobj::ce_fwd_triton", mutates_args=())
@@ -184,8 +188,7 @@ def _dw_by_vocab_blocks(hidden, weight, bias, target, opts, lse, grad_rows, voca
     float32 accumulator): the block's logits are recomputed for every token, turned into their gradient with the
     row lse of the first pass (the same formula as the row kernels: ALGORITHMS.md, "Cross-entropy family"), and
     multiplied by the hidden states. w_r = grad_rows (per-row backward) or 1 (sum), 0 for ignored rows.
-    The gradient of a block is one in-place Triton kernel on the triton backend; PyTorch elementwise ops (float32
-    temporaries) on the others (a C++/CUDA kernel for it is still to be written)."""
+    The gradient of a block is one in-place kernel of the backend (`ce_grad_cols_`)."""
     shift_len, ignore_index, eps, zl, cap = opts
     n = hidden.shape[0]
     v = weight.shape[0]
@@ -194,40 +197,14 @@ def _dw_by_vocab_blocks(hidden, weight, bias, target, opts, lse, grad_rows, voca
     valid = y != ignore_index
     w_rows = valid.to(torch.float32) if grad_rows is None else torch.where(valid, grad_rows.float(), 0.0)
     lse = lse.float().contiguous()  # finite for every row, ignored ones too (their weight is 0)
-    if backend == "triton":
-        tk = triton_module("cross_entropy")
-        y, w_rows = y.contiguous(), w_rows.contiguous()
-        for a in range(0, v, vocab_block):
-            b = min(v, a + vocab_block)
-            z = torch.mm(hidden, weight[a:b].t()) if bias is None else torch.addmm(bias[a:b], hidden, weight[a:b].t())
-            tk.ce_grad_cols_(z, y, lse, w_rows, a, v, eps, zl, cap)
-            torch.mm(z.t(), hidden, out=dw[a:b])
-            del z
-        return dw
-    coef = (w_rows * (1.0 + 2.0 * zl * lse))[:, None]
-    uni = (w_rows * (eps / v))[:, None]
-    hit = w_rows * (1.0 - eps)
-    lse = lse[:, None]
+    y, w_rows = y.contiguous(), w_rows.contiguous()
+    grad_cols = triton_module("cross_entropy").ce_grad_cols_ if backend == "triton" else torch.ops.lmobj.ce_grad_cols_
     for a in range(0, v, vocab_block):
         b = min(v, a + vocab_block)
         z = torch.mm(hidden, weight[a:b].t()) if bias is None else torch.addmm(bias[a:b], hidden, weight[a:b].t())
-        g = z if z.dtype == torch.float32 else z.float()
+        grad_cols(z, y, lse, w_rows, a, v, eps, zl, cap)
+        torch.mm(z.t(), hidden, out=dw[a:b])
         del z
-        if cap > 0:
-            g.mul_(1.0 / cap).tanh_()
-            dcap = 1.0 - g * g  # d softcap / d raw logit
-            g.mul_(cap)
-        g.sub_(lse).exp_().mul_(coef)
-        if eps:
-            g.sub_(uni)
-        inside = (y >= a) & (y < b)  # the target's column, when it falls in this block
-        col = (y - a).clamp(0, b - a - 1)
-        g.scatter_add_(1, col[:, None], torch.where(inside, -hit, 0.0)[:, None])
-        if cap > 0:
-            g.mul_(dcap)
-            del dcap
-        torch.mm(g.t().to(weight.dtype), hidden, out=dw[a:b])
-        del g
     return dw
 
 

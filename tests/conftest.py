@@ -28,6 +28,15 @@ def backends_here(device: str = "cpu", include_torch: bool = False) -> list[str]
     return [b for b in names if include_torch or b != "torch"]
 
 
+def bf16_grad_factor(backend: str) -> float:
+    """The rule's gradient factor (3x) for bfloat16 results of `backend` here. Triton's interpreter (3.8) truncates
+    float32 -> bfloat16 where compiled Triton rounds to nearest even (measured: half of 1024 values differ, twice
+    the mean rounding error; `fp_downcast_rounding="rtne"` is ignored), so sums of interpreted bf16 gradients
+    (dW over rows) carry up to about twice the rounding error: 4x under the interpreter, for bf16 only. The GPU
+    tests keep 3x on the compiled kernels."""
+    return 4.0 if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1" else 3.0
+
+
 def assert_lowp_close(out, ref64, plain, factor=2.0, floor=1e-6, what="output"):
     """DESIGN.md's rule: |out - ref64| <= factor * |plain - ref64| + floor (max norm), where `plain` is plain
     PyTorch in the same precision as `out`. NaN never passes."""

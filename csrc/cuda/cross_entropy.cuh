@@ -19,4 +19,9 @@ void ce_forward(DType dtype, const void* x, int64_t ld, const int64_t* target, i
 void ce_backward(DType dtype, const float* grad_loss, const void* x, int64_t ld, const int64_t* target,
                  const float* lse, int64_t N, int64_t V, const CEOptions& o, void* out, cudaStream_t stream);
 
+// In place: block (N, C; rows ld apart) = columns [col0, col0 + C) of V-column logit rows -> w[r] * d loss_r / dz.
+void ce_grad_cols(DType dtype, void* block, int64_t ld, int64_t N, int64_t C, const int64_t* target, const float* lse,
+                  const float* w, int64_t col0, int64_t V, float smoothing, float z_loss, float softcap,
+                  cudaStream_t stream);
+
 }  // namespace lmobj::cuda

@@ -69,12 +69,24 @@ at::Tensor ce_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, co
   return out;
 }
 
+void ce_grad_cols_cuda(at::Tensor& block, const at::Tensor& target, const at::Tensor& lse, const at::Tensor& w,
+                       int64_t col0, int64_t vocab, double ls, double zl, double cap) {
+  check_grad_cols_args("lmobj::ce_grad_cols_", block, target, lse, w, col0, vocab);
+  c10::cuda::CUDAGuard guard(block.device());
+  cuda::ce_grad_cols(dtype_of(block, "lmobj::ce_grad_cols_"), block.mutable_data_ptr(), block.stride(0),
+                     block.size(0), block.size(1), target.const_data_ptr<int64_t>(), lse.const_data_ptr<float>(),
+                     w.const_data_ptr<float>(), col0, vocab, float(ls), float(zl), float(cap),
+                     c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lmobj, CUDA, m) {
   m.impl("ce_fwd", &ce_fwd_cuda);
   m.impl("ce_bwd", &ce_bwd_cuda);
   m.impl("ce_fwd_bwd_", &ce_fwd_bwd_cuda);
+  m.impl("ce_grad_cols_", &ce_grad_cols_cuda);
 }
 
 }  // namespace lmobj

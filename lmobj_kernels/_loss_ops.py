@@ -105,8 +105,10 @@ def _mm_f32_accumulate(acc: Tensor, a: Tensor, b: Tensor) -> None:
         acc.addmm_(a, b)
     elif a.is_cuda and _addmm_out_dtype_works():
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)  # cuBLAS: low-precision inputs, float32 C
-    else:
+    elif a.is_cuda:
         acc.add_(torch.mm(a, b))
+    else:  # CPU: no float32-output low-precision GEMM; a bf16 product per chunk would round every partial sum
+        acc.addmm_(a.float(), b.float())
 
 
 @functools.cache

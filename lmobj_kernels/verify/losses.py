@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 import lmobj_kernels as L
@@ -12,6 +14,13 @@ from lmobj_kernels.verify import lowp_bound
 def _row(op, backend, dtype, shape, err, bound):
     return {"op": op, "backend": backend, "dtype": str(dtype).replace("torch.", ""), "shape": shape,
             "max_err": err, "bound": bound, "ok": bool(err <= bound)}
+
+
+def _grad_factor(backend: str, dtype: torch.dtype) -> float:
+    """3x, but 4x for bf16 under Triton's interpreter, which truncates float32 -> bf16 (compiled Triton rounds to
+    nearest): see tests/conftest.py, bf16_grad_factor."""
+    interpreted = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+    return 4.0 if interpreted and dtype == torch.bfloat16 else 3.0
 
 
 def cases(device: str = "cpu"):
@@ -40,11 +49,13 @@ def cases(device: str = "cpu"):
         plain = L.causal_lm_loss(h, w, y, backend="torch")
         pg = torch.autograd.grad(plain, (h, w))
         for b in backends:
-            out = L.causal_lm_loss(h, w, y, backend=b, chunk_size=64)
-            og = torch.autograd.grad(out, (h, w))
-            err = abs(float(out.detach()) - float(ref.detach()))
-            bound = lowp_bound(ref.detach(), plain.detach())
-            yield _row("causal_lm_loss", b, dtype, f"{tuple(h.shape)}x{v}", err, bound)
-            for name, o, r, p in zip(("d_hidden", "d_weight"), og, rg, pg):
-                yield _row(f"causal_lm_loss.{name}", b, dtype, f"{tuple(h.shape)}x{v}",
-                           float((o.double() - r).abs().max()), lowp_bound(r, p, factor=3.0))
+            for low in (False, True):
+                op = "causal_lm_loss" + ("[low_memory]" if low else "")
+                out = L.causal_lm_loss(h, w, y, backend=b, chunk_size=64, low_memory=low)
+                og = torch.autograd.grad(out, (h, w))
+                err = abs(float(out.detach()) - float(ref.detach()))
+                bound = lowp_bound(ref.detach(), plain.detach())
+                yield _row(op, b, dtype, f"{tuple(h.shape)}x{v}", err, bound)
+                for name, o, r, p in zip(("d_hidden", "d_weight"), og, rg, pg):
+                    yield _row(f"{op}.{name}", b, dtype, f"{tuple(h.shape)}x{v}",
+                               float((o.double() - r).abs().max()), lowp_bound(r, p, factor=_grad_factor(b, dtype)))

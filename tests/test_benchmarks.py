@@ -1,5 +1,6 @@
 """Smoke tests: the loss and trainer benchmark scripts run at tiny sizes and write their result files (the
-attention and corruption benchmarks have theirs beside their tests)."""
+attention and corruption benchmarks have theirs beside their tests); the pytest-benchmark CPU micro-benchmarks
+run once each."""
 
 from __future__ import annotations
 
@@ -23,3 +24,11 @@ def test_bench_quick(name, tmp_path):
     rows = json.load(open(files[0]))["rows"]
     assert rows and all(r["value"] > 0 for r in rows if r["metric"] != "peak_mem")  # times, throughputs
     assert all(r["value"] >= 0 for r in rows if r["metric"] == "peak_mem")  # growth of max RSS: 0 at tiny sizes
+
+
+def test_micro_cpu_benchmarks_run():
+    """benchmarks/micro_cpu.py (pytest-benchmark) runs: every benchmark once, timing disabled."""
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+                          os.path.join(BENCH, "micro_cpu.py")], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "passed" in res.stdout

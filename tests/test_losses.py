@@ -368,6 +368,7 @@ def test_compile_fullgraph(backend, gen):
         "seq2seq_lm_loss": (lambda: L.seq2seq_lm_loss(h, w, t, hidden_scale=0.5, backend=backend), (h, w)),
         "masked_lm_loss": (lambda: L.masked_lm_loss(h, w, labels, max_predictions=6, backend=backend), (h, w)),
         "linear_none": (lambda: L.linear_cross_entropy(h, w, t, reduction="none", backend=backend).sum(), (h, w)),
+        "low_memory": (lambda: L.causal_lm_loss(h, w, t, low_memory=True, backend=backend), (h, w)),
     }
     for name, (fn, params) in cases.items():
         torch._dynamo.reset()

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from lmobj_kernels._backend import _C, triton_module
+from lmobj_kernels.reference import losses as ref_losses
 
 _C()  # loads the C++ schemas (TORCH_LIBRARY(lmobj)) before the fakes below refer to them
 
@@ -177,12 +178,11 @@ def _chunks(hidden, weight, bias, target, opts, chunk, backend, need, grad_rows=
 
 
 def _row_targets(target: Tensor, n: int, shift_len: int, ignore_index: int) -> Tensor:
-    """The target of each row as the kernels read it (row_target in csrc/common/cross_entropy_row.h)."""
+    """The target of each row as the kernels read it (row_target in csrc/common/cross_entropy_row.h): the
+    reference's shift for causal LM (target holds whole sequences of shift_len, the op checks it)."""
     if shift_len <= 0:
         return target[:n]
-    r = torch.arange(n, device=target.device)
-    nxt = target.index_select(0, (r + 1).clamp(max=target.numel() - 1))
-    return torch.where(r % shift_len == shift_len - 1, ignore_index, nxt)
+    return ref_losses.shift_targets(target.view(-1, shift_len), ignore_index).reshape(-1)[:n]
 
 
 def _dw_by_vocab_blocks(hidden, weight, bias, target, opts, lse, grad_rows, vocab_block, backend):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lmobj_kernels._backend import available_backends
-from lmobj_kernels.verify import lowp_bound
+from lmobj_kernels.verify import grad_factor, lowp_bound
 
 HAS_GPU = torch.cuda.is_available()
 
@@ -29,12 +29,8 @@ def backends_here(device: str = "cpu", include_torch: bool = False) -> list[str]
 
 
 def bf16_grad_factor(backend: str) -> float:
-    """The rule's gradient factor (3x) for bfloat16 results of `backend` here. Triton's interpreter (3.8) truncates
-    float32 -> bfloat16 where compiled Triton rounds to nearest even (measured: half of 1024 values differ, twice
-    the mean rounding error; `fp_downcast_rounding="rtne"` is ignored), so sums of interpreted bf16 gradients
-    (dW over rows) carry up to about twice the rounding error: 4x under the interpreter, for bf16 only. The GPU
-    tests keep 3x on the compiled kernels."""
-    return 4.0 if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1" else 3.0
+    """The rule's gradient factor for bfloat16 results of `backend` here (lmobj_kernels.verify.grad_factor)."""
+    return grad_factor(backend, torch.bfloat16)
 
 
 def assert_lowp_close(out, ref64, plain, factor=2.0, floor=1e-6, what="output"):

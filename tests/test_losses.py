@@ -151,15 +151,21 @@ def _grads(loss, tensors):
 def test_linear_cross_entropy_float32(backend, shift, reduction, chunk, gen):
     if backend == "triton" and chunk == 1:
         pytest.skip("interpreter: one row per chunk is slow")
+    _check_linear_float32(gen, backend, dict(shift=shift, reduction=reduction), chunk_size=chunk)
+
+
+def _check_linear_float32(gen, backend, opts, **options):
+    """linear_cross_entropy with bias, smoothing and z-loss on (3, 7) rows of V = 41 against the float64 reference:
+    the loss, and the gradients of a random weighting of it (per-row weights for reduction "none")."""
     h, w, b = _lin_inputs(gen, (3, 7), 16, 41, torch.float32, bias=True)
     t = _target(gen, (3, 7), 41)
-    opts = dict(shift=shift, reduction=reduction, label_smoothing=0.1, z_loss=1e-3, bias=b)
-    out = L.linear_cross_entropy(h, w, t, backend=backend, chunk_size=chunk, **opts)
+    opts = dict(label_smoothing=0.1, z_loss=1e-3, bias=b, **opts)
+    out = L.linear_cross_entropy(h, w, t, backend=backend, **options, **opts)
     h64, w64, b64 = (x.detach().double().requires_grad_() for x in (h, w, b))
     ref = L.linear_cross_entropy(h64, w64, t, backend="torch", **{**opts, "bias": b64})
     plain = L.linear_cross_entropy(h, w, t, backend="torch", **opts)
     assert_lowp_close(out, ref, plain, floor=1e-5)
-    wts = torch.rand(out.shape, generator=gen) if reduction == "none" else 1.0
+    wts = torch.rand(out.shape, generator=gen) if opts["reduction"] == "none" else 1.0
     for o, r, p, name in zip(_grads((out * wts).sum(), (h, w, b)), _grads((ref * wts).sum(), (h64, w64, b64)),
                              _grads((plain * wts).sum(), (h, w, b)), ("hidden", "weight", "bias")):
         assert_lowp_close(o, r, p, factor=3.0, floor=1e-6, what=f"d_{name}")
@@ -173,40 +179,25 @@ def test_linear_cross_entropy_low_memory(backend, shift, reduction, softcap, gen
     """low_memory=True: dW by vocabulary blocks (a tiny budget forces blocks of 16 rows of V = 41: the last one
     partial, targets in every block), every option on, against the float64 reference."""
     monkeypatch.setitem(L.losses.LOW_MEMORY_BYTES, "cpu", 3000)
-    h, w, b = _lin_inputs(gen, (3, 7), 16, 41, torch.float32, bias=True)
-    t = _target(gen, (3, 7), 41)
-    opts = dict(shift=shift, reduction=reduction, label_smoothing=0.1, z_loss=1e-3, softcap=softcap, bias=b)
-    out = L.linear_cross_entropy(h, w, t, backend=backend, low_memory=True, **opts)
-    h64, w64, b64 = (x.detach().double().requires_grad_() for x in (h, w, b))
-    ref = L.linear_cross_entropy(h64, w64, t, backend="torch", **{**opts, "bias": b64})
-    plain = L.linear_cross_entropy(h, w, t, backend="torch", **opts)
-    assert_lowp_close(out, ref, plain, floor=1e-5)
-    wts = torch.rand(out.shape, generator=gen) if reduction == "none" else 1.0
-    for o, r, p, name in zip(_grads((out * wts).sum(), (h, w, b)), _grads((ref * wts).sum(), (h64, w64, b64)),
-                             _grads((plain * wts).sum(), (h, w, b)), ("hidden", "weight", "bias")):
-        assert_lowp_close(o, r, p, factor=3.0, floor=1e-6, what=f"d_{name}")
+    _check_linear_float32(gen, backend, dict(shift=shift, reduction=reduction, softcap=softcap), low_memory=True)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_linear_cross_entropy_low_memory_bfloat16(backend, gen, monkeypatch):
     monkeypatch.setitem(L.losses.LOW_MEMORY_BYTES, "cpu", 100_000)  # vocabulary blocks of 126 rows of 300
-    h, w, _ = _lin_inputs(gen, (2, 33), 32, 300, torch.bfloat16)
-    t = _target(gen, (2, 33), 300)
-    out = L.causal_lm_loss(h, w, t, backend=backend, low_memory=True)
-    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    ref = L.causal_lm_loss(h64, w64, t, backend="torch")
-    plain = L.causal_lm_loss(h, w, t, backend="torch")
-    assert_lowp_close(out, ref, plain.float(), floor=1e-5)
-    for o, r, p in zip(_grads(out, (h, w)), _grads(ref, (h64, w64)), _grads(plain, (h, w))):
-        assert o.dtype == torch.bfloat16
-        assert_lowp_close(o, r, p, factor=bf16_grad_factor(backend), floor=1e-6, what="grad")
+    _check_causal_bfloat16(gen, backend, 300, low_memory=True)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_linear_cross_entropy_bfloat16(backend, gen):
-    h, w, _ = _lin_inputs(gen, (2, 33), 32, 257, torch.bfloat16)
-    t = _target(gen, (2, 33), 257)
-    out = L.causal_lm_loss(h, w, t, backend=backend, chunk_size=16)
+    _check_causal_bfloat16(gen, backend, 257, chunk_size=16)
+
+
+def _check_causal_bfloat16(gen, backend, v, **options):
+    """causal_lm_loss in bfloat16 on (2, 33) rows of V = v against the float64 reference (loss and gradients)."""
+    h, w, _ = _lin_inputs(gen, (2, 33), 32, v, torch.bfloat16)
+    t = _target(gen, (2, 33), v)
+    out = L.causal_lm_loss(h, w, t, backend=backend, **options)
     h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     ref = L.causal_lm_loss(h64, w64, t, backend="torch")
     plain = L.causal_lm_loss(h, w, t, backend="torch")

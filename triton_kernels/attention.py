@@ -151,6 +151,25 @@ def _key_range(b, pid_m, start_m, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_outer
 
 
 @triton.jit
+def _mask_meta(b, offs, omask, Sk, PREFIX, KVLEN, DOC, stride_doc, doc_pad, HAS_PREFIX: tl.constexpr,
+               HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """Batch row b's mask metadata as every kernel reads it: kv_len (Sk without KVLEN), prefix_len (0 without
+    PREFIX), its DOC row, and the doc ids at positions offs (the positions themselves without DOC; doc_pad past the
+    end: -2 for queries and -1 for keys, so padding never shares a document)."""
+    kv_len = Sk
+    if HAS_KVLEN:
+        kv_len = tl.load(KVLEN + b)
+    prefix_len = 0
+    if HAS_PREFIX:
+        prefix_len = tl.load(PREFIX + b)
+    DOC_row = DOC + b * stride_doc
+    doc = offs
+    if HAS_DOCS:
+        doc = tl.load(DOC_row + offs, mask=omask, other=doc_pad)
+    return kv_len, prefix_len, DOC_row, doc
+
+
+@triton.jit
 def _query_block(pid_m, bh, Hq, group, Sq, Sk, PREFIX, KVLEN, DOC, DOC_RANGE, stride_doc, n_qblocks,
                  CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -163,16 +182,8 @@ def _query_block(pid_m, bh, Hq, group, Sq, Sk, PREFIX, KVLEN, DOC, DOC_RANGE, st
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     rmask = offs_m < Sq
-    kv_len = Sk
-    if HAS_KVLEN:
-        kv_len = tl.load(KVLEN + b)
-    prefix_len = 0
-    if HAS_PREFIX:
-        prefix_len = tl.load(PREFIX + b)
-    DOC_row = DOC + b * stride_doc
-    q_doc = offs_m
-    if HAS_DOCS:
-        q_doc = tl.load(DOC_row + offs_m, mask=rmask, other=-2)
+    kv_len, prefix_len, DOC_row, q_doc = _mask_meta(b, offs_m, rmask, Sk, PREFIX, KVLEN, DOC, stride_doc, -2,
+                                                    HAS_PREFIX, HAS_KVLEN, HAS_DOCS)
     lo, c_lo, c_hi, hi = _key_range(b, pid_m, start_m, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_qblocks, CAUSAL,
                                     HAS_DOCS, BLOCK_M, BLOCK_N)
     return b, h, hk, offs_m, rmask, kv_len, prefix_len, DOC_row, q_doc, lo, c_lo, c_hi, hi
@@ -339,16 +350,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, D
                 mask=_and_d(kmask[:, None], dmask[None, :], EVEN_D), other=0.0)
     v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
                 mask=_and_d(kmask[:, None], dmask[None, :], EVEN_D), other=0.0)
-    kv_len = Sk
-    if HAS_KVLEN:
-        kv_len = tl.load(KVLEN + b)
-    prefix_len = 0
-    if HAS_PREFIX:
-        prefix_len = tl.load(PREFIX + b)
-    DOC_row = DOC + b * stride_doc
-    k_doc = offs_n
-    if HAS_DOCS:
-        k_doc = tl.load(DOC_row + offs_n, mask=kmask, other=-1)
+    kv_len, prefix_len, DOC_row, k_doc = _mask_meta(b, offs_n, kmask, Sk, PREFIX, KVLEN, DOC, stride_doc, -1,
+                                                    HAS_PREFIX, HAS_KVLEN, HAS_DOCS)
     # query range [lo, hi); blocks in [c_lo, c_hi) need no elementwise mask, [lo, c_lo) and [c_hi, hi) do.
     lo = 0
     hi = tl.where(start_n < kv_len, Sq, 0)

@@ -472,39 +472,62 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX, KVLEN, DOC, DOC_RAN
 
 
 # ---- host side ----
-def _block_minmax(doc: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-block (min, max) doc id of (B, S) int32 doc ids; the tail of the last block is ignored."""
-    B, S = doc.shape
-    nb = triton.cdiv(S, block)
-    pad = nb * block - S
-    big = torch.iinfo(torch.int32).max
-    lo = torch.nn.functional.pad(doc, (0, pad), value=big).view(B, nb, block).amin(-1)
-    hi = torch.nn.functional.pad(doc, (0, pad), value=-big - 1).view(B, nb, block).amax(-1)
-    return lo, hi
+@triton.jit(do_not_specialize=["S", "n_inner"])
+def _doc_range_kernel(DOC, RNG, S, stride_doc, n_outer, n_inner, OUTER: tl.constexpr, INNER: tl.constexpr,
+                      CHUNK: tl.constexpr):
+    """RNG[b, o] = (first, last, s_first, s_last) for block o of OUTER positions of row b (see `_doc_block_range`).
+    Grid: (n_outer, B). The inner blocks are scanned CHUNK at a time as a (CHUNK, INNER) tile."""
+    o = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    row = DOC + b * stride_doc
+    big = 2147483647
+    offs = o * OUTER + tl.arange(0, OUTER)
+    ids = tl.load(row + offs, mask=offs < S, other=0)
+    omin = tl.min(tl.where(offs < S, ids, big), 0)
+    omax = tl.max(tl.where(offs < S, ids, -big - 1), 0)
+    single = omin == omax
+    first = n_inner
+    last = 0
+    s_first = n_inner
+    s_last = 0
+    s_count = 0
+    for j0 in range(0, n_inner, CHUNK):
+        blk = j0 + tl.arange(0, CHUNK)
+        pos = blk[:, None] * INNER + tl.arange(0, INNER)[None, :]
+        inside = pos < S
+        x = tl.load(row + pos, mask=inside, other=0)
+        imin = tl.min(tl.where(inside, x, big), 1)
+        imax = tl.max(tl.where(inside, x, -big - 1), 1)
+        valid = blk < n_inner
+        meet = valid & (imin <= omax) & (imax >= omin)
+        same = valid & single & (imin == imax) & (imin == omin)
+        first = tl.minimum(first, tl.min(tl.where(meet, blk, n_inner), 0))
+        last = tl.maximum(last, tl.max(tl.where(meet, blk + 1, 0), 0))
+        s_first = tl.minimum(s_first, tl.min(tl.where(same, blk, n_inner), 0))
+        s_last = tl.maximum(s_last, tl.max(tl.where(same, blk + 1, 0), 0))
+        s_count += tl.sum(same.to(tl.int32), 0)
+    any_meet = last > 0
+    contiguous = (s_count > 0) & (s_count == s_last - s_first)
+    out = RNG + (b * n_outer + o) * 4
+    tl.store(out, tl.where(any_meet, first, 0))
+    tl.store(out + 1, last)
+    tl.store(out + 2, tl.where(contiguous, s_first, 0))
+    tl.store(out + 3, tl.where(contiguous, s_last, 0))
 
 
 def _doc_block_range(doc: torch.Tensor, outer: int, inner: int) -> torch.Tensor:
     """int32 (B, cdiv(S, outer), 4): for each block of `outer` positions, [first, last) of the blocks of `inner`
     positions whose doc-id range meets its own (the loop range: blocks outside never share a document), then
     [first, last) of the blocks that lie in the same single document as the whole outer block (no elementwise mask
-    needed there; empty unless those blocks are contiguous, e.g. arbitrary unsorted ids). No device sync."""
-    omin, omax = _block_minmax(doc, outer)
-    imin, imax = _block_minmax(doc, inner)
-    meet = (imin[:, None, :] <= omax[:, :, None]) & (imax[:, None, :] >= omin[:, :, None])  # (B, n_outer, n_inner)
-    same = ((omin == omax)[:, :, None] & (imin == imax)[:, None, :] & (imin[:, None, :] == omin[:, :, None]))
-    n_inner = meet.shape[-1]
-
-    def span(m, contiguous):
-        first = m.to(torch.int8).argmax(-1)
-        last = n_inner - m.flip(-1).to(torch.int8).argmax(-1)
-        ok = m.any(-1)
-        if contiguous:
-            ok = ok & (m.sum(-1) == last - first)
-        return torch.where(ok, first, 0), torch.where(ok, last, 0)
-
-    first, last = span(meet, False)  # blocks in between that share no document are masked, not skipped
-    s_first, s_last = span(same, True)
-    return torch.stack([first, last, s_first, s_last], dim=-1).to(torch.int32).contiguous()
+    needed there; empty unless those blocks are contiguous, e.g. arbitrary unsorted ids). One kernel launch per
+    call and no device sync: this runs on every forward and twice per backward, so a chain of small torch ops here
+    (56 of them) cost more host time than the attention kernel of a short document mask."""
+    B, S = doc.shape
+    n_outer, n_inner = triton.cdiv(S, outer), triton.cdiv(S, inner)
+    rng = torch.empty((B, n_outer, 4), dtype=torch.int32, device=doc.device)
+    _doc_range_kernel[(n_outer, B)](doc, rng, S, doc.stride(0), n_outer, n_inner, OUTER=outer, INNER=inner,
+                                    CHUNK=max(1, 1024 // inner), num_warps=4)
+    return rng
 
 
 def _meta(q, prefix_lens, kv_lens, doc_ids):

@@ -1,6 +1,7 @@
 """Benchmarks of the cross-entropy family, side by side with the peers in one run.
 
-CPU (default; each case in a fresh process so that peak memory = growth of max RSS over the inputs):
+CPU (default; each case in a fresh process, glibc mmap threshold fixed, so that peak memory = growth of max RSS over
+the inputs):
   linear_cross_entropy N=4096 D=768 V=50257 fp32 fwd+bwd: ours vs eager (logits, F.cross_entropy) vs PyTorch's
     chunked F.linear_cross_entropy; masked_lm_loss B=32 S=512 D=768 V=30522 15% masked vs the way HF's
     BertForMaskedLM computes it (logits everywhere, CE with ignore_index); cross_entropy N=8192 V=32000 vs
@@ -137,6 +138,14 @@ CPU_IMPLS = {
 }
 
 
+# glibc serves an allocation below its mmap threshold from the heap and keeps it when freed, and it raises that
+# threshold (up to 32 MB) each time a larger block is freed; a later buffer may then land beside the kept one, so the
+# max RSS of the same run varied by 20-40 MB between processes (measured: 181-204 MB for one contender). A fixed
+# threshold returns every large block on free: max RSS growth is then the high-water mark of live memory, for
+# every contender alike (allocator caches inside the libraries, such as MKL's, still count).
+CHILD_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
 def measure_cpu_child(bench: str, impl: str, size: dict, repeat: int) -> dict:
     # Inputs are made without large temporaries: a freed temporary would raise max RSS before the base is read and
     # hide that much of the contender's own memory.
@@ -159,7 +168,7 @@ def run_cpu(quick: bool) -> list[dict]:
                 continue
             repeat = 1 if quick or bench == "masked_lm" else 3
             cmd = [sys.executable, __file__, "--child", json.dumps([bench, impl, size, repeat])]
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            out = subprocess.run(cmd, capture_output=True, text=True, env=CHILD_ENV)
             if out.returncode != 0:
                 print(f"  {bench}/{impl} failed:\n{out.stderr[-2000:]}")
                 continue

@@ -130,12 +130,15 @@ def cross_entropy(
 
 
 # ---- linear + cross-entropy without materialising the logits ----
-# Bytes of logits one chunk may hold. Each chunk's dW update reads and writes the whole float32 (V, D)
-# accumulator and is a matmul with K = rows of the chunk, so few large chunks are fast and many small ones are bound
-# by that traffic. Measured on the CPU (N=4096, D=768, V=50257, fp32, fwd+bwd, one loaded 2-core machine): 64 rows
-# 24.3 s, 256 rows 15.4 s, 1024 rows 13.4 s, eager PyTorch 15.6-17.9 s. 1 GiB runs Llama-3's head at 8192 tokens
-# in 4 chunks on a GPU. Smaller `chunk_size` trades time for memory.
-CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 64 << 20}
+# Bytes of logits one chunk may hold. Each chunk's dW update reads and writes the whole float32 (V, D) accumulator
+# (a matmul with K = rows of the chunk), so very small chunks are bound by that traffic; 1 GiB runs Llama-3's head
+# at 8192 tokens in 2 chunks on a GPU. On the CPU (N=4096, D=768, V=50257, fp32, this 2-core machine) 64 to 333
+# rows per chunk cost the same time within noise (the three matmuls take ~1.8 s each at any of them), while memory
+# depends on MKL: its sgemm allocates a hidden buffer of ~M x V floats for M <= 96 rows and a fixed 31 MB for
+# M >= 192, none in between (measured with MKL_DISABLE_FAST_MM=1 and per-call RSS high-water marks; with MKL's
+# default buffer cache those buffers stay resident). 22 MiB is ~114 such rows, and `_default_chunk` makes the
+# chunks equal so the last one is not a small one. Smaller `chunk_size` trades time for memory.
+CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 22 << 20}
 
 
 # low_memory=True: no float32 weight-gradient accumulator; the extra memory is bounded by these bytes: a logits chunk
@@ -146,10 +149,12 @@ LOW_MEMORY_BYTES = {"cuda": 96 << 20, "cpu": 16 << 20}
 
 
 def _default_chunk(n: int, v: int, elt: int, device: torch.device, low_memory: bool = False) -> int:
-    """Rows per chunk: as many as fit CHUNK_BYTES (LOW_MEMORY_BYTES) of logits, 64 at least."""
+    """Rows per chunk: as many as fit CHUNK_BYTES (LOW_MEMORY_BYTES) of logits, 64 at least, then evened out over
+    the chunks that takes (4000 rows at 114: chunks of 112 and a last one of 80, not of 114 and a last one of 10)."""
     table = LOW_MEMORY_BYTES if low_memory else CHUNK_BYTES
     budget = table.get(device.type, table["cpu"])
-    return max(1, min(n, max(64, budget // max(1, v * elt))))
+    rows = max(1, min(n, max(64, budget // max(1, v * elt))))
+    return -(-n // -(-n // rows)) if n else rows
 
 
 def _vocab_block(n: int, v: int, device: torch.device) -> int:

@@ -100,25 +100,31 @@ ce_fwd_triton.register_autograd(_make_ce_backward("triton"), setup_context=_ce_s
 
 
 # ---- chunked linear cross-entropy ----
-def _mm_f32_accumulate(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc (float32) += a @ b; float32 accumulation across chunks whatever the dtype of a and b."""
+def _mm_f32_accumulate(acc: Tensor, a: Tensor, b: Tensor, beta: int = 1) -> None:
+    """acc (float32) = beta * acc + a @ b; float32 accumulation across chunks whatever the dtype of a and b.
+    beta=0 (the first chunk) writes without reading acc, which may then be uninitialised: the accumulator needs no
+    zero fill and the first product no read of it (for a Llama-size head, two passes over a 2 GB buffer)."""
     if a.dtype == torch.float32:
-        acc.addmm_(a, b)
+        acc.addmm_(a, b, beta=beta)
     elif a.is_cuda and _addmm_out_dtype_works():
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)  # cuBLAS: low-precision inputs, float32 C
+        torch.addmm(acc, a, b, beta=beta, out_dtype=torch.float32, out=acc)  # cuBLAS: low-precision in, float32 C
     elif a.is_cuda:
-        acc.add_(torch.mm(a, b))
+        acc.copy_(torch.mm(a, b)) if beta == 0 else acc.add_(torch.mm(a, b))
     else:  # CPU: no float32-output low-precision GEMM; a bf16 product per chunk would round every partial sum
-        acc.addmm_(a.float(), b.float())
+        acc.addmm_(a.float(), b.float(), beta=beta)
 
 
 @functools.cache
 def _addmm_out_dtype_works() -> bool:
+    """cuBLAS addmm with low-precision inputs and a float32 output, with beta=1 and with beta=0 (which must not
+    read C: the probe's C holds NaN)."""
     try:
         x = torch.ones(2, 2, device="cuda", dtype=torch.bfloat16)
         acc = torch.zeros(2, 2, device="cuda")
         torch.addmm(acc, x, x, out_dtype=torch.float32, out=acc)
-        return bool(acc[0, 0] == 2)
+        fresh = torch.full((2, 2), float("nan"), device="cuda")
+        torch.addmm(fresh, x, x, beta=0, out_dtype=torch.float32, out=fresh)
+        return bool(acc[0, 0] == 2) and bool((fresh == 2).all())
     except (RuntimeError, TypeError):
         return False
 
@@ -138,7 +144,8 @@ def _chunks(hidden, weight, bias, target, opts, chunk, backend, need, grad_rows=
     loss = hidden.new_empty(n, dtype=torch.float32) if grad_rows is None else None
     lse_out = hidden.new_empty(n, dtype=torch.float32) if grad_rows is None else None
     dh = hidden.new_empty((n, d)) if need_dh else hidden.new_empty(0)
-    dw32 = weight.new_zeros((v, d), dtype=torch.float32) if need_dw else None
+    # Uninitialised when the first chunk writes it (beta=0 below); zeros when there is no row at all.
+    dw32 = (weight.new_empty if n else weight.new_zeros)((v, d), dtype=torch.float32) if need_dw else None
     db32 = weight.new_zeros(v, dtype=torch.float32) if need_db else None
     grads = need_dh or need_dw or need_db  # in this pass (a low-memory dW only needs the rows' lse from it)
     # One logits buffer for every chunk: a fresh (chunk, V) allocation per chunk fragments the CPU heap (measured:
@@ -164,7 +171,7 @@ def _chunks(hidden, weight, bias, target, opts, chunk, backend, need, grad_rows=
         if need_dh:
             torch.mm(g, weight, out=dh[s:e])
         if need_dw:
-            _mm_f32_accumulate(dw32, g.t(), h)
+            _mm_f32_accumulate(dw32, g.t(), h, beta=0 if s == 0 else 1)
         if need_db:
             db32.add_(g.sum(0, dtype=torch.float32))
     del buf, logits, g  # before the float32 -> weight-dtype copy of dW: the peak holds one of them, not both

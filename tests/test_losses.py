@@ -240,6 +240,30 @@ def test_linear_all_ignored(backend, gen):
     assert out.item() == 0.0 and torch.all(gh == 0) and torch.all(gw == 0)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_linear_no_rows(backend, low_memory, gen):
+    """An empty batch: loss 0 and zero gradients (the weight-gradient accumulator is only zero-filled when no chunk
+    writes it first)."""
+    h, w, _ = _lin_inputs(gen, (0,), 8, 30, torch.float32)
+    out = L.linear_cross_entropy(h, w, torch.zeros(0, dtype=torch.int64), backend=backend, low_memory=low_memory)
+    gh, gw = _grads(out, (h, w))
+    assert out.item() == 0.0 and gh.shape == (0, 8) and torch.all(gw == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_first_chunk_overwrites_the_accumulator(dtype, gen):
+    """The first chunk's dW product is written with beta=0 into an uninitialised float32 buffer: NaN there must
+    not survive, and later chunks add."""
+    from lmobj_kernels._loss_ops import _mm_f32_accumulate
+
+    a, b = (torch.randn(s, generator=gen).to(dtype) for s in ((7, 5), (5, 3)))
+    acc = torch.full((7, 3), float("nan"))
+    _mm_f32_accumulate(acc, a, b, beta=0)
+    _mm_f32_accumulate(acc, a, b)
+    torch.testing.assert_close(acc, 2 * (a.float() @ b.float()))
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_seq2seq_hidden_scale(backend, gen):
     h, w, _ = _lin_inputs(gen, (2, 6), 16, 50, torch.float32)

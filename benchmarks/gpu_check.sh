@@ -5,7 +5,8 @@
 # 470, under DESIGN.md's 8 minutes): each stage gets a time cap, shrunk to what is left, and says when it was cut.
 #   usage: benchmarks/gpu_check.sh [OUT_DIR] [family ...]     (families: losses corruption attention train)
 #   GPU_CHECK_BENCH="family ...": benchmark only these (default: the families tested), e.g. to spend a short device
-#   budget on the tests of a family whose kernels did not change since its last benchmark.
+#   budget on the tests of a family whose kernels did not change since its last benchmark; "attention_tune" (not a
+#   default) sweeps the attention block sizes (benchmarks/bench_attention_tune.py, ~3 min).
 # Pure-Python peers (liger-kernel, cut-cross-entropy) are installed with --no-deps from .wheels/ when present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -45,7 +46,7 @@ $PY -m lmobj_kernels.cli info | tr -d '\n ' | head -c 1500; echo
 
 # Per-family caps (seconds) for the tests and the benchmarks: one slow family cannot starve the others.
 declare -A TEST_CAP=([losses]=70 [corruption]=50 [attention]=170 [train]=40)
-declare -A BENCH_CAP=([losses]=150 [corruption]=45 [attention]=110 [train]=150)
+declare -A BENCH_CAP=([losses]=150 [corruption]=45 [attention]=110 [train]=150 [attention_tune]=240)
 # GPU_CHECK_LOSSES_FULL=1: bench_losses --full (the torch.compile peers too, +~80 s)
 declare -A BENCH_ARGS=([losses]="$([ "${GPU_CHECK_LOSSES_FULL:-0}" = 1 ] && echo --full)")
 

@@ -1,6 +1,6 @@
-"""Smoke tests: the loss and trainer benchmark scripts run at tiny sizes and write their result files (the
-attention and corruption benchmarks have theirs beside their tests); the pytest-benchmark CPU micro-benchmarks
-run once each."""
+"""Smoke tests: the loss, trainer and attention-tuning benchmark scripts run at tiny sizes and write their result
+files (the attention and corruption benchmarks have theirs beside their tests); the pytest-benchmark CPU
+micro-benchmarks run once each."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 
 
-@pytest.mark.parametrize("name", ["losses", "train"])
+@pytest.mark.parametrize("name", ["losses", "train", "attention_tune"])
 def test_bench_quick(name, tmp_path):
     res = subprocess.run([sys.executable, os.path.join(BENCH, f"bench_{name}.py"), "--quick", "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=600)

@@ -71,7 +71,7 @@ step "benchmarks (--gpu)"
 for f in $BENCH_FAMILIES; do
   if [ -f "benchmarks/bench_$f.py" ]; then
     echo "### bench_$f"
-    run_capped "${BENCH_CAP[$f]:-60}" $PY benchmarks/bench_$f.py --gpu ${BENCH_ARGS[$f]:-} --out "$OUT" 2>&1 | tail -60
+    run_capped "${BENCH_CAP[$f]:-60}" $PY benchmarks/bench_$f.py --gpu ${BENCH_ARGS[$f]:-} --out "$OUT" 2>&1 | tail -150
   fi
 done
 step "done"

@@ -150,11 +150,13 @@ LOW_MEMORY_BYTES = {"cuda": 96 << 20, "cpu": 16 << 20}
 
 def _default_chunk(n: int, v: int, elt: int, device: torch.device, low_memory: bool = False) -> int:
     """Rows per chunk: as many as fit CHUNK_BYTES (LOW_MEMORY_BYTES) of logits, 64 at least, then evened out over
-    the chunks that takes (4000 rows at 114: chunks of 112 and a last one of 80, not of 114 and a last one of 10)."""
+    the chunks that takes (4000 rows at 114: chunks of 112 and a last one of 80, not of 114 and a last one of 10)
+    unless that would go under 64 rows (115 rows stay 114 + 1, not 58 + 57: small chunks run slower matmuls)."""
     table = LOW_MEMORY_BYTES if low_memory else CHUNK_BYTES
     budget = table.get(device.type, table["cpu"])
     rows = max(1, min(n, max(64, budget // max(1, v * elt))))
-    return -(-n // -(-n // rows)) if n else rows
+    even = -(-n // -(-n // rows)) if n else rows
+    return even if even >= min(64, rows) else rows
 
 
 def _vocab_block(n: int, v: int, device: torch.device) -> int:

@@ -475,8 +475,9 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX, KVLEN, DOC, DOC_RAN
 @triton.jit(do_not_specialize=["S", "n_inner"])
 def _doc_range_kernel(DOC, RNG, S, stride_doc, n_outer, n_inner, OUTER: tl.constexpr, INNER: tl.constexpr,
                       CHUNK: tl.constexpr):
-    """RNG[b, o] = (first, last, s_first, s_last) for block o of OUTER positions of row b (see `_doc_block_range`).
-    Grid: (n_outer, B). The inner blocks are scanned CHUNK at a time as a (CHUNK, INNER) tile."""
+    """RNG[b, o] = (first, last, s_first, s_last) for block o of OUTER positions of row b (see `_doc_block_range`);
+    DOC: int32 rows of S contiguous ids, stride_doc apart. Grid: (n_outer, B). The inner blocks are scanned CHUNK
+    at a time as a (CHUNK, INNER) tile."""
     o = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     row = DOC + b * stride_doc

@@ -268,11 +268,14 @@ def test_doc_block_range_matches_brute_force(gen, packed, S, outer, inner):
     """Per-block document ranges used for skipping. Loop range [first, last): every block that shares a document
     with the outer block is inside it (skipping is exact), and for packed ids nothing outside it shares one (no
     block is loaded for nothing). Mask-free range: exactly the blocks of the outer block's single document when
-    they are contiguous, else empty. S=1100 has more inner blocks than the kernel scans at once (64 of 16)."""
+    they are contiguous, else empty. S=1100 has more inner blocks than the kernel scans at once (64 of 16). Ids
+    may be negative, and row 0 uses the int32 extremes (the kernel pads with them)."""
     from lmobj_kernels.triton_kernels.attention import _doc_block_range
 
     B = 3
-    docs = torch.randint(0, max(2, S // 25) if packed else 3, (B, S), generator=gen)
+    docs = torch.randint(-2, max(2, S // 25) if packed else 3, (B, S), generator=gen)
+    extremes = torch.tensor([-(2**31), -(2**31) + 1, -1, 0, 2**31 - 2, 2**31 - 1])
+    docs[0] = extremes[torch.randint(0, len(extremes), (S,), generator=gen)]
     if packed:
         docs = torch.sort(docs, dim=1).values
     docs = docs.to(torch.int32)

@@ -129,6 +129,13 @@ def _addmm_out_dtype_works() -> bool:
         return False
 
 
+def _direct_dw(device: torch.device) -> bool:
+    """Whether a single chunk writes a low-precision dW with one matmul in the weight's dtype: on a GPU, cuBLAS
+    accumulates in float32 and rounds once (plain PyTorch's own dW), with no float32 accumulator and no copy. On the
+    CPU a low-precision matmul is emulated and slow, so the float32 path stays."""
+    return device.type == "cuda"
+
+
 def _chunks(hidden, weight, bias, target, opts, chunk, backend, need, grad_rows=None, lse=None, vocab_block=0):
     """The loop shared by the linear ops. Modes: grad_rows None and need all False: forward only;
     grad_rows None and need: forward with in-place gradients for a sum of row losses (the fused path);
@@ -144,8 +151,11 @@ def _chunks(hidden, weight, bias, target, opts, chunk, backend, need, grad_rows=
     loss = hidden.new_empty(n, dtype=torch.float32) if grad_rows is None else None
     lse_out = hidden.new_empty(n, dtype=torch.float32) if grad_rows is None else None
     dh = hidden.new_empty((n, d)) if need_dh else hidden.new_empty(0)
+    direct_dw = need_dw and 0 < n <= chunk and weight.dtype != torch.float32 and _direct_dw(hidden.device)
     # Uninitialised when the first chunk writes it (beta=0 below); zeros when there is no row at all.
-    dw32 = (weight.new_empty if n else weight.new_zeros)((v, d), dtype=torch.float32) if need_dw else None
+    dw32 = (weight.new_empty if n else weight.new_zeros)((v, d), dtype=torch.float32) if need_dw and not direct_dw \
+        else None
+    dw = None
     db32 = weight.new_zeros(v, dtype=torch.float32) if need_db else None
     grads = need_dh or need_dw or need_db  # in this pass (a low-memory dW only needs the rows' lse from it)
     # One logits buffer for every chunk: a fresh (chunk, V) allocation per chunk fragments the CPU heap (measured:
@@ -170,7 +180,9 @@ def _chunks(hidden, weight, bias, target, opts, chunk, backend, need, grad_rows=
             continue
         if need_dh:
             torch.mm(g, weight, out=dh[s:e])
-        if need_dw:
+        if direct_dw:
+            dw = torch.mm(g.t(), h)
+        elif need_dw:
             _mm_f32_accumulate(dw32, g.t(), h, beta=0 if s == 0 else 1)
         if need_db:
             db32.add_(g.sum(0, dtype=torch.float32))
@@ -179,7 +191,7 @@ def _chunks(hidden, weight, bias, target, opts, chunk, backend, need, grad_rows=
         rows_lse = lse_out if grad_rows is None else lse
         dw = _dw_by_vocab_blocks(hidden, weight, bias, target, opts, rows_lse, grad_rows, vocab_block, backend)
     else:
-        dw = dw32.to(weight.dtype) if need_dw else weight.new_empty(0)
+        dw = dw if direct_dw else dw32.to(weight.dtype) if need_dw else weight.new_empty(0)
     db = db32.to(weight.dtype) if need_db else weight.new_empty(0)
     return loss, lse_out, dh, dw, db
 

@@ -193,14 +193,34 @@ def test_linear_cross_entropy_bfloat16(backend, gen):
     _check_causal_bfloat16(gen, backend, 257, chunk_size=16)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_bfloat16_one_chunk_direct_dw(backend, reduction, gen, monkeypatch):
+    """All rows in one chunk write dW with one matmul in bfloat16, no float32 accumulator (the GPU path, forced
+    here on the CPU), through the fused forward (mean) and the per-row backward (none)."""
+    from lmobj_kernels import _loss_ops
+
+    monkeypatch.setattr(_loss_ops, "_direct_dw", lambda device: True)
+    calls = []
+    monkeypatch.setattr(_loss_ops, "_mm_f32_accumulate", lambda *a, **k: calls.append(a))
+    _check_causal_bfloat16(gen, backend, 257, chunk_size=1000, reduction=reduction)
+    assert not calls  # the float32 accumulator was not used
+
+
 def _check_causal_bfloat16(gen, backend, v, **options):
     """causal_lm_loss in bfloat16 on (2, 33) rows of V = v against the float64 reference (loss and gradients)."""
     h, w, _ = _lin_inputs(gen, (2, 33), 32, v, torch.bfloat16)
     t = _target(gen, (2, 33), v)
     out = L.causal_lm_loss(h, w, t, backend=backend, **options)
+    red = {"reduction": options["reduction"]} if "reduction" in options else {}
+    if red.get("reduction") == "none":  # a weighted sum, so every row's gradient counts differently
+        wts = torch.rand(out.shape, generator=gen)
+        out = (out * wts).sum()
     h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    ref = L.causal_lm_loss(h64, w64, t, backend="torch")
-    plain = L.causal_lm_loss(h, w, t, backend="torch")
+    ref = L.causal_lm_loss(h64, w64, t, backend="torch", **red)
+    plain = L.causal_lm_loss(h, w, t, backend="torch", **red)
+    if red.get("reduction") == "none":
+        ref, plain = (ref * wts.double()).sum(), (plain * wts).sum()
     assert_lowp_close(out, ref, plain.float(), floor=1e-5)
     for o, r, p in zip(_grads(out, (h, w)), _grads(ref, (h64, w64)), _grads(plain, (h, w))):
         assert o.dtype == torch.bfloat16
@@ -454,7 +474,8 @@ def test_gpu_linear_cross_entropy(backend, dtype, reduction, low_memory, gen):
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_low_memory_bounds_the_extra_memory(backend, gen):
     """low_memory=True: peak memory over the inputs = the gradients (dW, dh in bf16) plus at most
-    LOW_MEMORY_BYTES and a little; the default path holds a float32 dW as well."""
+    LOW_MEMORY_BYTES and a little. The default path runs these 4096 rows as one chunk: it holds their logits and
+    writes dW directly in bf16 (no float32 accumulator)."""
     n, d, v = 4096, 1024, 65536
     h = torch.randn(n, d, generator=gen).to("cuda", torch.bfloat16).requires_grad_()
     w = (torch.randn(v, d, generator=gen) / 32).to("cuda", torch.bfloat16).requires_grad_()
@@ -470,7 +491,8 @@ def test_gpu_low_memory_bounds_the_extra_memory(backend, gen):
         torch.cuda.synchronize()
         peaks[low] = torch.cuda.max_memory_allocated() - base
     assert peaks[True] <= grads + L.losses.LOW_MEMORY_BYTES["cuda"] + (8 << 20), peaks
-    assert peaks[False] >= grads + v * d * 4, peaks  # the float32 accumulator: what low_memory saves
+    logits = n * v * 2
+    assert grads + logits <= peaks[False] <= grads + logits + (8 << 20), peaks
 
 
 @pytest.mark.gpu

@@ -125,6 +125,15 @@ def _resolve(backend: str, q: Tensor) -> str:
 
 
 # ---- the torch backend ----
+def _nonempty_rows(allowed: Tensor, kv_lens: Tensor, doc_ids: Tensor | None) -> Tensor:
+    """Which query rows of the (B, 1, Sq, Sk) mask have an allowed key, broadcastable to (B, 1, Sq, 1). Without
+    documents key 0 is allowed to every row of a batch row whose kv_len > 0 (causal or not, any prefix), so the
+    metadata says it without a pass over the mask (a bool reduction of 4M entries took ~3 ms at S=2048)."""
+    if doc_ids is None:
+        return (kv_lens > 0).view(-1, 1, 1, 1)
+    return allowed.any(-1, keepdim=True)
+
+
 def _torch_attention(q, k, v, causal, prefix_lens, doc_ids, kv_lens, scale, return_lse):
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -141,12 +150,15 @@ def _torch_attention(q, k, v, causal, prefix_lens, doc_ids, kv_lens, scale, retu
         if kv_lens is None:  # every query sees at least itself (causal diagonal, its own document)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
         else:
-            nonempty = allowed.any(-1, keepdim=True)
-            # SDPA makes empty rows NaN (or 0 in some versions): let them see every key, then zero them; the
-            # where gives them zero gradient, so no NaN reaches q, k or v.
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~nonempty, scale=scale,
-                                                 enable_gqa=gqa)
-            out = torch.where(nonempty, out, torch.zeros((), dtype=out.dtype, device=out.device))
+            nonempty = _nonempty_rows(allowed, kv_lens, doc_ids)
+            if q.device.type == "cpu" and not torch.compiler.is_compiling() and bool(nonempty.all()):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
+            else:
+                # SDPA makes empty rows NaN (or 0 in some versions): let them see every key, then zero them; the
+                # where gives them zero gradient, so no NaN reaches q, k or v.
+                allowed |= ~nonempty  # the mask is ours: in place
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
+                out = torch.where(nonempty, out, torch.zeros((), dtype=out.dtype, device=out.device))
     if return_lse:
         with torch.no_grad():
             _, lse = ref.attention(q, k, v, causal=causal, prefix_lens=prefix_lens, doc_ids=doc_ids,

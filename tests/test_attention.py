@@ -242,6 +242,40 @@ def test_fully_masked_rows(gen, backend):
     assert (k.grad[1, :, 20:] == 0).all() and (v.grad[1, :, 20:] == 0).all()
 
 
+@pytest.mark.parametrize("causal,prefix,docs", [(False, False, False), (True, False, False), (True, True, False),
+                                                (True, True, True), (False, False, True)])
+def test_nonempty_rows_from_metadata(gen, causal, prefix, docs):
+    """The torch backend's empty-row test equals a scan of the mask, for kv_lens that include 0 and S."""
+    from lmobj_kernels.attention import _nonempty_rows
+
+    B, S = 6, 37
+    kv = torch.randint(0, S + 1, (B,), generator=gen)
+    kv[0], kv[1] = 0, S
+    pre = torch.randint(0, S + 1, (B,), generator=gen) if prefix else None
+    doc = torch.sort(torch.randint(0, 4, (B, S), generator=gen), dim=1).values if docs else None
+    allowed = ref.attention_mask(B, S, S, causal=causal, prefix_lens=pre, doc_ids=doc, kv_lens=kv).unsqueeze(1)
+    got = _nonempty_rows(allowed, kv, doc).expand(B, 1, S, 1)
+    assert torch.equal(got, allowed.any(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("causal,prefix", [(False, False), (True, False), (True, True)])
+def test_kv_len_zero_without_documents(gen, backend, causal, prefix):
+    """Without documents a batch row is empty exactly when its kv_len is 0 (the torch backend reads that from the
+    metadata instead of scanning the mask): zeros and zero gradients there, the reference elsewhere."""
+    B, H, S, D = 3, 2, 33, 16
+    q, k, v = _qkv(gen, B, H, H, S, S, D)
+    opts = dict(causal=causal, kv_lens=torch.tensor([S, 5, 0]),
+                prefix_lens=torch.tensor([3, 0, 7]) if prefix else None)
+    out = L.attention(q, k, v, backend=backend, **opts)
+    assert torch.isfinite(out).all() and (out[2] == 0).all()
+    r, _ = ref.attention(q.double(), k.double(), v.double(), **opts)
+    assert_lowp_close(out[:2], r[:2], ref.attention(q, k, v, **opts)[0][:2])
+    (out * torch.randn(out.shape, generator=gen)).sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert (q.grad[2] == 0).all() and (k.grad[2] == 0).all() and (v.grad[2] == 0).all()
+
+
 @needs_triton
 def test_triton_skips_blocks_past_kv_len(gen):
     """Keys past kv_len are poison (NaN): a kernel that loaded and computed whole blocks past kv_len would turn

@@ -26,15 +26,13 @@ def attention_mask(
     i = torch.arange(sq, device=device).view(1, sq, 1)
     j = torch.arange(sk, device=device).view(1, 1, sk)
     allowed = torch.ones(batch, sq, sk, dtype=torch.bool, device=device)
+    # in place on the fresh mask: one (B, Sq, Sk) temporary at a time (the torch backend builds this every call)
     if kv_lens is not None:
-        allowed = allowed & (j < kv_lens.to(device).view(batch, 1, 1))
+        allowed &= j < kv_lens.to(device).view(batch, 1, 1)
     if doc_ids is not None:
-        allowed = allowed & (doc_ids.view(batch, sq, 1) == doc_ids.view(batch, 1, sk))
+        allowed &= doc_ids.view(batch, sq, 1) == doc_ids.view(batch, 1, sk)
     if causal:
-        rule = j <= i
-        if prefix_lens is not None:
-            rule = rule | (j < prefix_lens.to(device).view(batch, 1, 1))
-        allowed = allowed & rule
+        allowed &= (j <= i) if prefix_lens is None else (j <= i) | (j < prefix_lens.to(device).view(batch, 1, 1))
     return allowed
 
 

@@ -92,7 +92,9 @@ def _peak_mem_mib(mname: str, name: str, quick: bool) -> float | None:
             "hwm = lambda: int([x for x in open('/proc/self/status') if x.startswith('VmHWM')][0].split()[1]); "
             f"r0 = hwm(); c[{name!r}](); print((hwm() - r0) / 1024)")
     try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        # a fixed glibc mmap threshold: freed blocks leave the resident set (as in bench_losses.py)
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
         return float(out.stdout.strip().splitlines()[-1])
     except (subprocess.SubprocessError, ValueError, IndexError):
         return None

@@ -157,7 +157,7 @@ def _default_chunk(n: int, v: int, elt: int, device: torch.device, low_memory: b
     since one chunk writes dW directly in the weight's dtype (`_loss_ops._direct_dw`) while several need a float32
     accumulator (4 V D bytes) and its copy. Llama-3's head at 8192 tokens: 2.10 GB logits + 1.05 GB dW against
     2.10 GB accumulator + a 1.07 GB chunk, so one chunk (and ~6 GB less memory traffic); Gemma-2's (V = 256000)
-    stays chunked."""
+    stays chunked. d: the hidden width when dW is computed, 0 when it is not (no grad: chunks stay small)."""
     table = LOW_MEMORY_BYTES if low_memory else CHUNK_BYTES
     budget = table.get(device.type, table["cpu"])
     if not low_memory and device.type == "cuda" and elt < 4 and d > 0 and n > 0:
@@ -249,7 +249,9 @@ def linear_cross_entropy(
         loss = _reduce(rows, count, reduction)
     else:
         h = h.contiguous()
-        chunk = chunk_size or _default_chunk(h.shape[0], V, h.element_size(), h.device, low_memory, D)
+        wants_dw = torch.is_grad_enabled() and weight.requires_grad  # else one chunk would only cost memory
+        chunk = chunk_size or _default_chunk(h.shape[0], V, h.element_size(), h.device, low_memory,
+                                             D if wants_dw else 0)
         vocab_block = _vocab_block(h.shape[0], V, h.device) if low_memory else 0
         args = (seq, ignore_index, float(label_smoothing), float(z_loss), cap, chunk, vocab_block, name)
         if reduction == "none" or not torch.is_grad_enabled():

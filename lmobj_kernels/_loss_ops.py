@@ -151,7 +151,10 @@ def _chunks(hidden, weight, bias, target, opts, chunk, backend, need, grad_rows=
     loss = hidden.new_empty(n, dtype=torch.float32) if grad_rows is None else None
     lse_out = hidden.new_empty(n, dtype=torch.float32) if grad_rows is None else None
     dh = hidden.new_empty((n, d)) if need_dh else hidden.new_empty(0)
-    direct_dw = need_dw and 0 < n <= chunk and weight.dtype != torch.float32 and _direct_dw(hidden.device)
+    # float16 sums over rows of the loss-sum gradient overflow its range (65504) long before the mean's would:
+    # in the sum op (grad_rows None) dW and db stay float32 until backward has scaled them (see linear_ce_sum)
+    keep_f32 = weight.dtype == torch.float16 and grad_rows is None
+    direct_dw = need_dw and 0 < n <= chunk and weight.dtype == torch.bfloat16 and _direct_dw(hidden.device)
     # Uninitialised when the first chunk writes it (beta=0 below); zeros when there is no row at all.
     dw32 = (weight.new_empty if n else weight.new_zeros)((v, d), dtype=torch.float32) if need_dw and not direct_dw \
         else None
@@ -189,10 +192,11 @@ def _chunks(hidden, weight, bias, target, opts, chunk, backend, need, grad_rows=
     del buf, logits, g  # before the float32 -> weight-dtype copy of dW: the peak holds one of them, not both
     if lean_dw:
         rows_lse = lse_out if grad_rows is None else lse
-        dw = _dw_by_vocab_blocks(hidden, weight, bias, target, opts, rows_lse, grad_rows, vocab_block, backend)
+        dw = _dw_by_vocab_blocks(hidden, weight, bias, target, opts, rows_lse, grad_rows, vocab_block, backend,
+                                 torch.float32 if keep_f32 else weight.dtype)
     else:
-        dw = dw if direct_dw else dw32.to(weight.dtype) if need_dw else weight.new_empty(0)
-    db = db32.to(weight.dtype) if need_db else weight.new_empty(0)
+        dw = dw if direct_dw else (dw32 if keep_f32 else dw32.to(weight.dtype)) if need_dw else weight.new_empty(0)
+    db = (db32 if keep_f32 else db32.to(weight.dtype)) if need_db else weight.new_empty(0)
     return loss, lse_out, dh, dw, db
 
 
@@ -204,16 +208,17 @@ def _row_targets(target: Tensor, n: int, shift_len: int, ignore_index: int) -> T
     return ref_losses.shift_targets(target.view(-1, shift_len), ignore_index).reshape(-1)[:n]
 
 
-def _dw_by_vocab_blocks(hidden, weight, bias, target, opts, lse, grad_rows, vocab_block, backend):
-    """dW of sum_r w_r loss_r, one block of vocabulary rows at a time, each written once in the weight's dtype (no
-    float32 accumulator): the block's logits are recomputed for every token, turned into their gradient with the
-    row lse of the first pass (the same formula as the row kernels: ALGORITHMS.md, "Cross-entropy family"), and
-    multiplied by the hidden states. w_r = grad_rows (per-row backward) or 1 (sum), 0 for ignored rows.
-    The gradient of a block is one in-place kernel of the backend (`ce_grad_cols_`)."""
+def _dw_by_vocab_blocks(hidden, weight, bias, target, opts, lse, grad_rows, vocab_block, backend, out_dtype):
+    """dW of sum_r w_r loss_r, one block of vocabulary rows at a time, each written once in out_dtype (the weight's,
+    or float32 for a float16 sum, see `_chunks`; no accumulator across blocks): the block's logits are recomputed
+    for every token, turned into their gradient with the row lse of the first pass (the same formula as the row
+    kernels: ALGORITHMS.md, "Cross-entropy family"), and multiplied by the hidden states. w_r = grad_rows (per-row
+    backward) or 1 (sum), 0 for ignored rows. The gradient of a block is one in-place kernel of the backend
+    (`ce_grad_cols_`)."""
     shift_len, ignore_index, eps, zl, cap = opts
     n = hidden.shape[0]
     v = weight.shape[0]
-    dw = torch.empty_like(weight)
+    dw = torch.empty_like(weight, dtype=out_dtype)
     y = _row_targets(target, n, shift_len, ignore_index)
     valid = y != ignore_index
     w_rows = valid.to(torch.float32) if grad_rows is None else torch.where(valid, grad_rows.float(), 0.0)
@@ -224,7 +229,10 @@ def _dw_by_vocab_blocks(hidden, weight, bias, target, opts, lse, grad_rows, voca
         b = min(v, a + vocab_block)
         z = torch.mm(hidden, weight[a:b].t()) if bias is None else torch.addmm(bias[a:b], hidden, weight[a:b].t())
         grad_cols(z, y, lse, w_rows, a, v, eps, zl, cap)
-        torch.mm(z.t(), hidden, out=dw[a:b])
+        if out_dtype == z.dtype:
+            torch.mm(z.t(), hidden, out=dw[a:b])
+        else:
+            _mm_f32_accumulate(dw[a:b], z.t(), hidden, beta=0)
         del z
     return dw
 
@@ -236,7 +244,8 @@ def linear_ce_sum(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: T
                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Sum of row losses (float32 scalar), lse per row, and the gradients of that sum (empty when not needed),
     computed in the same pass: each chunk's logits are turned into their gradient in place, then dh and dW
-    (vocab_block > 0: dW afterwards, by vocabulary blocks)."""
+    (vocab_block > 0: dW afterwards, by vocabulary blocks). dW and db of a float16 weight are float32: the sum's
+    gradient can pass float16's range where the loss's (the mean's) does not; backward scales, then casts."""
     opts = (shift_len, ignore_index, label_smoothing, z_loss, softcap)
     loss, lse, dh, dw, db = _chunks(hidden, weight, bias, target, opts, chunk_size, backend,
                                     (need_dh, need_dw, need_db and bias is not None), vocab_block=vocab_block)
@@ -248,13 +257,15 @@ def _(hidden, weight, bias, target, shift_len, ignore_index, ls, zl, cap, chunk,
       need_dw, need_db):
     n, d = hidden.shape
     v = weight.shape[0]
+    gdt = torch.float32 if weight.dtype == torch.float16 else weight.dtype
     return (hidden.new_empty((), dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32),
-            hidden.new_empty((n, d) if need_dh else (0,)), weight.new_empty((v, d) if need_dw else (0,)),
-            weight.new_empty((v,) if need_db and bias is not None else (0,)))
+            hidden.new_empty((n, d) if need_dh else (0,)), weight.new_empty((v, d) if need_dw else (0,), dtype=gdt),
+            weight.new_empty((v,) if need_db and bias is not None else (0,), dtype=gdt))
 
 
 def _sum_setup(ctx, inputs, output):
     ctx.has_bias = inputs[2] is not None
+    ctx.w_dtype = inputs[1].dtype  # dW / db of a float16 weight come as float32 (see linear_ce_sum)
     ctx.save_for_backward(*output[2:])
     # Only the loss carries a gradient: without these, autograd would materialise zero gradients the size of the
     # saved dh and dW for the unused outputs (a dW-sized allocation in every backward).
@@ -270,8 +281,8 @@ def _sum_backward(ctx, g, _g_lse, _g_dh, _g_dw, _g_db):
     eager = type(dh) is torch.Tensor and not torch.compiler.is_compiling()
     scale = lambda t: (t.mul_(g.to(t.dtype)) if eager else t * g.to(t.dtype))  # noqa: E731
     gh = scale(dh) if ctx.needs_input_grad[0] else None
-    gw = scale(dw) if ctx.needs_input_grad[1] else None
-    gb = scale(db) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    gw = scale(dw).to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
+    gb = scale(db).to(ctx.w_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
     return (gh, gw, gb) + (None,) * 12
 
 

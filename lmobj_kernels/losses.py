@@ -153,20 +153,23 @@ def _default_chunk(n: int, v: int, elt: int, device: torch.device, low_memory: b
     the chunks that takes (4000 rows at 114: chunks of 112 and a last one of 80, not of 114 and a last one of 10)
     unless that would go under 64 rows (115 rows stay 114 + 1, not 58 + 57: small chunks run slower matmuls).
 
-    Low precision on a GPU: all rows in one chunk when the whole logits cost no more memory than chunking would,
+    bfloat16 on a GPU: all rows in one chunk when the whole logits cost no more memory than chunking would,
     since one chunk writes dW directly in the weight's dtype (`_loss_ops._direct_dw`) while several need a float32
     accumulator (4 V D bytes) and its copy. Llama-3's head at 8192 tokens: 2.10 GB logits + 1.05 GB dW against
     2.10 GB accumulator + a 1.07 GB chunk, so one chunk (and ~6 GB less memory traffic); Gemma-2's (V = 256000)
-    stays chunked. d: the hidden width when dW is computed, 0 when it is not (no grad: chunks stay small)."""
+    stays chunked. d: the hidden width when a bf16 dW is computed, else 0 (no grad, or float16 whose dW stays
+    float32: chunks stay small)."""
     table = LOW_MEMORY_BYTES if low_memory else CHUNK_BYTES
     budget = table.get(device.type, table["cpu"])
-    if not low_memory and device.type == "cuda" and elt < 4 and d > 0 and n > 0:
-        whole, dw = n * v * elt, v * d * elt
-        if whole + dw <= 4 * v * d + max(min(budget, whole), dw):
-            return n
     rows = max(1, min(n, max(64, budget // max(1, v * elt))))
     even = -(-n // -(-n // rows)) if n else rows
-    return even if even >= min(64, rows) else rows
+    chunk = even if even >= min(64, rows) else rows
+    if not low_memory and device.type == "cuda" and elt == 2 and d > 0 and chunk < n:
+        # against the chunk actually used (evening out can halve it), not the budget
+        whole, dw = n * v * elt, v * d * elt
+        if whole + dw <= 4 * v * d + max(chunk * v * elt, dw):
+            return n
+    return chunk
 
 
 def _vocab_block(n: int, v: int, device: torch.device) -> int:
@@ -249,9 +252,10 @@ def linear_cross_entropy(
         loss = _reduce(rows, count, reduction)
     else:
         h = h.contiguous()
-        wants_dw = torch.is_grad_enabled() and weight.requires_grad  # else one chunk would only cost memory
+        # one chunk pays off only when it writes a bf16 dW directly (`_loss_ops._chunks`); else it costs memory
+        direct = torch.is_grad_enabled() and weight.requires_grad and weight.dtype == torch.bfloat16
         chunk = chunk_size or _default_chunk(h.shape[0], V, h.element_size(), h.device, low_memory,
-                                             D if wants_dw else 0)
+                                             D if direct else 0)
         vocab_block = _vocab_block(h.shape[0], V, h.device) if low_memory else 0
         args = (seq, ignore_index, float(label_smoothing), float(z_loss), cap, chunk, vocab_block, name)
         if reduction == "none" or not torch.is_grad_enabled():

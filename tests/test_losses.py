@@ -271,6 +271,27 @@ def test_linear_no_rows(backend, low_memory, gen):
     assert out.item() == 0.0 and gh.shape == (0, 8) and torch.all(gw == 0)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_float16_weight_gradient_does_not_overflow(backend, low_memory, gen):
+    """float16: the gradient of the summed loss over 512 coherent rows passes 65504 (dW[0] ~ -512 * 160) while the
+    mean's does not; dW must come out finite and right, as plain float16 PyTorch's does."""
+    n, d, v = 512, 16, 11
+    h = (160 + torch.randn(n, d, generator=gen)).half().requires_grad_()
+    w = (torch.randn(v, d, generator=gen) / 64).half().requires_grad_()
+    b = torch.randn(v, generator=gen)
+    b[0] = -8.0  # the target class unlikely: its logit gradient ~ -1 in every row
+    b = b.half().requires_grad_()
+    t = torch.zeros(n, dtype=torch.int64)
+    out = L.linear_cross_entropy(h, w, t, bias=b, backend=backend, low_memory=low_memory, chunk_size=200)
+    h64, w64, b64 = (x.detach().double().requires_grad_() for x in (h, w, b))
+    ref = L.linear_cross_entropy(h64, w64, t, bias=b64, backend="torch")
+    plain = L.linear_cross_entropy(h, w, t, bias=b, backend="torch")
+    for o, r, p in zip(_grads(out, (h, w, b)), _grads(ref, (h64, w64, b64)), _grads(plain, (h, w, b))):
+        assert o.dtype == torch.float16 and torch.isfinite(o).all()
+        assert_lowp_close(o, r, p, factor=3.0, floor=1e-6, what="grad")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_first_chunk_overwrites_the_accumulator(dtype, gen):
     """The first chunk's dW product is written with beta=0 into an uninitialised float32 buffer: NaN there must

@@ -129,11 +129,12 @@ def _addmm_out_dtype_works() -> bool:
         return False
 
 
-def _direct_dw(device: torch.device) -> bool:
-    """Whether a single chunk writes a low-precision dW with one matmul in the weight's dtype: on a GPU, cuBLAS
+def _direct_dw(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a single chunk writes dW with one matmul in the weight's dtype: bfloat16 on a GPU, where cuBLAS
     accumulates in float32 and rounds once (plain PyTorch's own dW), with no float32 accumulator and no copy. On the
-    CPU a low-precision matmul is emulated and slow, so the float32 path stays."""
-    return device.type == "cuda"
+    CPU a low-precision matmul is emulated and slow, so the float32 path stays; float16 keeps float32 (`_chunks`).
+    `losses.linear_cross_entropy` sizes its chunks by the same test."""
+    return dtype == torch.bfloat16 and device.type == "cuda"
 
 
 def _chunks(hidden, weight, bias, target, opts, chunk, backend, need, grad_rows=None, lse=None, vocab_block=0):
@@ -153,8 +154,8 @@ def _chunks(hidden, weight, bias, target, opts, chunk, backend, need, grad_rows=
     dh = hidden.new_empty((n, d)) if need_dh else hidden.new_empty(0)
     # float16 sums over rows of the loss-sum gradient overflow its range (65504) long before the mean's would:
     # in the sum op (grad_rows None) dW and db stay float32 until backward has scaled them (see linear_ce_sum)
-    keep_f32 = weight.dtype == torch.float16 and grad_rows is None
-    direct_dw = need_dw and 0 < n <= chunk and weight.dtype == torch.bfloat16 and _direct_dw(hidden.device)
+    grad_dtype = torch.float32 if weight.dtype == torch.float16 and grad_rows is None else weight.dtype
+    direct_dw = need_dw and 0 < n <= chunk and _direct_dw(weight.dtype, hidden.device)
     # Uninitialised when the first chunk writes it (beta=0 below); zeros when there is no row at all.
     dw32 = (weight.new_empty if n else weight.new_zeros)((v, d), dtype=torch.float32) if need_dw and not direct_dw \
         else None
@@ -193,10 +194,12 @@ def _chunks(hidden, weight, bias, target, opts, chunk, backend, need, grad_rows=
     if lean_dw:
         rows_lse = lse_out if grad_rows is None else lse
         dw = _dw_by_vocab_blocks(hidden, weight, bias, target, opts, rows_lse, grad_rows, vocab_block, backend,
-                                 torch.float32 if keep_f32 else weight.dtype)
-    else:
-        dw = dw if direct_dw else (dw32 if keep_f32 else dw32.to(weight.dtype)) if need_dw else weight.new_empty(0)
-    db = (db32 if keep_f32 else db32.to(weight.dtype)) if need_db else weight.new_empty(0)
+                                 grad_dtype)
+    elif need_dw and not direct_dw:
+        dw = dw32.to(grad_dtype)  # no copy when grad_dtype is float32
+    elif not need_dw:
+        dw = weight.new_empty(0)
+    db = db32.to(grad_dtype) if need_db else weight.new_empty(0)
     return loss, lse_out, dh, dw, db
 
 

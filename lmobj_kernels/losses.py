@@ -157,14 +157,14 @@ def _default_chunk(n: int, v: int, elt: int, device: torch.device, low_memory: b
     since one chunk writes dW directly in the weight's dtype (`_loss_ops._direct_dw`) while several need a float32
     accumulator (4 V D bytes) and its copy. Llama-3's head at 8192 tokens: 2.10 GB logits + 1.05 GB dW against
     2.10 GB accumulator + a 1.07 GB chunk, so one chunk (and ~6 GB less memory traffic); Gemma-2's (V = 256000)
-    stays chunked. d: the hidden width when a bf16 dW is computed, else 0 (no grad, or float16 whose dW stays
-    float32: chunks stay small)."""
+    stays chunked. d: the hidden width when that direct dW is computed (`_loss_ops._direct_dw`), else 0 (no grad,
+    float16 or float32, the CPU: chunks stay small)."""
     table = LOW_MEMORY_BYTES if low_memory else CHUNK_BYTES
     budget = table.get(device.type, table["cpu"])
     rows = max(1, min(n, max(64, budget // max(1, v * elt))))
     even = -(-n // -(-n // rows)) if n else rows
     chunk = even if even >= min(64, rows) else rows
-    if not low_memory and device.type == "cuda" and elt == 2 and d > 0 and chunk < n:
+    if not low_memory and d > 0 and chunk < n:
         # against the chunk actually used (evening out can halve it), not the budget
         whole, dw = n * v * elt, v * d * elt
         if whole + dw <= 4 * v * d + max(chunk * v * elt, dw):
@@ -252,8 +252,8 @@ def linear_cross_entropy(
         loss = _reduce(rows, count, reduction)
     else:
         h = h.contiguous()
-        # one chunk pays off only when it writes a bf16 dW directly (`_loss_ops._chunks`); else it costs memory
-        direct = torch.is_grad_enabled() and weight.requires_grad and weight.dtype == torch.bfloat16
+        # one chunk pays off only when it writes dW directly (`_loss_ops._chunks`); else it costs memory
+        direct = torch.is_grad_enabled() and weight.requires_grad and _loss_ops._direct_dw(weight.dtype, h.device)
         chunk = chunk_size or _default_chunk(h.shape[0], V, h.element_size(), h.device, low_memory,
                                              D if direct else 0)
         vocab_block = _vocab_block(h.shape[0], V, h.device) if low_memory else 0

@@ -200,7 +200,7 @@ def test_linear_cross_entropy_bfloat16_one_chunk_direct_dw(backend, reduction, g
     here on the CPU), through the fused forward (mean) and the per-row backward (none)."""
     from lmobj_kernels import _loss_ops
 
-    monkeypatch.setattr(_loss_ops, "_direct_dw", lambda device: True)
+    monkeypatch.setattr(_loss_ops, "_direct_dw", lambda dtype, device: dtype == torch.bfloat16)
     calls = []
     monkeypatch.setattr(_loss_ops, "_mm_f32_accumulate", lambda *a, **k: calls.append(a))
     _check_causal_bfloat16(gen, backend, 257, chunk_size=1000, reduction=reduction)

@@ -14,6 +14,7 @@ import functools
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from lmobj_kernels._backend import _C, triton_module
 from lmobj_kernels.reference import losses as ref_losses
@@ -86,6 +87,7 @@ def _ce_setup(ctx, inputs, output):
 
 
 def _make_ce_backward(backend: str):
+    @once_differentiable  # the backward ops have no derivative: a double backward raises, never returns zeros
     def backward(ctx, grad_loss, grad_lse):  # lse is returned detached by the public API
         logits, target, lse = ctx.saved_tensors
         grad = row_ops(backend)[1](grad_loss.float().contiguous(), logits, target, lse, *ctx.opts)
@@ -276,13 +278,20 @@ def _sum_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+@once_differentiable  # the saved gradients are constants: a double backward raises, never returns zeros
 def _sum_backward(ctx, g, _g_lse, _g_dh, _g_dw, _g_db):
+    if getattr(ctx, "used", False):  # checked before saved_tensors, whose version check would say less
+        raise RuntimeError("the fused linear cross-entropy (reduction 'mean' or 'sum') supports one backward per "
+                           "forward: it computed the gradients during the forward and scales them in place in "
+                           "backward. Run the forward again, or use reduction='none' and reduce it yourself.")
     dh, dw, db = ctx.saved_tensors
-    # Eager: scale in place, these buffers belong to this op alone (a second backward through the same graph then
-    # fails autograd's version check rather than returning twice-scaled gradients). While tracing (torch.compile,
-    # opcheck) tensors are subclasses and the functional form is used.
+    # Eager: scale in place, these buffers belong to this op alone. While tracing (torch.compile, opcheck) tensors
+    # are subclasses and the functional form is used. g stays float32: a bfloat16 copy of 1/count would bias every
+    # gradient of the step by up to 2^-9 (one rounding of the scale), where multiplying by the float32 scale rounds
+    # each product once.
     eager = type(dh) is torch.Tensor and not torch.compiler.is_compiling()
-    scale = lambda t: (t.mul_(g.to(t.dtype)) if eager else t * g.to(t.dtype))  # noqa: E731
+    ctx.used = eager
+    scale = lambda t: (t.mul_(g) if eager else t * g)  # noqa: E731
     gh = scale(dh) if ctx.needs_input_grad[0] else None
     gw = scale(dw).to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
     gb = scale(db).to(ctx.w_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
@@ -311,19 +320,21 @@ def _(hidden, *args):
 @torch.library.custom_op("lmobj::linear_ce_rows_bwd", mutates_args=())
 def linear_ce_rows_bwd(grad_rows: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor,
                        lse: Tensor, shift_len: int, ignore_index: int, label_smoothing: float, z_loss: float,
-                       softcap: float, chunk_size: int, vocab_block: int, backend: str
-                       ) -> tuple[Tensor, Tensor, Tensor]:
+                       softcap: float, chunk_size: int, vocab_block: int, backend: str, need_dh: bool,
+                       need_dw: bool, need_db: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """dh, dW, db of sum_r grad_rows[r] * loss_r (each empty when not needed: a frozen head costs no dW)."""
     opts = (shift_len, ignore_index, label_smoothing, z_loss, softcap)
     _, _, dh, dw, db = _chunks(hidden, weight, bias, target, opts, chunk_size, backend,
-                               (True, True, bias is not None), grad_rows=grad_rows.float().contiguous(), lse=lse,
-                               vocab_block=vocab_block)
+                               (need_dh, need_dw, need_db and bias is not None),
+                               grad_rows=grad_rows.float().contiguous(), lse=lse, vocab_block=vocab_block)
     return dh, dw, db
 
 
 @linear_ce_rows_bwd.register_fake
-def _(grad_rows, hidden, weight, bias, *args):
-    return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), weight.new_empty(
-        (weight.shape[0],) if bias is not None else (0,))
+def _(grad_rows, hidden, weight, bias, target, lse, shift_len, ii, ls, zl, cap, chunk, vocab_block, backend,
+      need_dh, need_dw, need_db):
+    return (hidden.new_empty(hidden.shape if need_dh else (0,)), weight.new_empty(weight.shape if need_dw else (0,)),
+            weight.new_empty((weight.shape[0],) if need_db and bias is not None else (0,)))
 
 
 def _rows_setup(ctx, inputs, output):
@@ -334,12 +345,15 @@ def _rows_setup(ctx, inputs, output):
     ctx.save_for_backward(hidden, weight, bias, target, output[1])
 
 
+@once_differentiable  # linear_ce_rows_bwd has no derivative: a double backward raises, never returns zeros
 def _rows_backward(ctx, grad_rows, _grad_lse):
     hidden, weight, bias, target, lse = ctx.saved_tensors
     shift_len, ii, ls, zl, cap, chunk, vocab_block, backend = ctx.opts
+    need = ctx.needs_input_grad[:3]
     dh, dw, db = linear_ce_rows_bwd(grad_rows, hidden, weight, bias, target, lse, shift_len, ii, ls, zl, cap, chunk,
-                                    vocab_block, backend)
-    return (dh, dw, db if ctx.has_bias else None) + (None,) * 9
+                                    vocab_block, backend, need[0], need[1], need[2] and ctx.has_bias)
+    return (dh if need[0] else None, dw if need[1] else None,
+            db if need[2] and ctx.has_bias else None) + (None,) * 9
 
 
 linear_ce_rows.register_autograd(_rows_backward, setup_context=_rows_setup)

@@ -8,13 +8,14 @@ zero gradient, not NaN. The returned lse (`return_lse=True`) is detached: it car
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
 from torch import Tensor, nn
 
 from lmobj_kernels import _loss_ops
-from lmobj_kernels._backend import resolve
+from lmobj_kernels._backend import BACKENDS, resolve
 from lmobj_kernels.reference import losses as ref
 
 _REDUCTIONS = ("none", "sum", "mean")
@@ -22,16 +23,25 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ---- argument checks: ValueError / TypeError naming the argument ----
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)  # True is an int to Python, not a smoothing
+
+
+def _check_flag(name: str, v) -> None:
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be a bool, got {v!r}")
+
+
 def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size=None):
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
+    if not _is_number(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
-    if not isinstance(z_loss, (int, float)) or not (z_loss >= 0.0 and math.isfinite(z_loss)):
+    if not _is_number(z_loss) or not (z_loss >= 0.0 and math.isfinite(z_loss)):
         raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
-    if softcap is not None and (not isinstance(softcap, (int, float)) or not (softcap > 0 and math.isfinite(softcap))):
+    if softcap is not None and (not _is_number(softcap) or not (softcap > 0 and math.isfinite(softcap))):
         raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
@@ -103,6 +113,7 @@ def cross_entropy(
     """
     _check_tensor("logits", logits)
     _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    _check_flag("return_lse", return_lse)
     if logits.dim() < 2:
         raise ValueError(f"logits must be (N, V) or (B, S, V), got shape {tuple(logits.shape)}")
     if logits.shape[-1] == 0:
@@ -116,7 +127,7 @@ def cross_entropy(
     if name == "torch":
         rows, lse = ref.cross_entropy_rows(flat, tgt, ignore_index, label_smoothing, z_loss, softcap)
     else:
-        if flat.stride(-1) != 1:
+        if flat.stride(-1) != 1 or flat.stride(0) < V:  # the kernels read rows stride(0) apart: no overlap
             flat = flat.contiguous()
         fwd = _loss_ops.row_ops(name)[0]
         rows, lse = fwd(flat, tgt.contiguous(), 0, 0, ignore_index, float(label_smoothing), float(z_loss),
@@ -213,8 +224,8 @@ def linear_cross_entropy(
     _check_tensor("hidden", hidden)
     _check_tensor("weight", weight)
     _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size)
-    if not isinstance(low_memory, bool):
-        raise TypeError(f"low_memory must be a bool, got {low_memory!r}")
+    for flag, value in (("low_memory", low_memory), ("shift", shift), ("return_lse", return_lse)):
+        _check_flag(flag, value)
     if hidden.dim() < 1 or (shift and hidden.dim() < 2):
         raise ValueError(f"hidden must be (..., D){' with a sequence axis for shift=True' if shift else ''}, "
                          f"got shape {tuple(hidden.shape)}")
@@ -224,6 +235,8 @@ def linear_cross_entropy(
         raise ValueError(f"weight has width {weight.shape[1]} but hidden has D = {hidden.shape[-1]}")
     if weight.shape[0] == 0:
         raise ValueError("weight must have at least one row (V = 0)")
+    if weight.shape[1] == 0:
+        raise ValueError("hidden and weight must have a width D >= 1, got D = 0")
     if weight.device != hidden.device:
         raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
     if bias is not None:
@@ -283,7 +296,7 @@ def seq2seq_lm_loss(decoder_hidden: Tensor, weight: Tensor, labels: Tensor, *, h
     """Decoder loss of an encoder-decoder (T5, BART): labels (B, T) are already the targets of each position.
     `hidden_scale` multiplies the decoder states first (T5 with tied embeddings uses d_model ** -0.5)."""
     if hidden_scale is not None:
-        if not isinstance(hidden_scale, (int, float)) or not math.isfinite(hidden_scale):
+        if not _is_number(hidden_scale) or not math.isfinite(hidden_scale):
             raise ValueError(f"hidden_scale must be a finite float, got {hidden_scale!r}")
         decoder_hidden = decoder_hidden * hidden_scale
     return linear_cross_entropy(decoder_hidden, weight, labels, shift=False, **kwargs)
@@ -315,6 +328,8 @@ def masked_lm_loss(
     if kwargs.get("return_lse"):
         raise ValueError("return_lse is not supported by masked_lm_loss (the lse exists at the masked positions only); "
                          "call linear_cross_entropy on the gathered rows for it")
+    if "shift" in kwargs:  # the gathered rows are not a sequence: a shift would score them against each other
+        raise TypeError("masked_lm_loss takes no shift: each label is the target of its own position")
     _check_target("labels", labels, hidden.shape[:-1], hidden.device)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -328,7 +343,7 @@ def masked_lm_loss(
     else:
         if not isinstance(max_predictions, int) or isinstance(max_predictions, bool) or max_predictions < 1:
             raise ValueError(f"max_predictions must be a positive int, got {max_predictions!r}")
-        rows_per_bound = hidden.shape[0] if hidden.dim() >= 3 else 1
+        rows_per_bound = math.prod(hidden.shape[:-2]) if hidden.dim() >= 3 else 1  # sequences
         size = min(flat_l.numel(), max_predictions * rows_per_bound)
         if torch.compiler.is_compiling() or hidden.is_cuda:
             torch._assert_async(mask.sum() <= size, "masked_lm_loss: more masked positions than max_predictions")
@@ -348,43 +363,90 @@ def masked_lm_loss(
 
 
 # ---- modules ----
-class CrossEntropyLoss(nn.Module):
-    """Module form of `cross_entropy`: forward(logits, target)."""
+def _keyword_options(fn, drop=()) -> dict:
+    """The keyword-only options of a functional form and their defaults."""
+    return {n: p.default for n, p in inspect.signature(fn).parameters.items()
+            if p.kind is p.KEYWORD_ONLY and n not in drop}
+
+
+def _check_module_options(options: dict) -> None:
+    """The checks the functional form makes of its options, at construction rather than at the first forward."""
+    _check_options(options["ignore_index"], options["reduction"], options["label_smoothing"], options["z_loss"],
+                   options["softcap"], options.get("chunk_size"))
+    for flag in ("low_memory", "return_lse"):
+        if flag in options:
+            _check_flag(flag, options[flag])
+    hs = options.get("hidden_scale")
+    if hs is not None and (not _is_number(hs) or not math.isfinite(hs)):
+        raise ValueError(f"hidden_scale must be a finite float, got {hs!r}")
+    mp = options.get("max_predictions")
+    if mp is not None and (not isinstance(mp, int) or isinstance(mp, bool) or mp < 1):
+        raise ValueError(f"max_predictions must be a positive int, got {mp!r}")
+    backend = options["backend"]
+    if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
+        raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; got {backend!r}")
+
+
+class _LossModule(nn.Module):
+    """A functional form with its options fixed at construction: checked then, kept as attributes (as
+    `torch.nn.CrossEntropyLoss` keeps `ignore_index`, `reduction`, ...) and shown by repr."""
+
+    OPTIONS: dict = {}  # option -> default, per subclass
 
     def __init__(self, **options):
         super().__init__()
-        self.options = options
+        unknown = sorted(set(options) - set(self.OPTIONS))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unknown option(s) {unknown}; it takes "
+                            f"{sorted(self.OPTIONS)}")
+        merged = {**self.OPTIONS, **options}
+        _check_module_options(merged)
+        for k, v in merged.items():
+            setattr(self, k, v)
+
+    def _options(self) -> dict:
+        return {k: getattr(self, k) for k in self.OPTIONS}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={getattr(self, k)!r}" for k, d in self.OPTIONS.items() if getattr(self, k) != d)
+
+
+class CrossEntropyLoss(_LossModule):
+    """Module form of `cross_entropy`: forward(logits, target)."""
+
+    OPTIONS = _keyword_options(cross_entropy)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        return cross_entropy(logits, target, **self.options)
+        return cross_entropy(logits, target, **self._options())
 
 
-class LinearCrossEntropyLoss(nn.Module):
+class LinearCrossEntropyLoss(_LossModule):
     """Module form of `linear_cross_entropy`: forward(hidden, weight, target, bias=None)."""
 
     fn = staticmethod(linear_cross_entropy)
-
-    def __init__(self, **options):
-        super().__init__()
-        self.options = options
+    OPTIONS = _keyword_options(linear_cross_entropy, drop=("bias",))
 
     def forward(self, hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None) -> Tensor:
-        return type(self).fn(hidden, weight, target, bias=bias, **self.options)
+        return type(self).fn(hidden, weight, target, bias=bias, **self._options())
 
 
 class CausalLMLoss(LinearCrossEntropyLoss):
     """Module form of `causal_lm_loss`: forward(hidden, weight, labels, bias=None)."""
 
     fn = staticmethod(causal_lm_loss)
+    OPTIONS = _keyword_options(linear_cross_entropy, drop=("bias", "shift"))
 
 
 class Seq2SeqLMLoss(LinearCrossEntropyLoss):
     """Module form of `seq2seq_lm_loss`: forward(decoder_hidden, weight, labels, bias=None)."""
 
     fn = staticmethod(seq2seq_lm_loss)
+    OPTIONS = {"hidden_scale": None, **_keyword_options(linear_cross_entropy, drop=("bias", "shift"))}
 
 
 class MaskedLMLoss(LinearCrossEntropyLoss):
     """Module form of `masked_lm_loss`: forward(hidden, weight, labels, bias=None)."""
 
     fn = staticmethod(masked_lm_loss)
+    OPTIONS = {"max_predictions": None,
+               **_keyword_options(linear_cross_entropy, drop=("bias", "shift", "return_lse"))}

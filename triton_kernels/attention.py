@@ -97,6 +97,15 @@ def _mma(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _block_and_row(n_blocks):
+    """(block, row) of this program in a 1-D grid of n_blocks blocks per row (row = b * H + h, or b), blocks
+    fastest: the order of a (n_blocks, rows) grid, without CUDA's 65535 limit on grid y (B * H passes it at e.g.
+    BERT's 4096 x 32 heads)."""
+    pid = tl.program_id(0)
+    return pid % n_blocks, (pid // n_blocks).to(tl.int64)
+
+
+@triton.jit
 def _and_d(rows, dmask, EVEN_D: tl.constexpr):
     """Load/store mask: `rows` alone when the head dim fills its block (a mask constant along the contiguous
     head-dim axis keeps loads vectorised), else rows & dmask."""
@@ -233,9 +242,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX, KVLEN, DOC, DOC_RANGE,
     contiguous float32. PREFIX / KVLEN: int32 (B,) (read only when their flag is set); DOC: int32 (B, Sq) doc ids,
     rows stride_doc apart; DOC_RANGE: int32 (B, n_qblocks, 4) per query block: [first, last) key block sharing
     a document with it, and [first, last) key block of the same single document as the whole query block.
-    group = Hq // Hkv; qk_scale = scale * log2(e). Grid: (n_qblocks, B * Hq)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    group = Hq // Hkv; qk_scale = scale * log2(e). Grid: (n_qblocks * B * Hq,)."""
+    pid_m, bh = _block_and_row(n_qblocks)
     b, h, hk, offs_m, rmask, kv_len, prefix_len, DOC_row, q_doc, lo, c_lo, c_hi, hi = _query_block(
         pid_m, bh, Hq, group, Sq, Sk, PREFIX, KVLEN, DOC, DOC_RANGE, stride_doc, n_qblocks, CAUSAL, HAS_PREFIX,
         HAS_KVLEN, HAS_DOCS, BLOCK_M, BLOCK_N)
@@ -271,13 +279,13 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX, KVLEN, DOC, DOC_RANGE,
     tl.store(LSE + bh * Sq + offs_m, lse, mask=rmask)
 
 
-@triton.jit(do_not_specialize=["Sq"])  # one compiled kernel for every sequence length
+@triton.jit(do_not_specialize=["Sq", "n_qblocks"])  # one compiled kernel for every sequence length
 def _attn_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride_dob, stride_doh, stride_dos,
-                           Hq, Sq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+                           Hq, Sq, D, n_qblocks, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                           EVEN_D: tl.constexpr):
     """DELTA[b, h, i] = sum_d O[b, h, i, d] * dO[b, h, i, d] in float32 (DELTA contiguous (B, Hq, Sq)).
-    Grid: (cdiv(Sq, BLOCK_M), B * Hq)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    Grid: (n_qblocks * B * Hq,), n_qblocks = cdiv(Sq, BLOCK_M)."""
+    pid_m, bh = _block_and_row(n_qblocks)
     b = bh // Hq
     h = bh % Hq
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -334,9 +342,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, D
     """dK, dV (B, Hkv, Sk, D) contiguous, for one key block and kv head, summed over the `group` query heads that
     share it and over the query blocks the mask leaves (a causal key block starts at its diagonal unless it lies in
     the prefix; a block past kv_len has nothing; documents: DOC_RANGE (B, n_kblocks, 4), see `_doc_block_range`).
-    LSE, DELTA: (B, Hq, Sq) float32 contiguous. Grid: (n_kblocks, B * Hkv)."""
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    LSE, DELTA: (B, Hq, Sq) float32 contiguous. Grid: (n_kblocks * B * Hkv,)."""
+    pid_n, bh = _block_and_row(n_kblocks)
     b = bh // Hkv
     hk = bh % Hkv
     start_n = pid_n * BLOCK_N
@@ -435,9 +442,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX, KVLEN, DOC, DOC_RAN
                         HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
     """dQ (B, Hq, Sq, D) contiguous for one query block: the same key range as the forward
-    (DOC_RANGE (B, n_qblocks, 4), see `_doc_block_range`). Grid: (n_qblocks, B * Hq)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    (DOC_RANGE (B, n_qblocks, 4), see `_doc_block_range`). Grid: (n_qblocks * B * Hq,)."""
+    pid_m, bh = _block_and_row(n_qblocks)
     b, h, hk, offs_m, rmask, kv_len, prefix_len, DOC_row, q_doc, lo, c_lo, c_hi, hi = _query_block(
         pid_m, bh, Hq, group, Sq, Sk, PREFIX, KVLEN, DOC, DOC_RANGE, stride_doc, n_qblocks, CAUSAL, HAS_PREFIX,
         HAS_KVLEN, HAS_DOCS, BLOCK_M, BLOCK_N)
@@ -472,14 +478,13 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX, KVLEN, DOC, DOC_RAN
 
 
 # ---- host side ----
-@triton.jit(do_not_specialize=["S", "n_inner"])
+@triton.jit(do_not_specialize=["S", "n_inner", "n_outer"])
 def _doc_range_kernel(DOC, RNG, S, stride_doc, n_outer, n_inner, OUTER: tl.constexpr, INNER: tl.constexpr,
                       CHUNK: tl.constexpr):
     """RNG[b, o] = (first, last, s_first, s_last) for block o of OUTER positions of row b (see `_doc_block_range`);
-    DOC: int32 rows of S contiguous ids, stride_doc apart. Grid: (n_outer, B). The inner blocks are scanned CHUNK
+    DOC: int32 rows of S contiguous ids, stride_doc apart. Grid: (n_outer * B,). The inner blocks are scanned CHUNK
     at a time as a (CHUNK, INNER) tile."""
-    o = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    o, b = _block_and_row(n_outer)
     row = DOC + b * stride_doc
     big = 2147483647
     offs = o * OUTER + tl.arange(0, OUTER)
@@ -526,7 +531,7 @@ def _doc_block_range(doc: torch.Tensor, outer: int, inner: int) -> torch.Tensor:
     B, S = doc.shape
     n_outer, n_inner = triton.cdiv(S, outer), triton.cdiv(S, inner)
     rng = torch.empty((B, n_outer, 4), dtype=torch.int32, device=doc.device)
-    _doc_range_kernel[(n_outer, B)](doc, rng, S, doc.stride(0), n_outer, n_inner, OUTER=outer, INNER=inner,
+    _doc_range_kernel[(n_outer * B,)](doc, rng, S, doc.stride(0), n_outer, n_inner, OUTER=outer, INNER=inner,
                                     CHUNK=max(1, 1024 // inner), num_warps=4)
     return rng
 
@@ -565,7 +570,7 @@ def attention_forward(q, k, v, prefix_lens, doc_ids, kv_lens, causal: bool, scal
     prefix, kvl, doc = _meta(q, prefix_lens, kv_lens, doc_ids)
     n_qb = triton.cdiv(Sq, bm)
     rng = _doc_block_range(doc, bm, bn) if doc_ids is not None else prefix
-    _attn_fwd_kernel[(n_qb, B * Hq)](
+    _attn_fwd_kernel[(n_qb * B * Hq,)](
         q, k, v, out, lse, prefix, kvl, doc, rng,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), doc.stride(0),
@@ -597,16 +602,17 @@ def attention_backward(do, q, k, v, out, lse, prefix_lens, doc_ids, kv_lens, cau
 
     delta = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
     bm_d = 64 if block_d <= 128 else 32
-    _attn_bwd_delta_kernel[(triton.cdiv(Sq, bm_d), B * Hq)](
+    n_db = triton.cdiv(Sq, bm_d)
+    _attn_bwd_delta_kernel[(n_db * B * Hq,)](
         out, do, delta, out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        Hq, Sq, D, BLOCK_M=bm_d, BLOCK_D=block_d, EVEN_D=block_d == D)
+        Hq, Sq, D, n_db, BLOCK_M=bm_d, BLOCK_D=block_d, EVEN_D=block_d == D)
 
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), doc.stride(0))
     bm, bn, warps, stages = config("dkdv", D, q.device)
     n_kb = triton.cdiv(Sk, bn)
     rng = _doc_block_range(doc, bn, bm) if doc_ids is not None else prefix
-    _attn_bwd_dkdv_kernel[(n_kb, B * Hkv)](
+    _attn_bwd_dkdv_kernel[(n_kb * B * Hkv,)](
         q, k, v, do, lse, delta, dk, dv, prefix, kvl, doc, rng, *strides,
         Hq, Hkv, Sq, Sk, D, group, scale, scale * LOG2E, n_kb,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags)
@@ -614,7 +620,7 @@ def attention_backward(do, q, k, v, out, lse, prefix_lens, doc_ids, kv_lens, cau
     bm, bn, warps, stages = config("dq", D, q.device)
     n_qb = triton.cdiv(Sq, bm)
     rng = _doc_block_range(doc, bm, bn) if doc_ids is not None else prefix
-    _attn_bwd_dq_kernel[(n_qb, B * Hq)](
+    _attn_bwd_dq_kernel[(n_qb * B * Hq,)](
         q, k, v, do, lse, delta, dq, prefix, kvl, doc, rng, *strides,
         Hq, Sq, Sk, D, group, scale, scale * LOG2E, n_qb,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags)

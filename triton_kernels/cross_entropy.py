@@ -58,6 +58,12 @@ def _ce_fwd_kernel(X, stride_x, T, LOSS, LSE, V, row_offset, shift_len, ignore_i
     d(loss_row)/dx (X is then a buffer the library owns). Targets: T[row_offset + r] (SHIFT: the next one)."""
     r = tl.program_id(0).to(tl.int64)
     X_row = X + r * stride_x
+    # z_y is read before anything else: with WRITE_GRAD one warp's gradient stores may reach column y while
+    # another warp has yet to read it (no barrier separates the passes; the CUDA kernel has __syncthreads)
+    y = _row_target(T, row_offset + r, shift_len, ignore_index, SHIFT)
+    valid = (y >= 0) & (y < V)
+    ignored = y == ignore_index
+    z_y = _capped(tl.load(X_row + y, mask=valid, other=0.0).to(tl.float32), softcap, HAS_CAP)
     m = -float("inf")
     s = 0.0
     sz = 0.0
@@ -71,10 +77,6 @@ def _ce_fwd_kernel(X, stride_x, T, LOSS, LSE, V, row_offset, shift_len, ignore_i
         s = s * tl.exp(m - mn) + tl.sum(tl.exp(z - mn), axis=0)
         m = mn
     lse = m + tl.log(s)
-    y = _row_target(T, row_offset + r, shift_len, ignore_index, SHIFT)
-    valid = (y >= 0) & (y < V)
-    ignored = y == ignore_index
-    z_y = _capped(tl.load(X_row + y, mask=valid, other=0.0).to(tl.float32), softcap, HAS_CAP)
     loss = (1.0 - smoothing) * (lse - z_y) + smoothing * (lse - sz / V) + z_loss * lse * lse
     loss = tl.where(valid, loss, float("nan"))
     loss = tl.where(ignored, 0.0, loss)

@@ -65,11 +65,10 @@ def _mock(v):
 def capture(arch: int):
     """Inside: Triton launches compile for `arch` and are recorded in the yielded list instead of running; CUDA
     tensors are fake (torch.empty(..., device="cuda") works without a GPU)."""
+    from lmobj_kernels.triton_kernels import attention
     from torch._subclasses.fake_tensor import FakeTensorMode
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
-
-    from lmobj_kernels.triton_kernels import attention
 
     launches: list[dict] = []
     orig_run, orig_arch = JITFunction.run, attention._arch
@@ -176,8 +175,9 @@ def _corruption_cases(full: bool):
 
 def _span(B, S):
     def launch():
-        from lmobj_kernels.corruption import _fixed_plan_cached
         from lmobj_kernels.triton_kernels import corruption as K
+
+        from lmobj_kernels.corruption import _fixed_plan_cached
 
         in_w, tg_w, _ = _fixed_plan_cached(S, 0.15, 3.0)
         x = torch.empty(B, S, dtype=torch.int64, device="cuda")

@@ -4,15 +4,18 @@ Each launcher in triton_kernels/ is called on fake CUDA tensors (FakeTensorMode)
 that reports a chosen architecture; each launch is compiled (Triton's own argument specialisation, then
 TTIR -> TTGIR -> LLVM -> PTX -> cubin with ptxas) instead of run. Per kernel this reports the registers per thread,
 the stack (register spills), the shared memory it needs at launch against the architecture's per-block limit,
-and the launch grid against CUDA's limits (x < 2^31, y and z <= 65535). A kernel that does not compile for an
+and the launch grid against CUDA's limits (x < 2^31, y and z <= 65535). A launch over the shared-memory limit is
+refused as Triton's loader refuses it (OutOfResources), so the attention kernels' fallback to smaller configs runs
+as on such a card and the table shows the config that would launch. A kernel that does not compile for an
 architecture, needs more shared memory than the card has or launches an impossible grid fails here, on the CPU,
 instead of on the first GPU run. Registers and spills say where a config is tight; timing still needs a card.
 
-    python benchmarks/triton_resources.py [--arch 80 86 90] [--full] [--out DIR]
+    python benchmarks/triton_resources.py [--arch 80 86 90] [--quick | --full] [--out DIR]
 
 Architectures: 90 (H100/H200), 80 (A100), 86 (A10, RTX 30xx, and like 89: L4, RTX 40xx; 99 KB of shared
-memory, and the kernels take their sm80 configs there). Runs in ~1-3 min on 2 cores; `--full` adds float16 and
-more head dims. Needs Triton's bundled ptxas and cuobjdump (in every Triton wheel) and must run without
+memory, and the kernels take their sm80 configs there). `--quick` (CI) takes a few minutes on 2 cores with an
+empty Triton cache, the default ~15 (float32 attention tiles take ptxas about a minute each); `--full` adds
+float16 and more head dims. Needs Triton's bundled ptxas and cuobjdump (in every Triton wheel) and must run without
 TRITON_INTERPRET.
 """
 
@@ -68,6 +71,7 @@ def capture(arch: int):
     from lmobj_kernels.triton_kernels import attention
     from torch._subclasses.fake_tensor import FakeTensorMode
     from triton.runtime import driver
+    from triton.runtime.errors import OutOfResources
     from triton.runtime.jit import JITFunction
 
     launches: list[dict] = []
@@ -76,6 +80,8 @@ def capture(arch: int):
     def run(self, *args, grid, warmup, **kwargs):
         kernel = orig_run(self, *map(_mock, args), grid=grid, warmup=True,
                           **{k: _mock(v) for k, v in kwargs.items()})
+        if kernel.metadata.shared > SHARED_LIMIT[arch]:  # what Triton's loader does on such a card
+            raise OutOfResources(kernel.metadata.shared, SHARED_LIMIT[arch], "shared memory")
         g = tuple(grid) + (1,) * (3 - len(grid))
         launches.append({"kernel": self.fn.__name__, "compiled": kernel, "grid": g,
                          "warps": kwargs.get("num_warps", 4), "stages": kwargs.get("num_stages", 3)})
@@ -85,6 +91,7 @@ def capture(arch: int):
     driver.set_active(_Driver(arch))
     JITFunction.run = run
     attention._arch = lambda device_index: "sm90" if arch >= 90 else "sm80"
+    attention._FITTED.clear()  # configs fitted for another architecture
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
             yield launches
@@ -116,15 +123,19 @@ def resources(compiled) -> dict:
 
 
 # ---- the launches of a real run, per family ----
-def _attention_cases(full: bool):
-    dims = (64, 128, 256) + ((80, 96, 200) if full else (96,))
-    dtypes = (torch.bfloat16, torch.float16, torch.float32) if full else (torch.bfloat16, torch.float32)
+def _attention_cases(size: str):
+    dims = {"quick": (64, 128, 256), "default": (64, 96, 128, 256), "full": (64, 80, 96, 128, 200, 256)}[size]
+    dtypes = (torch.bfloat16, torch.float32) + ((torch.float16,) if size == "full" else ())
     masks = {"causal": dict(causal=True), "all": dict(causal=True, prefix=True, kv=True, docs=True),
              "padding": dict(kv=True)}
     for d in dims:
         for dt in dtypes:
+            # float32 tiles are slow to compile (~1 min each on 2 cores: ptxas spills, and a card that refuses a
+            # config compiles the next one too): quick (CI) leaves them to the default run
+            if size == "quick" and dt == torch.float32:
+                continue
             for mname, m in masks.items():
-                if mname == "padding" and not full and d != 128:
+                if mname == "padding" and (size != "full" and d != 128 or size == "quick"):
                     continue
                 yield "attention", f"B2 H16 S8192 D{d} {str(dt)[6:]} {mname}", _attention(2, 16, 8192, d, dt, m)
     yield "attention", "B4096 H32 S128 D64 bf16 padding (B*H > 65535)", _attention(
@@ -145,8 +156,9 @@ def _attention(B, H, S, D, dtype, m):
     return launch
 
 
-def _loss_cases(full: bool):
-    heads = [(8192, 32000), (8192, 128256), (4096, 256000)] + ([(64, 50257), (8192, 151936)] if full else [])
+def _loss_cases(size: str):
+    heads = [(8192, 32000), (8192, 128256), (4096, 256000)] + ([(64, 50257), (8192, 151936)] if size == "full"
+                                                               else [])
     for N, V in heads:
         for dt in (torch.bfloat16, torch.float32):
             yield "losses", f"N{N} V{V} {str(dt)[6:]}", _losses(N, V, dt)
@@ -165,7 +177,8 @@ def _losses(N, V, dtype):
     return launch
 
 
-def _corruption_cases(full: bool):
+def _corruption_cases(size: str):
+    full = size == "full"
     for B, S in [(1024, 568), (256, 3000), (64, 8192)] + ([(16, 32768)] if full else []):
         yield "corruption", f"span B{B} S{S}", _span(B, S)
     for B, S in [(256, 512), (64, 8192)] + ([(16, 32768)] if full else []):
@@ -227,6 +240,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[90, 80, 86], choices=sorted(SHARED_LIMIT))
     ap.add_argument("--family", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    ap.add_argument("--quick", action="store_true", help="the CI subset: no float32 attention")
     ap.add_argument("--full", action="store_true", help="float16 and more head dims, sizes and heads")
     ap.add_argument("--out", default=None, help="folder for the JSON result (default benchmarks/results)")
     args = ap.parse_args(argv)
@@ -238,7 +252,8 @@ def main(argv=None) -> int:
     rows = []
     for arch in args.arch:
         for fam in args.family:
-            for family, case, launch in FAMILIES[fam](args.full):
+            size = "full" if args.full else ("quick" if args.quick else "default")
+            for family, case, launch in FAMILIES[fam](size):
                 t1 = time.time()
                 rows.extend(check(arch, family, case, launch))
                 print(f"  sm{arch} {case}: {time.time() - t1:.1f} s", file=sys.stderr, flush=True)

@@ -6,6 +6,8 @@
 
 #include <optional>
 
+#include "common/span_math.h"
+
 namespace lmobj {
 
 inline void check_ids_matrix(const char* op, const char* name, const at::Tensor& t) {
@@ -33,7 +35,7 @@ inline void check_span_args(const char* op, const at::Tensor& input_ids, const a
 }
 
 inline void check_mlm_args(const char* op, const at::Tensor& input_ids, const std::optional<at::Tensor>& word_ids,
-                           const at::Tensor& seed, const at::Tensor& special_ids, int64_t row_offset,
+                           const at::Tensor& seed, const at::Tensor& special_ids, int64_t row_offset, bool exact,
                            int64_t select_threshold, int64_t mask_threshold, int64_t random_threshold,
                            int64_t random_range) {
   check_ids_matrix(op, "input_ids", input_ids);
@@ -47,9 +49,14 @@ inline void check_mlm_args(const char* op, const at::Tensor& input_ids, const st
   TORCH_CHECK(seed.numel() == 1, op, ": seed must hold one int64");
   TORCH_CHECK(row_offset >= 0, op, ": row_offset must be >= 0");
   const int64_t one = int64_t(1) << 32;
-  TORCH_CHECK(select_threshold >= 0 && select_threshold <= one && mask_threshold >= 0 &&
-                  mask_threshold <= random_threshold && random_threshold <= one,
-              op, ": thresholds must satisfy 0 <= mask <= random <= 2^32 and 0 <= select <= 2^32");
+  TORCH_CHECK(mask_threshold >= 0 && mask_threshold <= random_threshold && random_threshold <= one, op,
+              ": thresholds must satisfy 0 <= mask <= random <= 2^32");
+  if (exact) {  // the float64 bits of the rate
+    const double p = double_from_bits(select_threshold);
+    TORCH_CHECK(p >= 0.0 && p <= 1.0, op, ": with exact, select_threshold must hold the bits of a float64 in [0, 1]");
+  } else {
+    TORCH_CHECK(select_threshold >= 0 && select_threshold <= one, op, ": select_threshold must be in [0, 2^32]");
+  }
   TORCH_CHECK(random_range >= 1 && random_range < (int64_t(1) << 31), op, ": random_range must be in [1, 2^31)");
 }
 

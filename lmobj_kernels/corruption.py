@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor
 
 from lmobj_kernels import _corruption_ops
-from lmobj_kernels._backend import resolve
+from lmobj_kernels._backend import resolve, why_unavailable
 from lmobj_kernels.reference import corruption as ref
 
 T5_EXTRA_IDS = 100  # sentinels T5's vocabulary has (<extra_id_0> .. <extra_id_99>)
@@ -56,8 +57,12 @@ def _check_int(name: str, v, lo: int | None = None, hi: int | None = None, none_
                          f", got {v}")
 
 
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
 def _check_prob(name: str, v, lo_open: bool = False, hi_open: bool = False):
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
+    if not _is_real(v):
         raise TypeError(f"{name} must be a float, got {type(v).__name__}")
     if not (math.isfinite(v) and (v > 0 if lo_open else v >= 0) and (v < 1 if hi_open else v <= 1)):
         lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
@@ -158,6 +163,20 @@ def _const_ids(values: tuple, device: torch.device) -> Tensor:
     return t
 
 
+# ---- backend choice ----
+def _resolve(backend: str, dev: torch.device, S: int, bytes_per_token: int) -> str:
+    """The corruption backend; `auto` passes rows too long for the CUDA kernels (one thread block holds a whole
+    row in shared memory: bytes_per_token * S + 272 bytes, span_smem / mlm_smem in csrc/cuda/corruption.cu) on to
+    Triton, which keeps its row in registers and global scratch."""
+    name = resolve(backend, dev, "corruption")
+    explicit = backend != "auto" or os.environ.get("LMOBJ_BACKEND", "auto") not in ("", "auto")
+    if name == "cuda" and not explicit and bytes_per_token and not torch.compiler.is_compiling():
+        limit = torch.cuda.get_device_properties(dev).shared_memory_per_block_optin
+        if bytes_per_token * S + 272 > limit and not why_unavailable("triton", dev):
+            return "triton"
+    return name
+
+
 # ---- T5 span corruption ----
 @functools.lru_cache(maxsize=256)
 def t5_input_length(inputs_length: int, noise_density: float = 0.15, mean_span_length: float = 3.0
@@ -167,7 +186,11 @@ def t5_input_length(inputs_length: int, noise_density: float = 0.15, mean_span_l
     _check_int("inputs_length", inputs_length, 2)
     _check_prob("noise_density", noise_density, hi_open=True)
     _check_mean_span(mean_span_length)
+    noise_density, mean_span_length = _as_float32(noise_density), _as_float32(mean_span_length)
     hi = int(inputs_length / (1.0 - noise_density)) + 8
+    if hi > 1 << 24:  # the search below scans every raw length up to hi
+        raise ValueError(f"noise_density {noise_density} needs raw rows of more than 2^24 tokens for inputs_length "
+                         f"{inputs_length}")
     t = np.arange(1, hi + 1)
     ins, tgs = ref.span_output_lengths(t, noise_density, mean_span_length)
     fits = np.flatnonzero(ins <= inputs_length)
@@ -178,10 +201,16 @@ def t5_input_length(inputs_length: int, noise_density: float = 0.15, mean_span_l
 
 
 def _check_mean_span(m) -> None:
-    if not isinstance(m, (int, float)) or isinstance(m, bool):
+    if not _is_real(m):
         raise TypeError(f"mean_span_length must be a float, got {type(m).__name__}")
     if not (math.isfinite(m) and m >= 1.0):
         raise ValueError(f"mean_span_length must be a finite float >= 1, got {m}")
+
+
+def _as_float32(v) -> float:
+    """The float32 value the kernels compute with (T5 rounds in float32): every backend, and the host arithmetic
+    that sizes the outputs, must see the same number (a density of 1e-46 is 0 in float32, noise-free)."""
+    return float(np.float32(v))
 
 
 @torch._dynamo.assume_constant_result
@@ -207,6 +236,8 @@ def _host_lengths(lengths, B: int, S: int) -> np.ndarray:
         arr = np.asarray(lengths)
     except (TypeError, ValueError) as e:
         raise TypeError(f"lengths must be a sequence of ints ({e})") from None
+    if arr.size == 0 and arr.dtype.kind == "f":  # [] is float64 to NumPy
+        arr = arr.astype(np.int64)
     if arr.dtype.kind not in "iu":
         raise TypeError(f"lengths must hold integers, got {arr.dtype}")
     if arr.shape != (B,):
@@ -247,7 +278,10 @@ def span_corrupt(
     Decided on the host from the lengths, without a device sync.
 
     `lengths=None` (fixed-length rows, as T5 trains with `t5_input_length`) needs no host synchronisation and
-    gives fixed output shapes (CUDA graphs, torch.compile). Given lengths (a list, array or tensor; a GPU tensor
+    gives fixed output shapes (CUDA graphs, torch.compile). The output widths are host arithmetic of the row
+    length S in T5's float32 rounding, so torch.compile needs S static: `torch.compile(..., dynamic=False)` (one
+    graph per length) or `torch._dynamo.mark_static(input_ids, 1)`; a symbolic S (what automatic dynamic shapes
+    make of a second length) fails to trace. Given lengths (a list, array or tensor; a GPU tensor
     is read once) size the outputs. `row_offset`: the global index of row 0 in the seed's stream.
     """
     _check_ids("input_ids", input_ids)
@@ -255,10 +289,11 @@ def span_corrupt(
     _check_mean_span(mean_span_length)
     _check_int("vocab_size", vocab_size, 1, none_ok=True)
     _check_int("eos_id", eos_id, 0, vocab_size)
-    _check_int("pad_id", pad_id)
+    _check_int("pad_id", pad_id, 0, vocab_size)
     _check_int("decoder_start_id", decoder_start_id, 0, vocab_size, none_ok=True)
     _check_int("max_sentinels", max_sentinels, 1, none_ok=True)
     _check_int("row_offset", row_offset, 0, 2**62)
+    noise_density, mean_span_length = _as_float32(noise_density), _as_float32(mean_span_length)
     B, S = input_ids.shape
     dev = input_ids.device
 
@@ -277,6 +312,9 @@ def span_corrupt(
         sent = _id_list("sentinel_ids", sentinel_ids, vocab_size)
         if not sent:
             raise ValueError("sentinel_ids must not be empty")
+        if len(set(sent)) != len(sent) or eos_id in sent:
+            raise ValueError("sentinel_ids must be distinct and differ from eos_id (targets could not be told "
+                             "apart)")
         limit = len(sent) if max_sentinels is None else min(max_sentinels, len(sent))
         what = f"{len(sent)} sentinel_ids" + (f" (max_sentinels={max_sentinels})" if max_sentinels else "")
         sent_t = _const_ids(tuple(sent[:limit]), dev)
@@ -284,7 +322,8 @@ def span_corrupt(
         if vocab_size is None:
             raise ValueError("vocab_size is required when sentinel_ids is not given (sentinels count down from "
                              "vocab_size - 1)")
-        limit = T5_EXTRA_IDS if max_sentinels is None else max_sentinels
+        # a small vocabulary (tests, byte-level models) caps the default instead of refusing every call
+        limit = min(T5_EXTRA_IDS, vocab_size) if max_sentinels is None else max_sentinels
         if limit > vocab_size:
             raise ValueError(f"max_sentinels={limit} exceeds vocab_size={vocab_size}")
         what = f"max_sentinels={limit}" + (" (T5's 100 extra ids)" if max_sentinels is None else "")
@@ -293,7 +332,7 @@ def span_corrupt(
         raise ValueError(f"a row of this batch needs {k_max} noise spans but only {what} are available; pass a "
                          f"larger max_sentinels (or more sentinel_ids) to allow it")
 
-    name = resolve(backend, dev, "corruption")
+    name = _resolve(backend, dev, S, 18)
     x = input_ids if input_ids.dtype == torch.int64 else input_ids.to(torch.int64)
     if x.numel() and x.stride(-1) != 1:
         x = x.contiguous()
@@ -363,9 +402,10 @@ def mlm_mask(
     Eligible tokens exclude `pad_id` and `special_ids` (and, with `word_ids`, tokens whose word id is < 0). Each
     eligible token (with `word_ids`: each word, a run of eligible tokens sharing an id, as a unit) is selected with
     probability `mask_prob`, or with `exact=True` exactly max(1, round(mask_prob * eligible units)) per row
-    (original BERT; mask_prob is taken at 2^-32 resolution). A selected token becomes `mask_id` with probability
-    `mask_replace_prob`, a random id in `random_range` (default [0, vocab_size)) with `random_replace_prob`, and
-    stays itself otherwise. labels = the original id at selected positions, `ignore_index` elsewhere.
+    (original BERT's count: the float64 product rounded half to even, so 10 units at 0.15 give 2). A selected
+    token becomes `mask_id` with probability `mask_replace_prob`, a random id in `random_range` (default
+    [0, vocab_size)) with `random_replace_prob`, and stays itself otherwise. labels = the original id at selected
+    positions, `ignore_index` elsewhere.
     """
     _check_ids("input_ids", input_ids)
     _check_int("vocab_size", vocab_size, 1)
@@ -391,7 +431,9 @@ def mlm_mask(
         _check_int("random_range[0]", lo, 0, vocab_size)
         _check_int("random_range[1]", hi, lo + 1, vocab_size + 1)
     if hi - lo >= 2**31:
-        raise ValueError(f"random_range must span fewer than 2^31 ids, got {hi - lo}")
+        name = "vocab_size" if random_range is None else "random_range"
+        raise ValueError(f"{name}: random ids must come from fewer than 2^31 ids, got {hi - lo} (pass a smaller "
+                         f"random_range)")
     dev = input_ids.device
     if word_ids is not None:
         _check_ids("word_ids", word_ids)
@@ -407,9 +449,10 @@ def mlm_mask(
     if x.numel() and x.stride(-1) != 1:
         x = x.contiguous()
     _check_id_values("input_ids", x, vocab_size)
-    name = resolve(backend, dev, "corruption")
+    name = _resolve(backend, dev, x.shape[1], 14 if (exact or word_ids is not None) else 0)
     seed_t = seed_tensor(seed, generator, dev)
-    thr = (_threshold(mask_prob), _threshold(mask_replace_prob), _threshold(mask_replace_prob + random_replace_prob))
+    select = ref.rate_bits(mask_prob) if exact else _threshold(mask_prob)  # exact: BERT's float64 count
+    thr = (select, _threshold(mask_replace_prob), _threshold(mask_replace_prob + random_replace_prob))
     if name == "torch":
         return ref.mlm_mask(x, word_ids, int(seed_t.cpu()[0]), row_offset, specials, exact, *thr, lo, hi - lo,
                             mask_id, ignore_index)
@@ -420,7 +463,7 @@ def mlm_mask(
 
 # ---- collators ----
 def _mix_seed(seed: int, worker: int) -> int:
-    """A different 63-bit seed per DataLoader worker (splitmix64 of seed and worker id)."""
+    """A different 63-bit seed per DataLoader worker (splitmix64 of seed and the worker's seed)."""
     z = (seed + (worker + 1) * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
@@ -428,46 +471,74 @@ def _mix_seed(seed: int, worker: int) -> int:
 
 
 class _Collator:
-    """Per-instance Philox stream: seed fixed at the first call (mixed with the DataLoader worker id, so each worker
-    differs), row_offset advancing by the batch size, so consecutive batches never repeat."""
+    """Per-instance Philox stream whose row_offset advances by the batch size, so consecutive batches never repeat.
+    In a DataLoader worker the seed is mixed with the worker's own seed (`get_worker_info().seed`: the loader's
+    base seed, drawn anew for every epoch, plus the worker id), so workers differ from each other and epochs from
+    each other (a fixed seed alone would give every epoch's fresh workers the same masks), and a run is still
+    reproducible from `seed` and torch's seed (torch.manual_seed or the DataLoader's `generator`)."""
 
     def __init__(self, seed, device, backend):
         _check_int("seed", seed, 0, 2**63, none_ok=True)
         self.seed, self.device, self.backend = seed, device, backend
         self._stream_seed: int | None = None
-        self._worker: int | None = -2
+        self._worker: tuple | None = None
         self.rows = 0
 
     def _next(self, batch: int) -> tuple[int, int]:
         info = torch.utils.data.get_worker_info()
-        worker = None if info is None else info.id
+        worker = None if info is None else (info.id, info.seed)
         if self._stream_seed is None or worker != self._worker:
-            base = self.seed if self.seed is not None else torch.initial_seed() % 2**63  # per worker already
-            self._stream_seed = base if worker is None or self.seed is None else _mix_seed(base, worker)
-            self._worker, self.rows = worker, 0
+            if info is None:
+                base = self.seed if self.seed is not None else torch.initial_seed() % 2**63
+            else:  # info.seed = the epoch's base seed + worker id (torch.initial_seed() in that worker)
+                base = info.seed % 2**63 if self.seed is None else _mix_seed(self.seed, info.seed % 2**63)
+            self._stream_seed, self._worker, self.rows = base, worker, 0
         off = self.rows
         self.rows += batch
         return self._stream_seed, off
 
 
-def _rows_of(examples, key: str = "input_ids"):
-    """Rows (lists or 1-D tensors) from what a tokenizer or dataset yields, plus the optional extra key."""
-    if isinstance(examples, Mapping):
-        examples = examples[key] if key in examples else examples
+def _example_rows(examples, keys: tuple[str, ...]) -> list[dict]:
+    """One dict per example with `keys` (those an example lacks are absent) from what a tokenizer, dataset or
+    DataLoader yields: a list of id lists, arrays or 1-D (or (1, S)) tensors; a list of dicts (a tokenizer's
+    per-example output, a BatchEncoding); a dict of columns; or a (B, S) tensor. Positions whose
+    `attention_mask` is 0 (a tokenizer's padding="max_length") are dropped, in every key alike."""
     if isinstance(examples, Tensor):
-        return [r for r in examples] if examples.dim() == 2 else [examples]
+        if examples.dim() not in (1, 2):
+            raise ValueError(f"a tensor batch must be (B, S), got shape {tuple(examples.shape)}")
+        examples = list(examples) if examples.dim() == 2 else [examples]
+    elif isinstance(examples, Mapping):  # a dict of columns
+        if "input_ids" not in examples:
+            raise ValueError(f"a dict batch must have an 'input_ids' key, got keys {sorted(examples)}")
+        cols = {k: examples[k] for k in ("input_ids", "attention_mask") + keys if k in examples}
+        n = len(cols["input_ids"])
+        examples = [{k: c[i] for k, c in cols.items()} for i in range(n)]
     rows = []
     for e in examples:
-        if isinstance(e, Mapping):
-            if key not in e:
-                raise ValueError(f"each example must have an {key!r} key, got keys {sorted(e)}")
-            e = e[key]
-        rows.append(e)
+        if not isinstance(e, Mapping):
+            e = {"input_ids": e}
+        elif "input_ids" not in e:
+            raise ValueError(f"each example must have an 'input_ids' key, got keys {sorted(e)}")
+        row = {}
+        for k in ("input_ids", "attention_mask") + keys:
+            if k in e and e[k] is not None:
+                v = e[k]
+                v = v.reshape(-1).tolist() if isinstance(v, Tensor) else (v.tolist() if isinstance(v, np.ndarray)
+                                                                          else list(v))
+                row[k] = v
+        mask = row.pop("attention_mask", None)
+        if mask is not None:
+            if len(mask) != len(row["input_ids"]):
+                raise ValueError(f"an example's attention_mask has {len(mask)} entries for {len(row['input_ids'])} "
+                                 f"input_ids")
+            row = {k: [x for x, m in zip(v, mask) if m] for k, v in row.items()}
+        rows.append(row)
     return rows
 
 
 def _pad(rows, pad_value: int, limit: int | None = None, dtype=torch.int64) -> tuple[Tensor, list[int]]:
-    rows = [(r.tolist() if isinstance(r, Tensor) else list(r)) for r in rows]
+    """(B, longest) tensor of the rows (lists of ids; None, as word_ids have at special tokens, becomes pad_value)
+    cut to `limit`, and the rows' lengths."""
     if limit is not None:
         rows = [r[:limit] for r in rows]
     lens = [len(r) for r in rows]
@@ -503,7 +574,7 @@ class SpanCorruptionCollator(_Collator):
             self.raw_length, self.target_length = t5_input_length(input_length, noise_density, mean_span_length)
 
     def __call__(self, examples) -> dict:
-        ids, lens = _pad(_rows_of(examples), self.pad_id, self.raw_length)
+        ids, lens = _pad([r["input_ids"] for r in _example_rows(examples, ())], self.pad_id, self.raw_length)
         if self.device is not None:
             ids = ids.to(self.device)
         seed, off = self._next(ids.shape[0])
@@ -530,8 +601,14 @@ class MLMCollator(_Collator):
         self.pad_id, self.whole_word = pad_id, whole_word
 
     def __call__(self, examples) -> dict:
-        ids, lens = _pad(_rows_of(examples), self.pad_id)
-        words = _pad(_rows_of(examples, "word_ids"), -1)[0] if self.whole_word else None
+        rows = _example_rows(examples, ("word_ids",) if self.whole_word else ())
+        ids, lens = _pad([r["input_ids"] for r in rows], self.pad_id)
+        words = None
+        if self.whole_word:
+            if not all("word_ids" in r for r in rows):
+                raise ValueError("whole_word=True needs 'word_ids' in every example (a tokenizer's "
+                                 "BatchEncoding.word_ids(i), None at special tokens)")
+            words = _pad([r["word_ids"] for r in rows], -1)[0]
         attn = (torch.arange(ids.shape[1])[None, :] < torch.tensor(lens, dtype=torch.int64)[:, None]).to(torch.int64)
         if self.device is not None:
             ids, attn = ids.to(self.device), attn.to(self.device)

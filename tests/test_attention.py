@@ -181,6 +181,46 @@ def test_triton_odd_head_dims(gen, D):
 
 
 @needs_triton
+def test_triton_swapped_block_shapes(gen, monkeypatch):
+    """The configs a small card falls back to (`_launch_fitted`) can make dK/dV's key block shorter than its query
+    block and the forward's longer: the kernels stay exact with every block shape."""
+    from lmobj_kernels.triton_kernels import attention as A
+
+    for kernel, cfg in (("fwd", (16, 32, 4, 1)), ("dkdv", (32, 16, 4, 1)), ("dq", (16, 32, 4, 1))):
+        monkeypatch.setitem(A._CONFIGS, (kernel, "interp", 0), cfg)
+    B, Hq, Hkv, S = 2, 4, 2, 75
+    _check(gen, "triton", B, Hq, Hkv, S, S, 16, _mask(gen, B, S, S, causal=True, prefix=True, docs=True, kv=True))
+
+
+def test_launch_fitted_shrinks_until_it_fits_and_remembers(monkeypatch):
+    """A config the card refuses (OutOfResources, raised before anything runs) is retried with one stage less,
+    then the larger block halved; the config that launched is reused without retries."""
+    from lmobj_kernels.triton_kernels import attention as A
+    from triton.runtime.errors import OutOfResources
+
+    monkeypatch.setattr(A, "_FITTED", {})
+    monkeypatch.setattr(A, "config", lambda kernel, d, device: (128, 64, 8, 3))
+    tried = []
+
+    def launch(bm, bn, warps, stages):
+        tried.append((bm, bn, warps, stages))
+        if bm * bn * stages > 64 * 64:
+            raise OutOfResources(bm * bn * stages, 64 * 64, "shared memory")
+
+    A._launch_fitted("fwd", 128, torch.float32, torch.device("cpu"), launch)
+    assert tried == [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 1), (64, 64, 8, 1)]
+    tried.clear()
+    A._launch_fitted("fwd", 128, torch.float32, torch.device("cpu"), launch)
+    assert tried == [(64, 64, 8, 1)]
+
+    def never(*cfg):
+        raise OutOfResources(1, 0, "shared memory")
+
+    with pytest.raises(OutOfResources):
+        A._launch_fitted("dq", 128, torch.float32, torch.device("cpu"), never)
+
+
+@needs_triton
 def test_triton_cross_lengths(gen):
     """Cross attention with more queries than keys and a key count that is not a block multiple."""
     _check(gen, "triton", 1, 2, 2, 70, 9, 16, _mask(gen, 1, 70, 9, kv=True))

@@ -328,7 +328,23 @@ def test_mlm_bytes_and_invariants(exact, words):
             units = len(ids.unique())
             chosen = len(w[b][sel[b]].unique())
         if exact:
-            assert chosen == ref.mlm_exact_count(units, round(0.3 * 2**32)) == min(max(1, round(0.3 * units)), units)
+            assert chosen == ref.mlm_exact_count(units, ref.rate_bits(0.3)) == min(max(1, round(0.3 * units)), units)
+
+
+@pytest.mark.parametrize("backend", KERNELS + ["torch"])
+def test_mlm_exact_count_is_berts(backend):
+    """exact=True selects BERT's count, max(1, round(len(cand_indexes) * masked_lm_prob)) of the float64 product:
+    at p = 0.15 the rows of 10, 30, 50, 70 eligible tokens sit on a tie (1.5, 4.5, ...) that float64 resolves to
+    even (2, 4, 8, 10) where an exact rational product (1.4999...) would not."""
+    sizes = [10, 30, 50, 70, 7, 13, 1, 0]
+    S = max(sizes) + 2
+    x = torch.full((len(sizes), S), PAD, dtype=torch.int64)
+    for r, n in enumerate(sizes):
+        x[r, :n] = torch.arange(10, 10 + n)
+    _, lab = C.mlm_mask(x, mask_id=3, vocab_size=V, pad_id=PAD, mask_prob=0.15, exact=True, seed=4,
+                        backend=backend)
+    got = (lab != -100).sum(1).tolist()
+    assert got == [min(max(1, round(n * 0.15)), n) for n in sizes] == [2, 4, 8, 10, 1, 2, 1, 0]
 
 
 def test_mlm_batch_split_and_seed():
@@ -340,6 +356,26 @@ def test_mlm_batch_split_and_seed():
     assert torch.equal(torch.cat([a[0], b[0]]), full[0]) and torch.equal(torch.cat([a[1], b[1]]), full[1])
     other = C.mlm_mask(x, mask_id=3, vocab_size=V, seed=9, backend="cpu")
     assert not torch.equal(other[1], full[1])
+
+
+def test_span_small_vocabulary_and_float_types():
+    """A vocabulary under T5's 100 extra ids caps the default sentinels instead of refusing; NumPy floats are
+    floats; a density that is 0 in float32 is no noise on every backend and in the sized outputs."""
+    x = _tokens(2, 30, seed=3, hi=40)
+    out = C.span_corrupt(x, vocab_size=50, eos_id=EOS, seed=1)
+    assert bool((out.input_ids >= 40).any())  # sentinels 49, 48, ... are used
+    a = C.span_corrupt(x, vocab_size=V, eos_id=EOS, seed=1, noise_density=np.float32(0.15))
+    b = C.span_corrupt(x, vocab_size=V, eos_id=EOS, seed=1, noise_density=0.15)
+    assert torch.equal(a.input_ids, b.input_ids)
+    outs = [C.span_corrupt(x, [30, 20], vocab_size=V, eos_id=EOS, seed=1, noise_density=1e-46, backend=be)
+            for be in CPU_BACKENDS]
+    for o in outs:
+        assert o.labels[:, 0].tolist() == [EOS, EOS] and o.label_lengths.tolist() == [1, 1]
+        assert torch.equal(o.labels, outs[0].labels) and torch.equal(o.input_ids, outs[0].input_ids)
+    empty = C.span_corrupt(torch.zeros((0, 5), dtype=torch.long), [], vocab_size=V, eos_id=EOS, seed=1)
+    assert empty.input_ids.shape[0] == 0
+    with pytest.raises(ValueError, match="2\\^24"):
+        C.t5_input_length(512, 0.9999999)
 
 
 def test_mlm_degenerate():
@@ -367,6 +403,10 @@ def test_mlm_degenerate():
     (dict(seed=-5), ValueError, "seed"),
     (dict(seed=1.5), TypeError, "seed"),
     (dict(backend="nope"), ValueError, "backend"),
+    (dict(pad_id=-100), ValueError, "pad_id"),
+    (dict(pad_id=V), ValueError, "pad_id"),
+    (dict(sentinel_ids=[5, 6, 5]), ValueError, "distinct"),
+    (dict(sentinel_ids=[5, EOS]), ValueError, "eos_id"),
 ])
 def test_span_bad_input(kw, exc, name):
     x = _tokens(2, 40, seed=12)
@@ -450,14 +490,54 @@ class _Same(torch.utils.data.Dataset):
         return {"input_ids": list(range(10, 74))}
 
 
-def test_collators_seed_workers_differently():
-    col = C.MLMCollator(mask_id=3, vocab_size=V, seed=11)
-    dl = torch.utils.data.DataLoader(_Same(), batch_size=4, num_workers=2, collate_fn=col)
-    b0, b1 = list(dl)
-    assert b0["input_ids"].shape == (4, 64) and set(b0) == {"input_ids", "attention_mask", "labels"}
-    assert not torch.equal(b0["labels"], b1["labels"])  # two workers, same rows, different masks
-    again = list(torch.utils.data.DataLoader(_Same(), batch_size=4, num_workers=2, collate_fn=col))
-    assert torch.equal(again[0]["labels"], b0["labels"]) and torch.equal(again[1]["labels"], b1["labels"])
+def test_collators_seed_workers_and_epochs_differently():
+    """Workers differ from each other, epochs from each other (fresh workers each epoch must not replay the same
+    masks: the worker's own seed, drawn per epoch, is mixed in), and a loader with the same seeded generator
+    reproduces the run."""
+    for col in (C.MLMCollator(mask_id=3, vocab_size=V, seed=11), C.SpanCorruptionCollator(eos_id=EOS, vocab_size=V,
+                                                                                            seed=11)):
+        def epochs(n, gen_seed, col=col):
+            dl = torch.utils.data.DataLoader(_Same(), batch_size=4, num_workers=2, collate_fn=col,
+                                             generator=torch.Generator().manual_seed(gen_seed))
+            return [[b["labels"] for b in dl] for _ in range(n)]
+
+        (b0, b1), (c0, c1) = epochs(2, 5)
+        assert not torch.equal(b0, b1)  # two workers, same rows, different masks
+        assert not torch.equal(b0, c0) and not torch.equal(b1, c1)  # the next epoch differs
+        (d0, d1), _ = epochs(2, 5)
+        assert torch.equal(d0, b0) and torch.equal(d1, b1)  # same seeds: the same run
+    out = next(iter(torch.utils.data.DataLoader(_Same(), batch_size=4, num_workers=1,
+                                                collate_fn=C.MLMCollator(mask_id=3, vocab_size=V))))
+    assert out["input_ids"].shape == (4, 64) and set(out) == {"input_ids", "attention_mask", "labels"}
+
+
+def test_collators_take_what_hugging_face_yields():
+    """Pre-padded tokenizer output (padding="max_length"): the attention_mask's zeros are dropped, not corrupted;
+    (1, S) tensors (return_tensors="pt"), a dict of columns and a (B, S) tensor work; missing keys say so."""
+    row, pad = list(range(10, 30)), [PAD] * 12
+    mlm = C.MLMCollator(mask_id=3, vocab_size=V, pad_id=PAD, seed=1)
+    padded = [{"input_ids": row + pad, "attention_mask": [1] * 20 + [0] * 12}] * 2
+    out = mlm(padded)
+    assert out["input_ids"].shape == (2, 20) and bool((out["attention_mask"] == 1).all())
+    ref_out = C.MLMCollator(mask_id=3, vocab_size=V, pad_id=PAD, seed=1)([row, row])
+    assert torch.equal(out["labels"], ref_out["labels"]) and torch.equal(out["input_ids"], ref_out["input_ids"])
+    span = C.SpanCorruptionCollator(eos_id=EOS, vocab_size=V, seed=2)
+    a = span(padded)
+    b = C.SpanCorruptionCollator(eos_id=EOS, vocab_size=V, seed=2)([row, row])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert int(a["attention_mask"][0].sum()) == len(a["input_ids"][0])  # no pad inside the corrupted row
+    t = [torch.tensor([row]), torch.tensor([row])]  # (1, S) each
+    assert torch.equal(C.MLMCollator(mask_id=3, vocab_size=V, seed=1)(t)["labels"], ref_out["labels"])
+    cols = {"input_ids": [row, row], "attention_mask": [[1] * 20, [1] * 20]}
+    assert torch.equal(C.MLMCollator(mask_id=3, vocab_size=V, seed=1)(cols)["labels"], ref_out["labels"])
+    assert torch.equal(C.MLMCollator(mask_id=3, vocab_size=V, seed=1)(torch.tensor([row, row]))["labels"],
+                       ref_out["labels"])
+    with pytest.raises(ValueError, match="input_ids"):
+        mlm({"ids": [row]})
+    with pytest.raises(ValueError, match="input_ids"):
+        mlm([{"ids": row}])
+    with pytest.raises(ValueError, match="word_ids"):
+        C.MLMCollator(mask_id=3, vocab_size=V, whole_word=True)([row])
 
 
 def test_mlm_collator_whole_word():
@@ -479,8 +559,10 @@ def _span_op_args(x, lens, dev="cpu"):
 
 
 def _mlm_op_args(x, w, dev="cpu"):
-    return (x, w, torch.tensor([5], device=dev), 1, torch.tensor([PAD, 4], device=dev), w is not None,
-            round(0.15 * 2**32), round(0.8 * 2**32), round(0.9 * 2**32), 0, V, 3, -100)
+    exact = w is not None
+    select = ref.rate_bits(0.15) if exact else round(0.15 * 2**32)
+    return (x, w, torch.tensor([5], device=dev), 1, torch.tensor([PAD, 4], device=dev), exact,
+            select, round(0.8 * 2**32), round(0.9 * 2**32), 0, V, 3, -100)
 
 
 @pytest.mark.parametrize("backend", KERNELS)
@@ -494,16 +576,17 @@ def test_opcheck(backend):
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_compile_fullgraph(compiler):
-    x = _tokens(4, 70, seed=14)
-
     def f(ids):
         out = C.span_corrupt(ids, vocab_size=V, eos_id=EOS, seed=21, backend="cpu")
         inp, lab = C.mlm_mask(ids, mask_id=3, vocab_size=V, pad_id=PAD, seed=21, backend="cpu")
         return out.input_ids, out.labels, out.decoder_input_ids, inp, lab
 
-    compiled = torch.compile(f, fullgraph=True, backend=compiler)
-    for u, v in zip(compiled(x), f(x)):
-        assert torch.equal(u, v)
+    # several lengths: the output widths are host arithmetic of S, so S must stay static (one graph per length)
+    compiled = torch.compile(f, fullgraph=True, backend=compiler, dynamic=False)
+    for S in (70, 80, 61):
+        x = _tokens(4, S, seed=14)
+        for u, v in zip(compiled(x), f(x)):
+            assert torch.equal(u, v)
 
 
 def test_bench_quick():

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_data_device
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -75,6 +77,44 @@ def config(kernel: str, head_dim: int, device: torch.device) -> tuple[int, int, 
     bucket = 64 if head_dim <= 64 else (128 if head_dim <= 128 else 256)
     return _CONFIGS[(kernel, _arch(device.index if device.index is not None else torch.cuda.current_device()),
                      bucket)]
+
+
+# The table's configs are sized for 16-bit tiles on the A100 (163 KB of shared memory per block) and H100 (227 KB).
+# Cards with less (99 KB: sm86 / sm89, e.g. A10, L4, RTX 30xx / 40xx, and consumer Blackwell) and float32 tiles
+# (twice the bytes) can need more than a block may have; Triton then refuses the launch (OutOfResources) before
+# it runs, and `_launch_fitted` retries with fewer pipeline stages, then smaller blocks, and remembers what ran.
+# `python benchmarks/triton_resources.py` shows, without a GPU, what each card ends up with.
+_FITTED: dict[tuple, tuple[int, int, int, int]] = {}
+
+
+def _smaller(cfg: tuple[int, int, int, int]) -> tuple[int, int, int, int] | None:
+    """The next config to try when `cfg` needs too much shared memory: one stage less, then the larger block
+    halved (never under 16, the smallest tl.dot tile)."""
+    bm, bn, warps, stages = cfg
+    if stages > 1:
+        return bm, bn, warps, stages - 1
+    if max(bm, bn) <= 16:
+        return None
+    return (bm, bn // 2, warps, stages) if bn >= bm else (bm // 2, bn, warps, stages)
+
+
+def _launch_fitted(kernel: str, head_dim: int, dtype: torch.dtype, device: torch.device, launch) -> None:
+    """launch(BLOCK_M, BLOCK_N, num_warps, num_stages) with the table's config for `kernel`, or the largest
+    smaller one this device can hold (see `_FITTED`)."""
+    from triton.runtime.errors import OutOfResources
+
+    key = (kernel, device.type, device.index, head_dim, dtype)
+    cfg = _FITTED.get(key) or config(kernel, head_dim, device)
+    while True:
+        try:
+            launch(*cfg)
+        except OutOfResources:
+            cfg = _smaller(cfg)
+            if cfg is None:
+                raise
+            continue
+        _FITTED[key] = cfg
+        return
 
 
 @triton.jit
@@ -557,6 +597,7 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+@on_data_device
 def attention_forward(q, k, v, prefix_lens, doc_ids, kv_lens, causal: bool, scale: float):
     """(out (B, Hq, Sq, D) like q, lse (B, Hq, Sq) float32)."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
@@ -566,22 +607,26 @@ def attention_forward(q, k, v, prefix_lens, doc_ids, kv_lens, causal: bool, scal
     lse = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
     if out.numel() == 0 or Sk == 0:
         return out.zero_(), lse.fill_(-math.inf)
-    bm, bn, warps, stages = config("fwd", D, q.device)
     prefix, kvl, doc = _meta(q, prefix_lens, kv_lens, doc_ids)
-    n_qb = triton.cdiv(Sq, bm)
-    rng = _doc_block_range(doc, bm, bn) if doc_ids is not None else prefix
-    _attn_fwd_kernel[(n_qb * B * Hq,)](
-        q, k, v, out, lse, prefix, kvl, doc, rng,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), doc.stride(0),
-        Hq, Sq, Sk, D, Hq // Hkv, scale * LOG2E, n_qb,
-        CAUSAL=causal, HAS_PREFIX=prefix_lens is not None, HAS_KVLEN=kv_lens is not None,
-        HAS_DOCS=doc_ids is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        PREC=_prec(q.dtype), UPCAST=_upcast(q), EVEN_D=max(16, triton.next_power_of_2(D)) == D,
-        num_warps=warps, num_stages=stages)
+
+    def launch(bm, bn, warps, stages):
+        n_qb = triton.cdiv(Sq, bm)
+        rng = _doc_block_range(doc, bm, bn) if doc_ids is not None else prefix
+        _attn_fwd_kernel[(n_qb * B * Hq,)](
+            q, k, v, out, lse, prefix, kvl, doc, rng,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), doc.stride(0),
+            Hq, Sq, Sk, D, Hq // Hkv, scale * LOG2E, n_qb,
+            CAUSAL=causal, HAS_PREFIX=prefix_lens is not None, HAS_KVLEN=kv_lens is not None,
+            HAS_DOCS=doc_ids is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(D)),
+            PREC=_prec(q.dtype), UPCAST=_upcast(q), EVEN_D=max(16, triton.next_power_of_2(D)) == D,
+            num_warps=warps, num_stages=stages)
+
+    _launch_fitted("fwd", D, q.dtype, q.device, launch)
     return out, lse
 
 
+@on_data_device
 def attention_backward(do, q, k, v, out, lse, prefix_lens, doc_ids, kv_lens, causal: bool, scale: float):
     """(dq, dk, dv), each contiguous in its input's dtype. Deterministic: no atomics."""
     do, q, k, v, out = (_last_dim_contiguous(t) for t in (do, q, k, v, out))
@@ -609,19 +654,22 @@ def attention_backward(do, q, k, v, out, lse, prefix_lens, doc_ids, kv_lens, cau
 
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), doc.stride(0))
-    bm, bn, warps, stages = config("dkdv", D, q.device)
-    n_kb = triton.cdiv(Sk, bn)
-    rng = _doc_block_range(doc, bn, bm) if doc_ids is not None else prefix
-    _attn_bwd_dkdv_kernel[(n_kb * B * Hkv,)](
-        q, k, v, do, lse, delta, dk, dv, prefix, kvl, doc, rng, *strides,
-        Hq, Hkv, Sq, Sk, D, group, scale, scale * LOG2E, n_kb,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags)
+    def launch_dkdv(bm, bn, warps, stages):
+        n_kb = triton.cdiv(Sk, bn)
+        rng = _doc_block_range(doc, bn, bm) if doc_ids is not None else prefix
+        _attn_bwd_dkdv_kernel[(n_kb * B * Hkv,)](
+            q, k, v, do, lse, delta, dk, dv, prefix, kvl, doc, rng, *strides,
+            Hq, Hkv, Sq, Sk, D, group, scale, scale * LOG2E, n_kb,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags)
 
-    bm, bn, warps, stages = config("dq", D, q.device)
-    n_qb = triton.cdiv(Sq, bm)
-    rng = _doc_block_range(doc, bm, bn) if doc_ids is not None else prefix
-    _attn_bwd_dq_kernel[(n_qb * B * Hq,)](
-        q, k, v, do, lse, delta, dq, prefix, kvl, doc, rng, *strides,
-        Hq, Sq, Sk, D, group, scale, scale * LOG2E, n_qb,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags)
+    def launch_dq(bm, bn, warps, stages):
+        n_qb = triton.cdiv(Sq, bm)
+        rng = _doc_block_range(doc, bm, bn) if doc_ids is not None else prefix
+        _attn_bwd_dq_kernel[(n_qb * B * Hq,)](
+            q, k, v, do, lse, delta, dq, prefix, kvl, doc, rng, *strides,
+            Hq, Sq, Sk, D, group, scale, scale * LOG2E, n_qb,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags)
+
+    _launch_fitted("dkdv", D, q.dtype, q.device, launch_dkdv)
+    _launch_fitted("dq", D, q.dtype, q.device, launch_dq)
     return dq, dk, dv

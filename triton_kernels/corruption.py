@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_data_device
+
 # tl.constexpr: compiled Triton (3.6 on the GPU machines) refuses plain globals inside @jit; the interpreter took them
 STREAM_SPAN_NOISE, STREAM_SPAN_KEEP, STREAM_MLM_SELECT, STREAM_MLM_WORD, STREAM_MLM_REPLACE = (
     tl.constexpr(1), tl.constexpr(2), tl.constexpr(3), tl.constexpr(4), tl.constexpr(5))
@@ -140,6 +142,7 @@ def _block(S: int) -> int:
     return max(16, triton.next_power_of_2(max(S, 1)))
 
 
+@on_data_device
 def span_corrupt(input_ids, lengths, seed, row_offset, noise_density, mean_span_length, sentinel_ids, eos_id, pad_id,
                  label_pad_id, inputs_width, targets_width):
     """Launcher with the arguments of lmobj::span_corrupt; returns (inputs, targets)."""
@@ -182,7 +185,7 @@ def _mlm_kernel(X, stride_x, Wd, stride_w, S, SEED, SPEC, n_spec, OUT, LAB, row_
                 HAS_WORDS: tl.constexpr, EXACT: tl.constexpr, BLOCK: tl.constexpr):
     """BERT masking of row b = program_id(0): X (B, S) ids (rows stride_x apart), Wd (B, S) word ids (rows
     stride_w apart; -1 = no word) when HAS_WORDS, SPEC (n_spec,) ineligible ids, OUT / LAB (B, S) contiguous.
-    Thresholds are probabilities times 2^32 (EXACT: select_threshold is the rate of the exact count)."""
+    Thresholds are probabilities times 2^32 (EXACT: select_threshold holds the float64 bits of the rate)."""
     b = tl.program_id(0).to(tl.int64)
     g = row_offset + b
     seed = tl.load(SEED)
@@ -198,12 +201,12 @@ def _mlm_kernel(X, stride_x, Wd, stride_w, S, SEED, SPEC, n_spec, OUT, LAB, row_
     else:
         unit = elig
         key = _slot_keys(seed, g, STREAM_MLM_SELECT, p)
-    if EXACT:
+    if EXACT:  # round_half_even of the float64 E * p, p's bits in select_threshold (span_math.h mlm_exact_count)
         want = tl.sum(unit.to(tl.int64), axis=0)
-        prod = want * select_threshold  # round_half_even(E * p), p = select_threshold / 2^32
-        c = prod >> 32
-        rem = prod & 0xFFFFFFFF
-        c = tl.where((rem > 0x80000000) | ((rem == 0x80000000) & ((c & 1) == 1)), c + 1, c)
+        ep = want.to(tl.float64) * select_threshold.to(tl.int64).to(tl.float64, bitcast=True)
+        c = ep.to(tl.int64)
+        half = c.to(tl.float64) + 0.5
+        c = tl.where((ep > half) | ((ep == half) & ((c & 1) == 1)), c + 1, c)
         c = tl.minimum(tl.maximum(c, 1), want)
         chosen = _select_smallest(key, unit, c)
     else:
@@ -222,6 +225,7 @@ def _mlm_kernel(X, stride_x, Wd, stride_w, S, SEED, SPEC, n_spec, OUT, LAB, row_
     tl.store(LAB + b * S + p, lab.to(LAB.dtype.element_ty), mask=inb)
 
 
+@on_data_device
 def mlm_mask(input_ids, word_ids, seed, row_offset, special_ids, exact, select_threshold, mask_threshold,
              random_threshold, random_low, random_range, mask_id, ignore_index):
     """Launcher with the arguments of lmobj::mlm_mask; returns (inputs, labels)."""

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_data_device
+
 
 @triton.jit
 def _capped(x, softcap, HAS_CAP: tl.constexpr):
@@ -105,6 +107,7 @@ def _config(V: int, dtype: torch.dtype) -> tuple[int, int]:
     return block, warps
 
 
+@on_data_device
 def ce_forward(logits, target, row_offset, shift_len, ignore_index, smoothing, z_loss, softcap, grad_inplace=False):
     """(loss, lse) per row, float32; with grad_inplace the logits buffer is overwritten with the gradient."""
     N, V = logits.shape
@@ -119,6 +122,7 @@ def ce_forward(logits, target, row_offset, shift_len, ignore_index, smoothing, z
     return loss, lse
 
 
+@on_data_device
 def ce_backward(grad_loss, logits, target, lse, row_offset, shift_len, ignore_index, smoothing, z_loss, softcap):
     """grad_loss[r] * d loss_r / d logits, in the logits' dtype."""
     N, V = logits.shape
@@ -155,6 +159,7 @@ def _ce_grad_cols_kernel(X, stride_x, Y, LSE, W, col0, ncols, V, smoothing, z_lo
     tl.store(ptr, d.to(X.dtype.element_ty), mask=msk)
 
 
+@on_data_device
 def ce_grad_cols_(block, y, lse, w, col0, V, smoothing, z_loss, softcap):
     """In place: block (N, ncols; rows block.stride(0) apart, unit column stride) of the logits' columns
     [col0, col0 + ncols) becomes w[r] * their gradient (float32 y as int64 targets, lse and w float32)."""

@@ -3,6 +3,7 @@
 // (float32 products/quotients rounded to nearest even, as T5 does in TensorFlow float32).
 #pragma once
 #include <cstdint>
+#include <cstring>
 
 #include "common/fast_math.h"
 
@@ -55,14 +56,26 @@ LMOBJ_HD SpanCounts span_counts(int64_t L, float r, float m) {
 LMOBJ_HD int64_t span_inputs_len(int64_t L, SpanCounts c) { return c.n ? L - c.n + c.k + 1 : L + 1; }
 LMOBJ_HD int64_t span_targets_len(SpanCounts c) { return c.n ? c.n + c.k + 1 : 1; }
 
-// MLM exact count: round_half_even(E * p) with p given as P = round(p * 2^32) (integer arithmetic, so every
-// backend agrees), at least 1, at most E.
-LMOBJ_HD int64_t mlm_exact_count(int64_t E, int64_t P) {
+// The float64 whose IEEE-754 bits are b (how the exact MLM rate travels in the ops' int64 argument).
+LMOBJ_HD double double_from_bits(int64_t b) {
+#ifdef __CUDA_ARCH__
+  return __longlong_as_double(b);
+#else
+  double d;
+  std::memcpy(&d, &b, sizeof d);
+  return d;
+#endif
+}
+
+// MLM exact count: round_half_even(E * p) of the float64 product, as BERT's round(len(cand) * masked_lm_prob)
+// (p = 0.15, E = 10: the product rounds to 1.5, so 2), at least 1, at most E. One multiply and comparisons (no
+// FMA can form), so every backend agrees.
+LMOBJ_HD int64_t mlm_exact_count(int64_t E, double p) {
   if (E <= 0) return 0;
-  const uint64_t prod = static_cast<uint64_t>(E) * static_cast<uint64_t>(P);
-  int64_t c = static_cast<int64_t>(prod >> 32);
-  const uint64_t rem = prod & 0xFFFFFFFFull;
-  if (rem > 0x80000000ull || (rem == 0x80000000ull && (c & 1))) ++c;
+  const double x = static_cast<double>(E) * p;
+  int64_t c = static_cast<int64_t>(x);
+  const double h = static_cast<double>(c) + 0.5;
+  if (x > h || (x == h && (c & 1))) ++c;
   c = c < 1 ? 1 : c;
   return c > E ? E : c;
 }

@@ -228,8 +228,8 @@ std::tuple<at::Tensor, at::Tensor> mlm_mask_cpu(const at::Tensor& input_ids, con
                                                 const at::Tensor& special_ids, bool exact, int64_t select_threshold,
                                                 int64_t mask_threshold, int64_t random_threshold, int64_t random_low,
                                                 int64_t random_range, int64_t mask_id, int64_t ignore_index) {
-  check_mlm_args("lmobj::mlm_mask", input_ids, word_ids, seed, special_ids, row_offset, select_threshold,
-                 mask_threshold, random_threshold, random_range);
+  check_mlm_args("lmobj::mlm_mask", input_ids, word_ids, seed, special_ids, row_offset, exact,
+                 select_threshold, mask_threshold, random_threshold, random_range);
   const int64_t B = input_ids.size(0), S = input_ids.size(1), ld = input_ids.stride(0);
   auto out = at::empty({B, S}, input_ids.options());
   auto labels = at::empty({B, S}, input_ids.options());
@@ -273,7 +273,7 @@ std::tuple<at::Tensor, at::Tensor> mlm_mask_cpu(const at::Tensor& input_ids, con
         if (exact) {
           int64_t E = 0;
           for (int64_t p = 0; p < n; ++p) E += el[p];
-          const int64_t want = mlm_exact_count(E, select_threshold);
+          const int64_t want = mlm_exact_count(E, double_from_bits(select_threshold));
           any = want > 0;
           if (any) thr = kth_smallest(keys.data(), el, n, want, cand);
         }
@@ -314,7 +314,7 @@ std::tuple<at::Tensor, at::Tensor> mlm_mask_cpu(const at::Tensor& input_ids, con
         uint64_t thr = 0;
         int64_t want = 0;
         if (exact) {
-          want = mlm_exact_count(E, select_threshold);
+          want = mlm_exact_count(E, double_from_bits(select_threshold));
           if (want > 0) thr = kth_smallest(keys.data(), unit.data(), S, want, cand);
         }
         for (int64_t p = 0; p < S; ++p) {

@@ -246,7 +246,8 @@ __global__ void mlm_kernel(MLMArgs a) {
     __syncthreads();
     if constexpr (EXACT) {
       const int64_t E = block_count(S, [&](int64_t p) { return unit[p] != 0; });
-      select_smallest(keys, unit, S, mlm_exact_count(E, a.select_threshold), reinterpret_cast<uint8_t*>(tag));
+      select_smallest(keys, unit, S, mlm_exact_count(E, double_from_bits(a.select_threshold)),
+                      reinterpret_cast<uint8_t*>(tag));
       // chosen flags now in the first S bytes of tag: widen into tags, from the end (in place, one thread)
       if (threadIdx.x == 0) {
         const uint8_t* ch = reinterpret_cast<const uint8_t*>(tag);
@@ -279,13 +280,16 @@ cudaError_t launch(K kernel, const Args& a, size_t smem, int threads, cudaStream
 
 }  // namespace
 
+size_t span_smem_bytes(int64_t S) { return span_smem(S); }
+size_t mlm_smem_bytes(int64_t S, bool words, bool exact) { return (words || exact) ? mlm_smem(S) : 0; }
+
 cudaError_t span_corrupt(const SpanArgs& a, cudaStream_t stream) {
   return launch(span_kernel, a, span_smem(a.S), threads_for(a.S), stream);
 }
 
 cudaError_t mlm_mask(const MLMArgs& a, cudaStream_t stream) {
   const bool words = a.word_ids != nullptr;
-  const size_t smem = (words || a.exact) ? mlm_smem(a.S) : 0;
+  const size_t smem = mlm_smem_bytes(a.S, words, a.exact);
   const int threads = threads_for(a.S);
   if (words && a.exact) return launch(mlm_kernel<true, true>, a, smem, threads, stream);
   if (words) return launch(mlm_kernel<true, false>, a, smem, threads, stream);

@@ -31,14 +31,18 @@ struct MLMArgs {
   const int64_t* special_ids;
   int64_t n_special;
   int64_t row_offset;
-  bool exact;
+  bool exact;  // then select_threshold holds the bits of the float64 rate p (see mlm_exact_count)
   int64_t select_threshold, mask_threshold, random_threshold, random_low, random_range, mask_id, ignore_index;
   int64_t* out;     // (B, S) contiguous
   int64_t* labels;  // (B, S) contiguous
 };
 
-// Returns a cudaError_t of the launch (cudaSuccess, or e.g. cudaErrorInvalidValue when a row is too long for the
-// shared memory of the card).
+// Dynamic shared memory a launch needs for rows of S tokens (one block per row holds the whole row): the callers
+// check it against the card's per-block limit, so that a row too long for it gets an error that says so.
+size_t span_smem_bytes(int64_t S);
+size_t mlm_smem_bytes(int64_t S, bool words, bool exact);
+
+// Returns a cudaError_t of the launch (cudaSuccess, or the error of a failed launch).
 cudaError_t span_corrupt(const SpanArgs& a, cudaStream_t stream);
 cudaError_t mlm_mask(const MLMArgs& a, cudaStream_t stream);
 

@@ -5,6 +5,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -15,6 +16,17 @@
 
 namespace lmobj {
 namespace {
+
+// A row is one thread block: its shared memory bounds the row length on the cuda backend (about 12,900 tokens
+// for span corruption on an H100, 8,900 on a 99 KB card); say so instead of a bare launch failure.
+void check_row_fits(const char* op, const at::Tensor& x, size_t smem) {
+  int dev = x.get_device(), limit = 0;
+  TORCH_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess, op,
+              ": could not read the GPU's shared memory size");
+  TORCH_CHECK(smem <= static_cast<size_t>(limit), op, ": rows of ", x.size(1), " tokens need ", smem,
+              " bytes of shared memory per block on the cuda backend, more than this GPU's ", limit,
+              "; use backend='triton' (what backend='auto' picks for such rows) or shorter rows");
+}
 
 std::tuple<at::Tensor, at::Tensor> span_corrupt_cuda(const at::Tensor& input_ids, const at::Tensor& lengths,
                                                      const at::Tensor& seed, int64_t row_offset,
@@ -27,6 +39,7 @@ std::tuple<at::Tensor, at::Tensor> span_corrupt_cuda(const at::Tensor& input_ids
   TORCH_CHECK(sentinel_ids.numel() >= 1, "lmobj::span_corrupt: sentinel_ids must not be empty");
   c10::cuda::CUDAGuard guard(input_ids.device());
   const int64_t B = input_ids.size(0), S = input_ids.size(1);
+  if (B > 0) check_row_fits("lmobj::span_corrupt", input_ids, cuda::span_smem_bytes(S));
   auto inputs = at::empty({B, inputs_width}, input_ids.options());
   auto targets = at::empty({B, targets_width}, input_ids.options());
   cuda::SpanArgs a{input_ids.const_data_ptr<int64_t>(), input_ids.stride(0), B, S,
@@ -46,14 +59,15 @@ std::tuple<at::Tensor, at::Tensor> mlm_mask_cuda(const at::Tensor& input_ids,
                                                  int64_t select_threshold, int64_t mask_threshold,
                                                  int64_t random_threshold, int64_t random_low, int64_t random_range,
                                                  int64_t mask_id, int64_t ignore_index) {
-  check_mlm_args("lmobj::mlm_mask", input_ids, word_ids, seed, special_ids, row_offset, select_threshold,
-                 mask_threshold, random_threshold, random_range);
+  check_mlm_args("lmobj::mlm_mask", input_ids, word_ids, seed, special_ids, row_offset, exact,
+                 select_threshold, mask_threshold, random_threshold, random_range);
   c10::cuda::CUDAGuard guard(input_ids.device());
   const int64_t B = input_ids.size(0), S = input_ids.size(1);
   auto out = at::empty({B, S}, input_ids.options());
   auto labels = at::empty({B, S}, input_ids.options());
   if (S == 0) return {out, labels};
   const bool words = word_ids.has_value();
+  if (B > 0) check_row_fits("lmobj::mlm_mask", input_ids, cuda::mlm_smem_bytes(S, words, exact));
   cuda::MLMArgs a{input_ids.const_data_ptr<int64_t>(), input_ids.stride(0), B, S,
                   words ? word_ids->const_data_ptr<int64_t>() : nullptr, words ? word_ids->stride(0) : 0,
                   seed.const_data_ptr<int64_t>(), special_ids.const_data_ptr<int64_t>(), special_ids.numel(),

@@ -11,10 +11,13 @@ Random draws (all backends):
 - MLM: the key of token p is draw p of stream 3; the key of a word is draw p of stream 4, p its first token; a
   selected token p reads block p of stream 5: word 0 = the 80/10/10 draw u (mask when u < round(p_mask 2^32),
   random when u < round((p_mask + p_random) 2^32)), word 1 = the random id (low + w * range >> 32).
-  Without `exact`, a unit is selected when its key < round(p * 2^32).
+  Without `exact`, a unit is selected when its key < round(p * 2^32). With `exact`, the ops' select_threshold
+  holds the float64 bits of p instead (`rate_bits`), and the units with the c smallest (key, p) pairs are selected.
 """
 
 from __future__ import annotations
+
+import struct
 
 import numpy as np
 import torch
@@ -118,15 +121,18 @@ def span_corrupt(input_ids: torch.Tensor, lengths, seed: int, row_offset: int, n
     return torch.from_numpy(inputs).to(input_ids.device), torch.from_numpy(targets).to(input_ids.device)
 
 
-def mlm_exact_count(eligible: int, select_threshold: int) -> int:
-    """round_half_even(eligible * p) with p = select_threshold / 2^32, clamped to [1, eligible] (0 if none)."""
+def rate_bits(p: float) -> int:
+    """The IEEE-754 bits of the float64 p as an int64: how the exact MLM rate travels in the ops' int argument."""
+    return struct.unpack("<q", struct.pack("<d", float(p)))[0]
+
+
+def mlm_exact_count(eligible: int, rate_bits_: int) -> int:
+    """round_half_even(eligible * p) of the float64 product (BERT's round(len(cand_indexes) * masked_lm_prob)),
+    p given by its bits (`rate_bits`), clamped to [1, eligible] (0 if none)."""
     if eligible <= 0:
         return 0
-    prod = eligible * select_threshold
-    c, rem = prod >> 32, prod & 0xFFFFFFFF
-    if rem > 2**31 or (rem == 2**31 and c % 2 == 1):
-        c += 1
-    return min(max(c, 1), eligible)
+    p = struct.unpack("<d", struct.pack("<q", rate_bits_))[0]
+    return min(max(round(float(eligible) * p), 1), eligible)  # Python's round: half to even
 
 
 def mlm_mask(input_ids: torch.Tensor, word_ids, seed: int, row_offset: int, special_ids, exact: bool,

@@ -87,9 +87,10 @@ def capture(arch: int):
                          "warps": kwargs.get("num_warps", 4), "stages": kwargs.get("num_stages", 3)})
         return kernel
 
-    saved = driver._active
+    saved, saved_device = driver._active, torch.cuda.current_device
     driver.set_active(_Driver(arch))
     JITFunction.run = run
+    torch.cuda.current_device = lambda: 0  # the fake tensors' device (the launchers' on_data_device asks)
     attention._arch = lambda device_index: "sm90" if arch >= 90 else "sm80"
     attention._FITTED.clear()  # configs fitted for another architecture
     try:
@@ -97,7 +98,7 @@ def capture(arch: int):
             yield launches
     finally:
         JITFunction.run, attention._arch = orig_run, orig_arch
-        driver._active = saved
+        driver._active, torch.cuda.current_device = saved, saved_device
 
 
 def _tool(name: str) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -61,7 +62,10 @@ def _check_qkv(q, k, v):
 
 def _as_index_tensor(name: str, x, device) -> Tensor:
     if isinstance(x, Sequence) and not isinstance(x, (str, bytes)):
-        x = torch.as_tensor(list(x), dtype=torch.int64, device=device)
+        x = list(x)
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in x):
+            raise TypeError(f"{name} must hold ints, got {x!r}"[:200])  # 3.5 would silently become 3
+        x = torch.as_tensor(x, dtype=torch.int64, device=device)
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a tensor (or a sequence of ints), got {type(x).__name__}")
     if x.dtype not in _INTS:
@@ -71,15 +75,15 @@ def _as_index_tensor(name: str, x, device) -> Tensor:
     return x
 
 
-def _check_range(name: str, x: Tensor, high: int, what: str) -> None:
-    """0 <= x <= high. On the CPU this reads the values; on a GPU (or while compiling) it is a device-side assert,
-    so no host synchronisation."""
-    ok = (x >= 0) & (x <= high)
+def _check_range(name: str, x: Tensor, high: int, what: str, low: int = 0) -> None:
+    """low <= x <= high. On the CPU this reads the values; on a GPU (or while compiling) it is a device-side
+    assert, so no host synchronisation."""
+    ok = (x >= low) & (x <= high)
     if x.is_cuda or torch.compiler.is_compiling():
-        torch._assert_async(ok.all(), f"{name} holds a value outside [0, {high}] ({what})")
+        torch._assert_async(ok.all(), f"{name} holds a value outside [{low}, {high}] ({what})")
     elif x.numel() and not bool(ok.all()):
         bad = int(x[~ok][0])
-        raise ValueError(f"{name} holds {bad}, outside [0, {high}] ({what})")
+        raise ValueError(f"{name} holds {bad}, outside [{low}, {high}] ({what})")
 
 
 def _check_masks(q, k, causal, prefix_lens, doc_ids, kv_lens):
@@ -141,7 +145,8 @@ def _torch_attention(q, k, v, causal, prefix_lens, doc_ids, kv_lens, scale, retu
     only_causal = causal and prefix_lens is None and doc_ids is None and kv_lens is None
     lse = None
     if Sk == 0:
-        out = q.new_zeros(q.shape) + 0 * q  # keeps the graph (zero gradient for q)
+        # keeps the graph: zero gradients for q, and for k and v (empty, but present, as Triton returns them)
+        out = q.new_zeros(q.shape) + 0 * q + 0 * (k.sum() + v.sum())
     elif only_causal or not (causal or prefix_lens is not None or doc_ids is not None or kv_lens is not None):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
     else:
@@ -207,6 +212,8 @@ def attention(
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     name = _resolve(backend, q)
+    if name == "triton" and doc_ids is not None and doc_ids.dtype == torch.int64:
+        _check_range("doc_ids", doc_ids, 2**31 - 1, "the triton kernels compare ids as int32", low=-(2**31))
     if name == "torch":
         out, lse = _torch_attention(q, k, v, causal, prefix_lens, doc_ids, kv_lens, float(scale), return_lse)
     else:
@@ -214,6 +221,13 @@ def attention(
     if return_lse:
         return out, lse.detach()
     return out
+
+
+def _plain_int(v):
+    """A NumPy integer or a 0-d integer tensor as a Python int (anything else as it is, for the checks)."""
+    if isinstance(v, np.integer) or (isinstance(v, Tensor) and v.dim() == 0 and v.dtype in _INTS):
+        return int(v)
+    return v
 
 
 def doc_ids_from_cu_seqlens(cu_seqlens: Tensor, seq_len: int) -> Tensor:
@@ -227,11 +241,15 @@ def doc_ids_from_cu_seqlens(cu_seqlens: Tensor, seq_len: int) -> Tensor:
         raise TypeError("cu_seqlens must be an integer tensor")
     if cu_seqlens.dim() not in (1, 2) or cu_seqlens.shape[-1] < 1:
         raise ValueError(f"cu_seqlens must be (n + 1,) or (B, n + 1), got shape {tuple(cu_seqlens.shape)}")
+    seq_len = _plain_int(seq_len)
     if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 0:
         raise ValueError(f"seq_len must be an int >= 0, got {seq_len!r}")
     cu = cu_seqlens.reshape(-1, cu_seqlens.shape[-1]).to(torch.int64)
-    if not cu.is_cuda and not torch.compiler.is_compiling() and cu.numel() and bool((cu[:, 1:] < cu[:, :-1]).any()):
-        raise ValueError("cu_seqlens must be non-decreasing")
+    if not cu.is_cuda and not torch.compiler.is_compiling() and cu.numel():
+        if bool((cu[:, 1:] < cu[:, :-1]).any()):
+            raise ValueError("cu_seqlens must be non-decreasing")
+        if bool((cu[:, 0] != 0).any()):
+            raise ValueError("cu_seqlens must start at 0 (the first document starts at position 0)")
     pos = torch.arange(seq_len, device=cu.device).expand(cu.shape[0], seq_len).contiguous()
     return torch.searchsorted(cu[:, 1:].contiguous(), pos, right=True).to(torch.int32)
 
@@ -243,8 +261,12 @@ def doc_ids_from_eos(tokens: Tensor, eos_id: int) -> Tensor:
         raise TypeError("tokens must be an integer tensor")
     if tokens.dim() != 2:
         raise ValueError(f"tokens must be (B, S), got shape {tuple(tokens.shape)}")
+    eos_id = _plain_int(eos_id)
     if not isinstance(eos_id, int) or isinstance(eos_id, bool):
         raise TypeError(f"eos_id must be an int, got {type(eos_id).__name__}")
+    info = torch.iinfo(tokens.dtype)
+    if not info.min <= eos_id <= info.max:  # a uint8 row compared with 300 would wrap it to 44
+        raise ValueError(f"eos_id {eos_id} cannot occur in {tokens.dtype} tokens")
     is_eos = (tokens == eos_id).to(torch.int32)
     return (torch.cumsum(is_eos, dim=1, dtype=torch.int32) - is_eos).to(torch.int32)
 

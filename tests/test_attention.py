@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_lowp_close, backends_here
@@ -389,6 +390,28 @@ def test_doc_ids_helpers():
     assert L.doc_ids_from_eos(tok, 2).tolist() == [[0, 0, 0, 1, 1, 2], [0, 1, 2, 2, 2, 2]]
     with pytest.raises(ValueError, match="non-decreasing"):
         L.doc_ids_from_cu_seqlens(torch.tensor([0, 4, 2]), 5)
+    with pytest.raises(ValueError, match="start at 0"):
+        L.doc_ids_from_cu_seqlens(torch.tensor([2, 3, 5]), 5)
+    assert L.doc_ids_from_cu_seqlens(torch.tensor([0, 2]), np.int64(3)).tolist() == [[0, 0, 1]]
+    assert L.doc_ids_from_eos(tok, torch.tensor(2)).tolist() == L.doc_ids_from_eos(tok, 2).tolist()
+    with pytest.raises(ValueError, match="eos_id"):  # uint8 tokens would compare with 300 wrapped to 44
+        L.doc_ids_from_eos(torch.tensor([[44, 2, 1]], dtype=torch.uint8), 300)
+
+
+@needs_triton
+def test_triton_refuses_doc_ids_past_int32(gen):
+    """The kernels compare doc ids as int32: ids 2^32 apart would merge two documents, so they are an error."""
+    q, k, v = _qkv(gen, 1, 1, 1, 20, 20, 16)
+    docs = torch.tensor([[0] * 10 + [2**32] * 10])
+    L.attention(q, k, v, doc_ids=docs, backend="torch")  # the torch backend compares int64 exactly
+    with pytest.raises(ValueError, match="doc_ids"):
+        L.attention(q, k, v, doc_ids=docs, backend="triton")
+
+
+def test_empty_keys_give_every_input_a_gradient(gen):
+    q, k, v = _qkv(gen, 1, 2, 2, 5, 0, 8)
+    gq, gk, gv = torch.autograd.grad(L.attention(q, k, v, backend="torch").sum(), (q, k, v))
+    assert bool((gq == 0).all()) and gk.shape == k.shape and gv.shape == v.shape
 
 
 def test_packed_documents_equal_separate_sequences(gen):
@@ -448,6 +471,8 @@ def _bad_cases():
         ("prefix shape", (q, k, v), {"causal": True, "prefix_lens": torch.tensor([3])}, ValueError, "prefix_lens"),
         ("prefix dtype", (q, k, v), {"causal": True, "prefix_lens": torch.tensor([1.0, 2.0])}, TypeError,
          "prefix_lens"),
+        ("prefix float list", (q, k, v), {"causal": True, "prefix_lens": [3.5, 4]}, TypeError, "prefix_lens"),
+        ("kv float list", (q, k, v), {"kv_lens": [3.0, 4]}, TypeError, "kv_lens"),
         ("prefix non-causal", (q, k, v), {"prefix_lens": torch.tensor([3, 4])}, ValueError, "prefix_lens"),
         ("kv range", (q, k, v), {"kv_lens": torch.tensor([9, 1])}, ValueError, "kv_lens"),
         ("kv shape", (q, k, v), {"kv_lens": torch.tensor([[1, 1]])}, ValueError, "kv_lens"),

@@ -105,10 +105,19 @@ def test_ddp_matches_single_process(tmp_path):
     (["--batch-size", "64", "--seq-len", "64"], "is larger than the data"),
     (["--steps", "0"], "--steps must be at least 1"),
     (["--d-model", "30", "--n-head", "4"], "not a multiple of --n-head"),
+    (["--d-model", "12", "--n-head", "4"], "must be even"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--warmup", "-5"], "--warmup must be >= 0"),
+    (["--grad-clip", "-1"], "--grad-clip must be >= 0"),
+    (["--stop-after", "-2"], "--stop-after must be at least 1"),
+    (["--data", "EMPTY"], "no text in it"),
 ])
 def test_cli_rejects_bad_arguments(argv, message, tmp_path, capsys):
     small = tmp_path / "small.txt"
     small.write_text("A tiny corpus. " * 200)  # 3000 bytes
+    (tmp_path / "empty.txt").write_text("")
+    argv = [str(tmp_path / "empty.txt") if a == "EMPTY" else a for a in argv]
     if "--data" not in argv:
         argv = [*argv, "--data", str(small)]
     with pytest.raises(SystemExit) as e:
@@ -116,6 +125,25 @@ def test_cli_rejects_bad_arguments(argv, message, tmp_path, capsys):
     assert e.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_refuses_options_that_differ(tmp_path, capsys):
+    """--resume takes what to train from the run: an option given with another value is an error, not dropped."""
+    run = tmp_path / "run"
+    assert train("--objective", "clm", "--out", str(run), "--steps", "3", "--stop-after", "2", "--no-demo") == 0
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--resume", str(run), "--steps", "10", "--quiet"])
+    assert e.value.code == 2 and "--steps 10 (the run has 3)" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit):
+        train("--out", str(tmp_path / "file"))
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_t5_demo_at_the_shortest_window(tmp_path):
+    """The greedy decoding of the end-of-run demo stays within the model's positions at --seq-len 8."""
+    assert train("--objective", "t5", "--seq-len", "8", "--steps", "2", "--out", str(tmp_path)) == 0
+    assert (tmp_path / "summary.json").is_file()
 
 
 def test_module_entry_point_help():

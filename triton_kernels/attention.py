@@ -594,7 +594,11 @@ def _upcast(q: torch.Tensor) -> bool:
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+    """t with unit stride along the head dim; contiguous when a sequence offset (position * stride(2), int32 in
+    the kernels) could pass 2^31, e.g. a (B, S, H, D) view at 128k tokens x 128 heads x D 128."""
+    if t.stride(-1) == 1 and t.shape[2] * t.stride(2) < 2**31:
+        return t
+    return t.contiguous()
 
 
 @on_data_device

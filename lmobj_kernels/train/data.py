@@ -81,6 +81,8 @@ class Corpus:
     @classmethod
     def load(cls, path: str | None, tok: ByteTokenizer, val_fraction: float = 0.1) -> Corpus:
         text, source = default_text() if path is None else read_text(path)
+        if not text:
+            raise ValueError(f"--data {path}: no text in it (empty, or only binary files)")
         ids = tok.encode(text)
         n_val = int(len(ids) * val_fraction)
         return cls(ids[: len(ids) - n_val], ids[len(ids) - n_val:], source)

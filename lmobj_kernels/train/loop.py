@@ -82,10 +82,19 @@ def check_args(args, p: argparse.ArgumentParser) -> None:
         if not os.path.isfile(saved):
             p.error(f"--resume {args.resume}: no args.json there (not a run folder written by `lmobj train`)")
         with open(saved) as f:
-            vars(args).update({k: v for k, v in json.load(f).items() if k in RUN_KEYS})
+            run = {k: v for k, v in json.load(f).items() if k in RUN_KEYS}
+        # what to train comes from the run; an option given here that disagrees would be silently dropped
+        changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run has {v})" for k, v in run.items()
+                   if getattr(args, k) != p.get_default(k) and getattr(args, k) != v]
+        if changed:
+            p.error(f"--resume continues {args.resume} with its own settings, but these differ: {', '.join(changed)}"
+                    "; drop them, or start a new run")
+        vars(args).update(run)
         args.out = args.resume
     elif args.out is not None and glob.glob(os.path.join(args.out, "ckpt_*.pt")):
         p.error(f"--out {args.out} already holds a run; continue it with --resume {args.out}, or pick another --out")
+    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out} is a file, not a folder")
     if args.device != "auto":
         try:
             dev = torch.device(args.device)
@@ -102,6 +111,16 @@ def check_args(args, p: argparse.ArgumentParser) -> None:
         p.error(f"--seq-len must be at least 8, got {args.seq_len}")
     if args.d_model % args.n_head:
         p.error(f"--d-model {args.d_model} is not a multiple of --n-head {args.n_head}")
+    if (args.d_model // args.n_head) % 2:  # rotary embeddings turn pairs of channels
+        p.error(f"--d-model / --n-head = {args.d_model // args.n_head} channels per head must be even")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        p.error(f"--lr must be a positive number, got {args.lr}")
+    for name in ("warmup", "weight_decay", "grad_clip", "timing_skip"):
+        v = getattr(args, name)
+        if not (math.isfinite(v) and v >= 0):
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+    if args.stop_after is not None and args.stop_after < 1:
+        p.error(f"--stop-after must be at least 1, got {args.stop_after}")
     if not 0 < args.mask_prob < 1 or not 0 < args.noise_density < 1 or args.mean_span_length < 1:
         p.error("--mask-prob and --noise-density must be in (0, 1), --mean-span-length at least 1")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -378,7 +397,7 @@ def demo_t5(model, tok, sentence, seed=0, noise_density=0.15, mean_span_length=3
                            mean_span_length=mean_span_length, max_sentinels=tok.n_sentinels)
     memory = model.encode(b.input_ids, b.input_lens)
     out = torch.full((1, 1), tok.bos_id, device=dev)
-    for _ in range(b.labels.shape[1] + 8):  # greedy decoding
+    for _ in range(min(b.labels.shape[1] + 8, model.emb.block_size - 1)):  # greedy decoding, within the model
         nxt = (model.decode(out, memory, b.input_lens)[:, -1] @ model.emb.weight.T).argmax(-1, keepdim=True)
         out = torch.cat([out, nxt], 1)
         if int(nxt) == tok.eos_id:
@@ -465,7 +484,10 @@ def plot(metrics_path: str, png: str) -> bool:
 def run(args, p: argparse.ArgumentParser) -> int:
     check_args(args, p)
     tok = ByteTokenizer()
-    corpus = Corpus.load(args.data, tok)
+    try:
+        corpus = Corpus.load(args.data, tok)
+    except ValueError as e:
+        p.error(str(e))
     check_data(args, corpus, p)
     device, rank, world = setup(args)
     kernels.use_baseline(args.baseline)

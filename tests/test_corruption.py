@@ -176,13 +176,14 @@ def test_span_fixed_length_and_dtypes():
         assert [v for v in row if v >= 32000] == list(range(32099, 32099 - 28, -1))
 
 
-def test_span_padding_never_changes():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_span_padding_never_changes(backend):
     x = _tokens(3, 40, seed=4)
     x[:, 30:] = PAD
-    a = C.span_corrupt(x, [30, 30, 30], vocab_size=V, eos_id=EOS, seed=9)
+    a = C.span_corrupt(x, [30, 30, 30], vocab_size=V, eos_id=EOS, seed=9, backend=backend)
     y = x.clone()
     y[:, 30:] = 777  # whatever sits in the padding is never read
-    b = C.span_corrupt(y, [30, 30, 30], vocab_size=V, eos_id=EOS, seed=9)
+    b = C.span_corrupt(y, [30, 30, 30], vocab_size=V, eos_id=EOS, seed=9, backend=backend)
     for u, v in zip(a, b):
         assert torch.equal(u, v)
 
@@ -203,13 +204,14 @@ def test_span_bytes_equal_across_backends(r, m, S):
             assert torch.equal(u, v), b
 
 
-def test_span_batch_split_invariance():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_span_batch_split_invariance(backend):
     lens = [50, 49, 13, 50, 2, 37, 50, 20, 45]
     x = _tokens(len(lens), 50, seed=6)
-    full = _span_all(x, lens, "cpu", seed=42, row_offset=100)
+    full = _span_all(x, lens, backend, seed=42, row_offset=100)
     for cut in (1, 4, 8):
-        a = _span_all(x[:cut], lens[:cut], "cpu", seed=42, row_offset=100)
-        b = _span_all(x[cut:], lens[cut:], "cpu", seed=42, row_offset=100 + cut)
+        a = _span_all(x[:cut], lens[:cut], backend, seed=42, row_offset=100)
+        b = _span_all(x[cut:], lens[cut:], backend, seed=42, row_offset=100 + cut)
         for part, lo in ((a, 0), (b, cut)):
             n = part.input_ids.shape[0]
             for i in range(n):

@@ -106,6 +106,37 @@ def test_return_lse_and_inputs_untouched(backend, gen):
     assert torch.equal(x, xc) and torch.equal(t, tc)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_positive_ignore_index(backend, gen):
+    """An ignore_index inside [0, V) (e.g. a pad id) is ignored, not scored, on every path."""
+    h, w, b = _lin_inputs(gen, (3, 6), 8, 30, torch.float32, bias=True)
+    t = _target(gen, (3, 6), 30, ignored=0.0)
+    t[:, ::3] = 4
+    ref = torch.nn.functional.cross_entropy((h @ w.t() + b).reshape(-1, 30), t.reshape(-1), ignore_index=4)
+    gr = torch.autograd.grad(ref, (h, w, b))
+    for low_memory in (False, True):
+        out = L.linear_cross_entropy(h, w, t, bias=b, ignore_index=4, backend=backend, low_memory=low_memory)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        for a, r in zip(torch.autograd.grad(out, (h, w, b)), gr):
+            torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6)
+    x = (h @ w.t()).detach().reshape(-1, 30)
+    torch.testing.assert_close(L.cross_entropy(x, t.reshape(-1), ignore_index=4, backend=backend),
+                               torch.nn.functional.cross_entropy(x, t.reshape(-1), ignore_index=4))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_inputs_untouched_through_backward(backend, reduction, gen):
+    h, w, b = _lin_inputs(gen, (2, 7), 8, 30, torch.float32, bias=True)
+    t = _target(gen, (2, 7), 30)
+    before = [x.detach().clone() for x in (h, w, b, t)]
+    for low_memory in (False, True):
+        out = L.causal_lm_loss(h, w, t, bias=b, backend=backend, reduction=reduction, low_memory=low_memory)
+        torch.autograd.grad(out.sum(), (h, w, b))
+    for x, x0 in zip((h, w, b, t), before):
+        assert torch.equal(x, x0)
+
+
 def test_cross_entropy_bad_input():
     x = torch.randn(4, 10)
     t = torch.randint(0, 10, (4,))
@@ -373,6 +404,10 @@ def test_modules(gen):
     h, w, _ = _lin_inputs(gen, (2, 5), 8, 30, torch.float32)
     t = _target(gen, (2, 5), 30)
     torch.testing.assert_close(L.CausalLMLoss()(h, w, t), L.causal_lm_loss(h, w, t))
+    torch.testing.assert_close(L.Seq2SeqLMLoss(hidden_scale=0.5, z_loss=1e-3)(h, w, t),
+                               L.seq2seq_lm_loss(h, w, t, hidden_scale=0.5, z_loss=1e-3))
+    torch.testing.assert_close(L.MaskedLMLoss(max_predictions=5, reduction="sum")(h, w, t),
+                               L.masked_lm_loss(h, w, t, max_predictions=5, reduction="sum"))
     torch.testing.assert_close(L.LinearCrossEntropyLoss(reduction="sum")(h, w, t),
                                L.linear_cross_entropy(h, w, t, reduction="sum"))
     torch.testing.assert_close(L.CrossEntropyLoss(label_smoothing=0.1)(h @ w.t(), t),
@@ -642,7 +677,32 @@ def test_gpu_masked_lm_static_and_compiled(backend, gen):
     labels = labels.cuda()
     exp = torch.nn.functional.cross_entropy((h @ w.t()).reshape(-1, 1000), labels.reshape(-1))
     fn = torch.compile(lambda: L.masked_lm_loss(h, w, labels, max_predictions=40, backend=backend), fullgraph=True)
-    torch.testing.assert_close(fn(), exp, rtol=1e-4, atol=1e-4)
+    out = fn()
+    torch.testing.assert_close(out, exp, rtol=1e-4, atol=1e-4)
+    for a, r in zip(torch.autograd.grad(out, (h, w)), torch.autograd.grad(exp, (h, w))):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_cross_entropy_past_2_31_logits(backend, gen):
+    """8200 x 262144 bf16 logits (2.1e9 > 2^31 elements, 4.3 GB): row offsets must be 64-bit in every kernel. The
+    last rows, whose offsets pass 2^31, are checked against float32 PyTorch on those rows alone."""
+    n, v = 8200, 262144
+    x = torch.randn(n, v, device="cuda", dtype=torch.bfloat16).mul_(3).requires_grad_()
+    t = torch.randint(0, v, (n,), device="cuda")
+    rows, lse = L.cross_entropy(x, t, reduction="none", return_lse=True, backend=backend)
+    tail = slice(n - 5, n)
+    ref = torch.nn.functional.cross_entropy(x[tail].float(), t[tail], reduction="none")
+    torch.testing.assert_close(rows[tail], ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(lse[tail], torch.logsumexp(x[tail].float(), -1), rtol=1e-5, atol=1e-4)
+    w = torch.zeros(n, device="cuda")
+    w[tail] = 1.0
+    (g,) = torch.autograd.grad((rows * w).sum(), x)
+    gr = torch.softmax(x[tail].float(), -1)
+    gr[torch.arange(5), t[tail]] -= 1
+    torch.testing.assert_close(g[tail].float(), gr, rtol=2e-2, atol=1e-3)
+    assert not g[: n - 5].any()
 
 
 @pytest.mark.gpu

@@ -18,7 +18,7 @@ namespace lmobj {
 namespace {
 
 // A row is one thread block: its shared memory bounds the row length on the cuda backend (about 12,900 tokens
-// for span corruption on an H100, 8,900 on a 99 KB card); say so instead of a bare launch failure.
+// for span corruption on an H100, 5,600 on a 99 KB card); say so instead of a bare launch failure.
 void check_row_fits(const char* op, const at::Tensor& x, size_t smem) {
   int dev = x.get_device(), limit = 0;
   TORCH_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess, op,

@@ -15,9 +15,17 @@ import pytest
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "triton_resources.py")
 
 
-def test_every_kernel_fits_every_card(tmp_path):
+@pytest.mark.parametrize("triton_version", ["installed", "oldest"])
+def test_every_kernel_fits_every_card(triton_version, tmp_path):
+    """With the installed Triton and with the oldest supported one (3.6, what a GPU machine has: its front end
+    refused code that 3.8 and the interpreter accepted; `make test` installs it in .venv/triton-3.6)."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if triton_version == "oldest":
+        oldest = os.environ.get("LMOBJ_OLDEST_TRITON")
+        if not oldest or not os.path.isdir(os.path.join(oldest, "triton")):
+            pytest.skip("LMOBJ_OLDEST_TRITON names no folder with the oldest Triton (make test installs it)")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.abspath(oldest), env.get("PYTHONPATH")) if p)
     r = subprocess.run([sys.executable, SCRIPT, "--quick", "--out", str(tmp_path)], capture_output=True, text=True,
                        env=env, timeout=1500)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
@@ -29,3 +37,6 @@ def test_every_kernel_fits_every_card(tmp_path):
                        "corruption/_mlm_kernel"):
             assert (f"triton-{arch}", kernel) in seen, (arch, kernel)
     assert "B4096 H32" in r.stdout  # the B * H > 65535 case launched (a 1-D grid)
+    if triton_version == "oldest":
+        version = json.load(open(next(tmp_path.glob("triton-resources-*.json"))))["machine"]["triton"]
+        assert version.startswith("3.6"), version

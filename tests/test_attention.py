@@ -581,6 +581,23 @@ def test_gpu_triton_cross_attention_and_float32(gen):
 
 
 @pytest.mark.gpu
+def test_gpu_triton_falls_back_from_a_config_too_big(gen, monkeypatch):
+    """A config the card cannot hold (128 x 128 tiles at head dim 128 in 4 stages: over the A100's and the H100's
+    shared memory for all three kernels, by benchmarks/triton_resources.py) is refused by Triton's loader before it
+    runs; the launch falls back to a smaller one and the result is exact."""
+    from lmobj_kernels.triton_kernels import attention as A
+
+    monkeypatch.setattr(A, "_FITTED", {})
+    for kernel in ("fwd", "dkdv", "dq"):
+        for arch in ("sm80", "sm90"):
+            monkeypatch.setitem(A._CONFIGS, (kernel, arch, 128), (128, 128, 8, 4))
+    _check(gen, "triton", 1, 4, 2, 300, 300, 128, _mask(gen, 1, 300, 300, causal=True, prefix=True, device="cuda"),
+           dtype=torch.bfloat16, device="cuda")
+    fitted = {k[0]: v for k, v in A._FITTED.items()}
+    assert set(fitted) == {"fwd", "dkdv", "dq"} and all(v != (128, 128, 8, 4) for v in fitted.values()), fitted
+
+
+@pytest.mark.gpu
 def test_gpu_triton_backward_is_deterministic(gen):
     q, k, v = _qkv(gen, 2, 8, 2, 2048, 2048, 128, torch.bfloat16, "cuda")
     opts = _mask(gen, 2, 2048, 2048, causal=True, docs=True, device="cuda")

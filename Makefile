@@ -26,7 +26,8 @@ demo: build
 # every kernel with both for the GPU architectures, so a kernel only the old compiler refuses fails here.
 OLDEST_TRITON := .venv/triton-3.6
 $(OLDEST_TRITON): $(STAMP)
-	$(PIP) install --quiet --no-deps --target $(OLDEST_TRITON) triton==3.6.0
+	$(PIP) install --quiet --no-deps --upgrade --target $(OLDEST_TRITON) triton==3.6.0
+	touch $@
 
 test: build lint $(OLDEST_TRITON)
 	LMOBJ_OLDEST_TRITON=$(OLDEST_TRITON) TRITON_INTERPRET=1 $(PY) -m pytest -q tests

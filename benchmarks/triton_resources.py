@@ -172,7 +172,9 @@ def _losses(N, V, dtype):
         x = torch.empty(N, V, dtype=dtype, device="cuda")
         t = torch.empty(N, dtype=torch.int64, device="cuda")
         loss, lse = C.ce_forward(x, t, 0, 0, -100, 0.1, 1e-4, 30.0, grad_inplace=True)
+        C.ce_forward(x, t, 0, 512, -100, 0.0, 0.0, 0.0)  # no cap, no in-place gradient, causal shift
         C.ce_backward(torch.empty(N, device="cuda"), x, t, lse, 0, 0, -100, 0.1, 1e-4, 30.0)
+        C.ce_backward(torch.empty(N, device="cuda"), x, t, lse, 0, 512, -100, 0.0, 0.0, 0.0)
         w = torch.empty(N, device="cuda")
         C.ce_grad_cols_(x[:, :4096], t, lse, w, 0, V, 0.1, 1e-4, 30.0)
     return launch
@@ -184,7 +186,9 @@ def _corruption_cases(size: str):
         yield "corruption", f"span B{B} S{S}", _span(B, S)
     for B, S in [(256, 512), (64, 8192)] + ([(16, 32768)] if full else []):
         for words in (False, True):
-            yield "corruption", f"mlm B{B} S{S}" + (" words" if words else ""), _mlm(B, S, words)
+            for exact in (False, True):
+                name = f"mlm B{B} S{S}" + (" words" if words else "") + (" exact" if exact else "")
+                yield "corruption", name, _mlm(B, S, words, exact)
 
 
 def _span(B, S):
@@ -200,14 +204,16 @@ def _span(B, S):
     return launch
 
 
-def _mlm(B, S, words):
+def _mlm(B, S, words, exact):
     def launch():
+        from lmobj_kernels.reference.corruption import rate_bits
         from lmobj_kernels.triton_kernels import corruption as K
 
         x = torch.empty(B, S, dtype=torch.int64, device="cuda")
         w = torch.empty(B, S, dtype=torch.int64, device="cuda") if words else None
         i64 = lambda *s: torch.empty(*s, dtype=torch.int64, device="cuda")  # noqa: E731
-        K.mlm_mask(x, w, i64(1), 0, i64(3), False, 1 << 30, 1 << 31, 1 << 29, 0, 30522, 103, -100)
+        select = rate_bits(0.15) if exact else 1 << 30  # exact: the float64 bits of the rate
+        K.mlm_mask(x, w, i64(1), 0, i64(3), exact, select, 1 << 31, 3 << 30, 0, 30522, 103, -100)
     return launch
 
 

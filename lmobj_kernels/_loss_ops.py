@@ -14,7 +14,6 @@ import functools
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from lmobj_kernels._backend import _C, triton_module
 from lmobj_kernels.reference import losses as ref_losses
@@ -79,6 +78,45 @@ def row_ops(backend: str):
     return torch.ops.lmobj.ce_fwd, torch.ops.lmobj.ce_bwd, torch.ops.lmobj.ce_fwd_bwd_
 
 
+# ---- first-order gradients only ----
+class _NoSecondOrder(torch.autograd.Function):
+    """The identity on a gradient, attached to the inputs it is the gradient of, whose own backward raises: a
+    gradient penalty (differentiating a gradient, with create_graph=True) then fails loudly instead of getting
+    zeros from a gradient the graph does not connect to its inputs (the fused losses have no second derivative)."""
+
+    @staticmethod
+    def forward(ctx, grad, *inputs):
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(_NO_SECOND_ORDER)
+
+
+_NO_SECOND_ORDER = ("the fused losses of lmobj_kernels have no second derivative (double backward, e.g. a gradient "
+                    "penalty or MAML through them); use backend='torch' for that")
+
+
+def _first_order(grads: tuple, inputs: tuple) -> tuple:
+    """grads as they are; under create_graph=True (grad mode on in backward), each wrapped in `_NoSecondOrder`."""
+    if not torch.is_grad_enabled():
+        return grads
+    attach = [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
+    return tuple(g if g is None else _NoSecondOrder.apply(g, *attach) for g in grads)
+
+
+def _scale_(t: Tensor, g: Tensor) -> Tensor:
+    """t *= g in place, the product in float32 for a low-precision t: a 0-dim float32 g on a GPU is cast to t's
+    dtype by the elementwise kernel (only CPU scalars stay float32), and a bfloat16 1/count biases every gradient
+    of the step by up to 2^-9. Chunks bound the float32 copy (64 MB)."""
+    if t.dtype in (torch.float32, torch.float64):
+        return t.mul_(g)
+    flat = t.view(-1)
+    for c in flat.split(1 << 24):
+        c.copy_(c.float().mul_(g))
+    return t
+
+
 # ---- autograd of the row ops (cross_entropy over given logits) ----
 def _ce_setup(ctx, inputs, output):
     logits, target, *opts = inputs
@@ -87,11 +125,10 @@ def _ce_setup(ctx, inputs, output):
 
 
 def _make_ce_backward(backend: str):
-    @once_differentiable  # the backward ops have no derivative: a double backward raises, never returns zeros
     def backward(ctx, grad_loss, grad_lse):  # lse is returned detached by the public API
         logits, target, lse = ctx.saved_tensors
         grad = row_ops(backend)[1](grad_loss.float().contiguous(), logits, target, lse, *ctx.opts)
-        return (grad,) + (None,) * 7
+        return _first_order((grad,), (logits,)) + (None,) * 7
 
     return backward
 
@@ -278,20 +315,19 @@ def _sum_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-@once_differentiable  # the saved gradients are constants: a double backward raises, never returns zeros
 def _sum_backward(ctx, g, _g_lse, _g_dh, _g_dw, _g_db):
+    if torch.is_grad_enabled():  # create_graph=True: the gradients computed in the forward connect to no input
+        raise RuntimeError(_NO_SECOND_ORDER + " (with create_graph=True, the scalar reductions refuse at once)")
     if getattr(ctx, "used", False):  # checked before saved_tensors, whose version check would say less
         raise RuntimeError("the fused linear cross-entropy (reduction 'mean' or 'sum') supports one backward per "
                            "forward: it computed the gradients during the forward and scales them in place in "
                            "backward. Run the forward again, or use reduction='none' and reduce it yourself.")
     dh, dw, db = ctx.saved_tensors
     # Eager: scale in place, these buffers belong to this op alone. While tracing (torch.compile, opcheck) tensors
-    # are subclasses and the functional form is used. g stays float32: a bfloat16 copy of 1/count would bias every
-    # gradient of the step by up to 2^-9 (one rounding of the scale), where multiplying by the float32 scale rounds
-    # each product once.
+    # are subclasses and the functional form is used. The product is taken in float32 either way (`_scale_`).
     eager = type(dh) is torch.Tensor and not torch.compiler.is_compiling()
     ctx.used = eager
-    scale = lambda t: (t.mul_(g) if eager else t * g)  # noqa: E731
+    scale = lambda t: (_scale_(t, g) if eager else (t.float() * g).to(t.dtype))  # noqa: E731
     gh = scale(dh) if ctx.needs_input_grad[0] else None
     gw = scale(dw).to(ctx.w_dtype) if ctx.needs_input_grad[1] else None
     gb = scale(db).to(ctx.w_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
@@ -345,15 +381,14 @@ def _rows_setup(ctx, inputs, output):
     ctx.save_for_backward(hidden, weight, bias, target, output[1])
 
 
-@once_differentiable  # linear_ce_rows_bwd has no derivative: a double backward raises, never returns zeros
 def _rows_backward(ctx, grad_rows, _grad_lse):
     hidden, weight, bias, target, lse = ctx.saved_tensors
     shift_len, ii, ls, zl, cap, chunk, vocab_block, backend = ctx.opts
     need = ctx.needs_input_grad[:3]
     dh, dw, db = linear_ce_rows_bwd(grad_rows, hidden, weight, bias, target, lse, shift_len, ii, ls, zl, cap, chunk,
                                     vocab_block, backend, need[0], need[1], need[2] and ctx.has_bias)
-    return (dh if need[0] else None, dw if need[1] else None,
-            db if need[2] and ctx.has_bias else None) + (None,) * 9
+    grads = (dh if need[0] else None, dw if need[1] else None, db if need[2] and ctx.has_bias else None)
+    return _first_order(grads, (hidden, weight, bias)) + (None,) * 9
 
 
 linear_ce_rows.register_autograd(_rows_backward, setup_context=_rows_setup)

@@ -523,9 +523,11 @@ def _example_rows(examples, keys: tuple[str, ...]) -> list[dict]:
         for k in ("input_ids", "attention_mask") + keys:
             if k in e and e[k] is not None:
                 v = e[k]
-                v = v.reshape(-1).tolist() if isinstance(v, Tensor) else (v.tolist() if isinstance(v, np.ndarray)
-                                                                          else list(v))
-                row[k] = v
+                if isinstance(v, (Tensor, np.ndarray)):
+                    if v.ndim > 1 and math.prod(v.shape[:-1]) != 1:  # (1, S) is one row (return_tensors="pt")
+                        raise ValueError(f"each example's {k!r} must be one row, got shape {tuple(v.shape)}")
+                    v = v.reshape(-1).tolist()
+                row[k] = list(v)
         mask = row.pop("attention_mask", None)
         if mask is not None:
             if len(mask) != len(row["input_ids"]):

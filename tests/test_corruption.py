@@ -540,6 +540,26 @@ def test_collators_take_what_hugging_face_yields():
         mlm([{"ids": row}])
     with pytest.raises(ValueError, match="word_ids"):
         C.MLMCollator(mask_id=3, vocab_size=V, whole_word=True)([row])
+    with pytest.raises(ValueError, match="one row"):
+        mlm([torch.tensor([row, row])])
+
+
+def test_auto_passes_rows_too_long_for_cuda_to_triton(monkeypatch):
+    """One CUDA block holds a row in shared memory: `auto` hands rows past the card's limit to Triton (the
+    formula of span_smem / mlm_smem in csrc/cuda/corruption.cu); an explicit backend is kept."""
+    class Props:
+        shared_memory_per_block_optin = 101376  # a 99 KB card
+
+    monkeypatch.setattr(C, "resolve", lambda backend, dev, family: "cuda" if backend == "auto" else backend)
+    monkeypatch.setattr(C, "why_unavailable", lambda backend, dev: "")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: Props())
+    monkeypatch.delenv("LMOBJ_BACKEND", raising=False)
+    dev = torch.device("cuda")
+    assert C._resolve("auto", dev, 5616, 18) == "cuda"  # 18 * 5616 + 272 = 101360 bytes: fits
+    assert C._resolve("auto", dev, 5617, 18) == "triton"  # 101378: does not
+    assert C._resolve("cuda", dev, 9000, 18) == "cuda"
+    assert C._resolve("auto", dev, 100000, 0) == "cuda"  # plain MLM masking keeps no row in shared memory
+    assert C._resolve("auto", dev, 7223, 14) == "triton"
 
 
 def test_mlm_collator_whole_word():

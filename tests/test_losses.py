@@ -469,19 +469,26 @@ def test_masked_lm_loss_bound_counts_every_sequence(gen):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_double_backward_raises(backend, gen):
-    """The backward ops have no derivative of their own: differentiating a gradient must raise, not return 0."""
+    """The fused losses have no second derivative: a gradient penalty through them raises (with other terms in
+    the penalty too, which would otherwise hide a zero second-order gradient), never returns 0."""
     x = torch.randn(4, 11, generator=gen, requires_grad=True)
     t = torch.randint(0, 11, (4,), generator=gen)
-    (g,) = torch.autograd.grad(L.cross_entropy(x, t, backend=backend), x, create_graph=True)
-    with pytest.raises(RuntimeError):
-        torch.autograd.grad((g * g).sum(), x)
+    for reduction in ("mean", "none"):
+        (g,) = torch.autograd.grad(L.cross_entropy(x, t, backend=backend, reduction=reduction).sum(), x,
+                                   create_graph=True)
+        with pytest.raises(RuntimeError, match="no second derivative"):
+            torch.autograd.grad((g * g).sum() + 0 * x.sum(), x)
     h, w, _ = _lin_inputs(gen, (2, 5), 8, 30, torch.float32)
     y = _target(gen, (2, 5), 30)
-    for reduction in ("mean", "none"):
-        loss = L.causal_lm_loss(h, w, y, backend=backend, reduction=reduction).sum()
-        gh, gw = torch.autograd.grad(loss, (h, w), create_graph=True)
-        with pytest.raises(RuntimeError):
-            torch.autograd.grad((gh * gh).sum() + (gw * gw).sum(), (h, w))
+    gh, gw = torch.autograd.grad(L.causal_lm_loss(h, w, y, backend=backend, reduction="none").sum(), (h, w),
+                                 create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad((gh * gh).sum() + (gw * gw).sum() + 0 * h.sum(), (h, w))
+    with pytest.raises(RuntimeError, match="no second derivative"):  # the scalar reductions refuse at once
+        torch.autograd.grad(L.causal_lm_loss(h, w, y, backend=backend), (h, w), create_graph=True)
+    # create_graph=False (every training step) is untouched, and the plain gradient is unchanged
+    torch.testing.assert_close(torch.autograd.grad(L.cross_entropy(x, t, backend=backend), x)[0],
+                               torch.autograd.grad(torch.nn.functional.cross_entropy(x, t), x)[0])
 
 
 def test_second_backward_says_why(gen):
@@ -681,6 +688,22 @@ def test_gpu_masked_lm_static_and_compiled(backend, gen):
     torch.testing.assert_close(out, exp, rtol=1e-4, atol=1e-4)
     for a, r in zip(torch.autograd.grad(out, (h, w)), torch.autograd.grad(exp, (h, w))):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_bfloat16_mean_gradient_is_not_biased_by_the_scale(backend, gen):
+    """As the CPU test: on a GPU a 0-dim float32 scale is cast to bf16 by the elementwise kernel unless the
+    product is taken in float32 (`_loss_ops._scale_`)."""
+    h, w, _ = _lin_inputs(gen, (1, 4), 64, 3000, torch.bfloat16)
+    h, w = (x.detach().cuda().requires_grad_() for x in (h, w))
+    t = torch.tensor([[5, 17, 301, -100]], device="cuda")
+    (gw,) = torch.autograd.grad(L.linear_cross_entropy(h, w, t, backend=backend), (w,))
+    h64, w64 = (x.detach().double().requires_grad_() for x in (h, w))
+    (rw,) = torch.autograd.grad(L.linear_cross_entropy(h64, w64, t, backend="torch"), (w64,))
+    big = rw.abs() > rw.abs().median()
+    ratio = float((gw.double()[big] / rw[big]).median())
+    assert abs(ratio - 1) < 3e-4, f"weight gradient biased by {ratio - 1:.2e}"
 
 
 @pytest.mark.gpu

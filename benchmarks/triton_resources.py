@@ -206,8 +206,9 @@ def _span(B, S):
 
 def _mlm(B, S, words, exact):
     def launch():
-        from lmobj_kernels.reference.corruption import rate_bits
         from lmobj_kernels.triton_kernels import corruption as K
+
+        from lmobj_kernels.reference.corruption import rate_bits
 
         x = torch.empty(B, S, dtype=torch.int64, device="cuda")
         w = torch.empty(B, S, dtype=torch.int64, device="cuda") if words else None

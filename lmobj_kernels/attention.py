@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from lmobj_kernels import _attention_ops  # noqa: F401  (registers lmobj::attn_*_triton)
 from lmobj_kernels._backend import resolve, why_unavailable
+from lmobj_kernels._checks import check_flag, is_real
 from lmobj_kernels.reference import attention as ref
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -206,11 +207,10 @@ def attention(
     prefix_lens, doc_ids, kv_lens = _check_masks(q, k, causal, prefix_lens, doc_ids, kv_lens)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    elif not is_real(scale) or not math.isfinite(scale):
         raise ValueError(f"scale must be None or a finite float, got {scale!r}")
     for name, flag in (("return_lse", return_lse), ("deterministic", deterministic)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        check_flag(name, flag)
     name = _resolve(backend, q)
     if name == "triton" and doc_ids is not None and doc_ids.dtype == torch.int64:
         _check_range("doc_ids", doc_ids, 2**31 - 1, "the triton kernels compare ids as int32", low=-(2**31))

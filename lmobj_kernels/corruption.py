@@ -23,6 +23,7 @@ from torch import Tensor
 
 from lmobj_kernels import _corruption_ops
 from lmobj_kernels._backend import resolve, why_unavailable
+from lmobj_kernels._checks import is_real
 from lmobj_kernels.reference import corruption as ref
 
 T5_EXTRA_IDS = 100  # sentinels T5's vocabulary has (<extra_id_0> .. <extra_id_99>)
@@ -57,12 +58,8 @@ def _check_int(name: str, v, lo: int | None = None, hi: int | None = None, none_
                          f", got {v}")
 
 
-def _is_real(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
-
-
 def _check_prob(name: str, v, lo_open: bool = False, hi_open: bool = False):
-    if not _is_real(v):
+    if not is_real(v):
         raise TypeError(f"{name} must be a float, got {type(v).__name__}")
     if not (math.isfinite(v) and (v > 0 if lo_open else v >= 0) and (v < 1 if hi_open else v <= 1)):
         lb, rb = ("(" if lo_open else "["), (")" if hi_open else "]")
@@ -201,7 +198,7 @@ def t5_input_length(inputs_length: int, noise_density: float = 0.15, mean_span_l
 
 
 def _check_mean_span(m) -> None:
-    if not _is_real(m):
+    if not is_real(m):
         raise TypeError(f"mean_span_length must be a float, got {type(m).__name__}")
     if not (math.isfinite(m) and m >= 1.0):
         raise ValueError(f"mean_span_length must be a finite float >= 1, got {m}")

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from lmobj_kernels import _loss_ops
 from lmobj_kernels._backend import BACKENDS, resolve
+from lmobj_kernels._checks import check_flag, is_real
 from lmobj_kernels.reference import losses as ref
 
 _REDUCTIONS = ("none", "sum", "mean")
@@ -23,25 +24,16 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ---- argument checks: ValueError / TypeError naming the argument ----
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)  # True is an int to Python, not a smoothing
-
-
-def _check_flag(name: str, v) -> None:
-    if not isinstance(v, bool):
-        raise TypeError(f"{name} must be a bool, got {v!r}")
-
-
 def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size=None):
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not _is_number(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
+    if not is_real(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
-    if not _is_number(z_loss) or not (z_loss >= 0.0 and math.isfinite(z_loss)):
+    if not is_real(z_loss) or not (z_loss >= 0.0 and math.isfinite(z_loss)):
         raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
-    if softcap is not None and (not _is_number(softcap) or not (softcap > 0 and math.isfinite(softcap))):
+    if softcap is not None and (not is_real(softcap) or not (softcap > 0 and math.isfinite(softcap))):
         raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
@@ -113,7 +105,7 @@ def cross_entropy(
     """
     _check_tensor("logits", logits)
     _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    _check_flag("return_lse", return_lse)
+    check_flag("return_lse", return_lse)
     if logits.dim() < 2:
         raise ValueError(f"logits must be (N, V) or (B, S, V), got shape {tuple(logits.shape)}")
     if logits.shape[-1] == 0:
@@ -225,7 +217,7 @@ def linear_cross_entropy(
     _check_tensor("weight", weight)
     _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size)
     for flag, value in (("low_memory", low_memory), ("shift", shift), ("return_lse", return_lse)):
-        _check_flag(flag, value)
+        check_flag(flag, value)
     if hidden.dim() < 1 or (shift and hidden.dim() < 2):
         raise ValueError(f"hidden must be (..., D){' with a sequence axis for shift=True' if shift else ''}, "
                          f"got shape {tuple(hidden.shape)}")
@@ -296,7 +288,7 @@ def seq2seq_lm_loss(decoder_hidden: Tensor, weight: Tensor, labels: Tensor, *, h
     """Decoder loss of an encoder-decoder (T5, BART): labels (B, T) are already the targets of each position.
     `hidden_scale` multiplies the decoder states first (T5 with tied embeddings uses d_model ** -0.5)."""
     if hidden_scale is not None:
-        if not _is_number(hidden_scale) or not math.isfinite(hidden_scale):
+        if not is_real(hidden_scale) or not math.isfinite(hidden_scale):
             raise ValueError(f"hidden_scale must be a finite float, got {hidden_scale!r}")
         decoder_hidden = decoder_hidden * hidden_scale
     return linear_cross_entropy(decoder_hidden, weight, labels, shift=False, **kwargs)
@@ -375,9 +367,9 @@ def _check_module_options(options: dict) -> None:
                    options["softcap"], options.get("chunk_size"))
     for flag in ("low_memory", "return_lse"):
         if flag in options:
-            _check_flag(flag, options[flag])
+            check_flag(flag, options[flag])
     hs = options.get("hidden_scale")
-    if hs is not None and (not _is_number(hs) or not math.isfinite(hs)):
+    if hs is not None and (not is_real(hs) or not math.isfinite(hs)):
         raise ValueError(f"hidden_scale must be a finite float, got {hs!r}")
     mp = options.get("max_predictions")
     if mp is not None and (not isinstance(mp, int) or isinstance(mp, bool) or mp < 1):

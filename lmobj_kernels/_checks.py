@@ -1,0 +1,15 @@
+"""Argument checks shared by the public API: what counts as a number and as a flag."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def is_real(v) -> bool:
+    """A Python or NumPy int or float; not a bool (True is an int to Python, not a smoothing or a scale)."""
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def check_flag(name: str, v) -> None:
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be a bool, got {v!r}")

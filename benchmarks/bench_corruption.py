@@ -155,8 +155,11 @@ def run_gpu(rows, sizes):
         _gpu_size(rows, B, S, backends, peer)
 
 
-def _gpu_size(rows, B, S, backends, peer):
-    dev = torch.device("cuda")
+def _gpu_size(rows, B, S, backends, peer, dev=None):
+    """One size of the GPU run. `dev` (default cuda) lets the tests run this on the CPU kernel with a stand-in
+    timer, so that the GPU run's own code (ids, checks, peers) is exercised in CI (a bad id range once cost the
+    corruption figures of a whole GPU session)."""
+    dev = torch.device("cuda") if dev is None else torch.device(dev)
     shape = f"{B}x{S}"
     x = torch.randint(2, 32000, (B, S), device=dev)
     seed = torch.tensor([1], device=dev)

@@ -618,6 +618,19 @@ def test_bench_quick():
     assert "span_corrupt" in r.stdout and "mlm_mask" in r.stdout
 
 
+def test_bench_gpu_path_runs_on_the_cpu(monkeypatch):
+    """The GPU benchmark's own code (its ids, its check against the CPU kernel, its peers) on the CPU kernel with
+    a stand-in timer: a GPU session must not lose the corruption figures to a bug this can show."""
+    sys.path.insert(0, os.path.join(HERE, "..", "benchmarks"))
+    import bench_corruption
+    import common
+
+    monkeypatch.setattr(common, "time_gpu", lambda fn, **kw: (fn(), 1e-3)[1])
+    rows = []
+    bench_corruption._gpu_size(rows, 8, 568, ["cpu"], bench_corruption.hf_mlm_peer(), dev="cpu")
+    assert {r["bench"] for r in rows} == {"span_corrupt", "mlm_mask"} and all(r["value"] > 0 for r in rows)
+
+
 # ---------------------------------------------------------------------------------------------------- GPU
 def _span_bytes_equal_cpu(backend, S, device):
     """`backend` on `device` against the CPU kernel, byte for byte, on rows of every length up to S."""

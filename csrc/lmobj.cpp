@@ -5,6 +5,10 @@
 
 #include <string>
 
+#if defined(LMOBJ_WITH_CUDA) && LMOBJ_WITH_CUDA
+#include "cuda/corruption.cuh"
+#endif
+
 #ifndef LMOBJ_WITH_CUDA
 #define LMOBJ_WITH_CUDA 0
 #endif
@@ -43,7 +47,8 @@ TORCH_LIBRARY(lmobj, m) {
         "float mean_span_length, Tensor sentinel_ids, int eos_id, int pad_id, int label_pad_id, int inputs_width, "
         "int targets_width) -> (Tensor, Tensor)");
   // BERT masking: (inputs, labels). Thresholds are probabilities times 2^32 (select: per-unit selection
-  // probability, or with exact the count rate; mask / random: cumulative 80/10/10 cut points).
+  // probability, or with exact the IEEE-754 bits of the float64 rate p of the count round(E * p); mask / random:
+  // cumulative 80/10/10 cut points).
   m.def("mlm_mask(Tensor input_ids, Tensor? word_ids, Tensor seed, int row_offset, Tensor special_ids, bool exact, "
         "int select_threshold, int mask_threshold, int random_threshold, int random_low, int random_range, "
         "int mask_id, int ignore_index) -> (Tensor, Tensor)");
@@ -56,7 +61,31 @@ static PyObject* lmobj_build_info(PyObject*, PyObject*) {
                        LMOBJ_CUDA_ARCHS, "torch_version_built", LMOBJ_TORCH_VERSION);
 }
 
+// Shared memory per block the CUDA corruption kernels need for rows of S tokens ("span", or "mlm" with word
+// ids or exact counts; plain masking needs none): the Python API's `auto` passes rows over the card's limit on to
+// Triton. None when built without CUDA.
+static PyObject* lmobj_cuda_row_smem(PyObject*, PyObject* args) {
+  const char* kind = nullptr;
+  long long S = 0;
+  if (!PyArg_ParseTuple(args, "sL", &kind, &S)) return nullptr;
+#if LMOBJ_WITH_CUDA
+  const std::string k(kind);
+  if (k != "span" && k != "mlm") {
+    PyErr_SetString(PyExc_ValueError, "kind must be 'span' or 'mlm'");
+    return nullptr;
+  }
+  const size_t bytes = k == "span" ? lmobj::cuda::span_smem_bytes(S) : lmobj::cuda::mlm_smem_bytes(S, true, false);
+  return PyLong_FromSize_t(bytes);
+#else
+  (void)kind;
+  (void)S;
+  Py_RETURN_NONE;
+#endif
+}
+
 static PyMethodDef methods[] = {{"build_info", lmobj_build_info, METH_NOARGS, "What _C was built with."},
+                                {"cuda_row_smem", lmobj_cuda_row_smem, METH_VARARGS,
+                                 "Shared memory of a CUDA corruption block for rows of S tokens."},
                                 {nullptr, nullptr, 0, nullptr}};
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }

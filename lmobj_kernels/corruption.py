@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from lmobj_kernels import _corruption_ops
-from lmobj_kernels._backend import resolve, why_unavailable
+from lmobj_kernels._backend import _C, resolve, why_unavailable
 from lmobj_kernels._checks import is_real
 from lmobj_kernels.reference import corruption as ref
 
@@ -161,15 +161,17 @@ def _const_ids(values: tuple, device: torch.device) -> Tensor:
 
 
 # ---- backend choice ----
-def _resolve(backend: str, dev: torch.device, S: int, bytes_per_token: int) -> str:
-    """The corruption backend; `auto` passes rows too long for the CUDA kernels (one thread block holds a whole
-    row in shared memory: bytes_per_token * S + 272 bytes, span_smem / mlm_smem in csrc/cuda/corruption.cu) on to
-    Triton, which keeps its row in registers and global scratch."""
+def _resolve(backend: str, dev: torch.device, S: int, kernel: str | None) -> str:
+    """The corruption backend; `auto` passes rows too long for the CUDA kernel `kernel` ("span", "mlm" with word
+    ids or exact counts, None: no row in shared memory) on to Triton, which keeps its row in registers and global
+    scratch: one CUDA block holds a whole row in shared memory (span_smem / mlm_smem in csrc/cuda/corruption.cu,
+    read through _C.cuda_row_smem)."""
     name = resolve(backend, dev, "corruption")
     explicit = backend != "auto" or os.environ.get("LMOBJ_BACKEND", "auto") not in ("", "auto")
-    if name == "cuda" and not explicit and bytes_per_token and not torch.compiler.is_compiling():
+    if name == "cuda" and not explicit and kernel and not torch.compiler.is_compiling():
+        need = _C().cuda_row_smem(kernel, S)
         limit = torch.cuda.get_device_properties(dev).shared_memory_per_block_optin
-        if bytes_per_token * S + 272 > limit and not why_unavailable("triton", dev):
+        if need is not None and need > limit and not why_unavailable("triton", dev):
             return "triton"
     return name
 
@@ -329,7 +331,7 @@ def span_corrupt(
         raise ValueError(f"a row of this batch needs {k_max} noise spans but only {what} are available; pass a "
                          f"larger max_sentinels (or more sentinel_ids) to allow it")
 
-    name = _resolve(backend, dev, S, 18)
+    name = _resolve(backend, dev, S, "span")
     x = input_ids if input_ids.dtype == torch.int64 else input_ids.to(torch.int64)
     if x.numel() and x.stride(-1) != 1:
         x = x.contiguous()
@@ -446,7 +448,7 @@ def mlm_mask(
     if x.numel() and x.stride(-1) != 1:
         x = x.contiguous()
     _check_id_values("input_ids", x, vocab_size)
-    name = _resolve(backend, dev, x.shape[1], 14 if (exact or word_ids is not None) else 0)
+    name = _resolve(backend, dev, x.shape[1], "mlm" if (exact or word_ids is not None) else None)
     seed_t = seed_tensor(seed, generator, dev)
     select = ref.rate_bits(mask_prob) if exact else _threshold(mask_prob)  # exact: BERT's float64 count
     thr = (select, _threshold(mask_replace_prob), _threshold(mask_replace_prob + random_replace_prob))

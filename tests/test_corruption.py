@@ -545,8 +545,13 @@ def test_collators_take_what_hugging_face_yields():
 
 
 def test_auto_passes_rows_too_long_for_cuda_to_triton(monkeypatch):
-    """One CUDA block holds a row in shared memory: `auto` hands rows past the card's limit to Triton (the
-    formula of span_smem / mlm_smem in csrc/cuda/corruption.cu); an explicit backend is kept."""
+    """One CUDA block holds a row in shared memory: `auto` hands rows past the card's limit to Triton (the sizes
+    come from span_smem / mlm_smem in csrc/cuda/corruption.cu, through _C.cuda_row_smem); an explicit backend is
+    kept."""
+    from lmobj_kernels._backend import _C
+
+    if _C().cuda_row_smem("span", 1) is None:
+        pytest.skip("built without CUDA: no CUDA kernels to size")
     class Props:
         shared_memory_per_block_optin = 101376  # a 99 KB card
 
@@ -555,11 +560,12 @@ def test_auto_passes_rows_too_long_for_cuda_to_triton(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: Props())
     monkeypatch.delenv("LMOBJ_BACKEND", raising=False)
     dev = torch.device("cuda")
-    assert C._resolve("auto", dev, 5616, 18) == "cuda"  # 18 * 5616 + 272 = 101360 bytes: fits
-    assert C._resolve("auto", dev, 5617, 18) == "triton"  # 101378: does not
-    assert C._resolve("cuda", dev, 9000, 18) == "cuda"
-    assert C._resolve("auto", dev, 100000, 0) == "cuda"  # plain MLM masking keeps no row in shared memory
-    assert C._resolve("auto", dev, 7223, 14) == "triton"
+    assert C._resolve("auto", dev, 5616, "span") == "cuda"  # 18 * 5616 + 272 = 101360 bytes: fits
+    assert C._resolve("auto", dev, 5617, "span") == "triton"  # 101378: does not
+    assert C._resolve("cuda", dev, 9000, "span") == "cuda"
+    assert C._resolve("auto", dev, 100000, None) == "cuda"  # plain MLM masking keeps no row in shared memory
+    assert C._resolve("auto", dev, 7222, "mlm") == "triton"  # 14 * 7222 + 272 = 101380
+    assert C._resolve("auto", dev, 7221, "mlm") == "cuda"
 
 
 def test_mlm_collator_whole_word():

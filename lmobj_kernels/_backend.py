@@ -82,10 +82,17 @@ def why_unavailable(backend: str, device: torch.device) -> str:
     return f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}"
 
 
-def resolve(backend: str, device: torch.device, family: str) -> str:
-    """The backend that will run `family` on `device` for the caller's `backend` argument."""
+def check_backend_name(backend) -> None:
+    """`backend` is "auto" or one of BACKENDS (a TypeError or ValueError naming the argument otherwise)."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; got {backend!r}")
+
+
+def resolve(backend: str, device: torch.device, family: str) -> str:
+    """The backend that will run `family` on `device` for the caller's `backend` argument."""
+    check_backend_name(backend)
     if backend == "auto":
         backend = os.environ.get("LMOBJ_BACKEND", "auto") or "auto"
     if backend == "auto":
@@ -97,8 +104,7 @@ def resolve(backend: str, device: torch.device, family: str) -> str:
             if not why_unavailable(name, device):
                 return name
         return "torch"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; got {backend!r}")
+    check_backend_name(backend)  # LMOBJ_BACKEND may name anything
     reason = why_unavailable(backend, device)
     if reason:
         raise RuntimeError(f"backend {backend!r} is not available: {reason}")

@@ -5,6 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 
+def is_int(v) -> bool:
+    """A Python or NumPy int; not a bool."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
 def is_real(v) -> bool:
     """A Python or NumPy int or float; not a bool (True is an int to Python, not a smoothing or a scale)."""
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from lmobj_kernels import _attention_ops  # noqa: F401  (registers lmobj::attn_*_triton)
 from lmobj_kernels._backend import resolve, why_unavailable
-from lmobj_kernels._checks import check_flag, is_real
+from lmobj_kernels._checks import check_flag, is_int, is_real
 from lmobj_kernels.reference import attention as ref
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -64,7 +64,7 @@ def _check_qkv(q, k, v):
 def _as_index_tensor(name: str, x, device) -> Tensor:
     if isinstance(x, Sequence) and not isinstance(x, (str, bytes)):
         x = list(x)
-        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in x):
+        if not all(is_int(v) for v in x):
             raise TypeError(f"{name} must hold ints, got {x!r}"[:200])  # 3.5 would silently become 3
         x = torch.as_tensor(x, dtype=torch.int64, device=device)
     if not isinstance(x, Tensor):

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from lmobj_kernels import _corruption_ops
 from lmobj_kernels._backend import _C, resolve, why_unavailable
-from lmobj_kernels._checks import is_real
+from lmobj_kernels._checks import is_int, is_real
 from lmobj_kernels.reference import corruption as ref
 
 T5_EXTRA_IDS = 100  # sentinels T5's vocabulary has (<extra_id_0> .. <extra_id_99>)
@@ -44,14 +44,10 @@ class SpanCorruptionOutput(NamedTuple):
 
 
 # ---- argument checks: ValueError / TypeError naming the argument ----
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
 def _check_int(name: str, v, lo: int | None = None, hi: int | None = None, none_ok: bool = False):
     if v is None and none_ok:
         return
-    if not _is_int(v):
+    if not is_int(v):
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
     if (lo is not None and v < lo) or (hi is not None and v >= hi):
         raise ValueError(f"{name} must be in [{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'})"
@@ -105,7 +101,7 @@ def _id_list(name: str, ids, vocab_size: int | None) -> list[int]:
         raise TypeError(f"{name} must be a sequence of int ids, got {type(ids).__name__}")
     out = []
     for v in ids:
-        if not _is_int(v):
+        if not is_int(v):
             raise TypeError(f"{name} must hold ints, got {type(v).__name__}")
         if v < 0 or (vocab_size is not None and v >= vocab_size):
             raise ValueError(f"{name} holds id {v}, outside [0, {vocab_size if vocab_size is not None else 'inf'})")

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lmobj_kernels import _loss_ops
-from lmobj_kernels._backend import BACKENDS, resolve
+from lmobj_kernels._backend import check_backend_name, resolve
 from lmobj_kernels._checks import check_flag, is_real
 from lmobj_kernels.reference import losses as ref
 
@@ -37,6 +37,17 @@ def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap, ch
         raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+
+
+def _check_hidden_scale(hidden_scale) -> None:
+    if hidden_scale is not None and (not is_real(hidden_scale) or not math.isfinite(hidden_scale)):
+        raise ValueError(f"hidden_scale must be a finite float, got {hidden_scale!r}")
+
+
+def _check_max_predictions(max_predictions) -> None:
+    if max_predictions is not None and (not isinstance(max_predictions, int) or isinstance(max_predictions, bool)
+                                        or max_predictions < 1):
+        raise ValueError(f"max_predictions must be a positive int, got {max_predictions!r}")
 
 
 def _check_tensor(name: str, t, dtypes=_FLOATS):
@@ -287,9 +298,8 @@ def seq2seq_lm_loss(decoder_hidden: Tensor, weight: Tensor, labels: Tensor, *, h
                     **kwargs) -> Tensor | tuple[Tensor, Tensor]:
     """Decoder loss of an encoder-decoder (T5, BART): labels (B, T) are already the targets of each position.
     `hidden_scale` multiplies the decoder states first (T5 with tied embeddings uses d_model ** -0.5)."""
+    _check_hidden_scale(hidden_scale)
     if hidden_scale is not None:
-        if not is_real(hidden_scale) or not math.isfinite(hidden_scale):
-            raise ValueError(f"hidden_scale must be a finite float, got {hidden_scale!r}")
         decoder_hidden = decoder_hidden * hidden_scale
     return linear_cross_entropy(decoder_hidden, weight, labels, shift=False, **kwargs)
 
@@ -333,8 +343,7 @@ def masked_lm_loss(
         idx = mask.nonzero().squeeze(1)
         sel_labels = flat_l.index_select(0, idx)
     else:
-        if not isinstance(max_predictions, int) or isinstance(max_predictions, bool) or max_predictions < 1:
-            raise ValueError(f"max_predictions must be a positive int, got {max_predictions!r}")
+        _check_max_predictions(max_predictions)
         rows_per_bound = math.prod(hidden.shape[:-2]) if hidden.dim() >= 3 else 1  # sequences
         size = min(flat_l.numel(), max_predictions * rows_per_bound)
         if torch.compiler.is_compiling() or hidden.is_cuda:
@@ -368,15 +377,9 @@ def _check_module_options(options: dict) -> None:
     for flag in ("low_memory", "return_lse"):
         if flag in options:
             check_flag(flag, options[flag])
-    hs = options.get("hidden_scale")
-    if hs is not None and (not is_real(hs) or not math.isfinite(hs)):
-        raise ValueError(f"hidden_scale must be a finite float, got {hs!r}")
-    mp = options.get("max_predictions")
-    if mp is not None and (not isinstance(mp, int) or isinstance(mp, bool) or mp < 1):
-        raise ValueError(f"max_predictions must be a positive int, got {mp!r}")
-    backend = options["backend"]
-    if not isinstance(backend, str) or backend not in ("auto",) + BACKENDS:
-        raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; got {backend!r}")
+    _check_hidden_scale(options.get("hidden_scale"))
+    _check_max_predictions(options.get("max_predictions"))
+    check_backend_name(options["backend"])
 
 
 class _LossModule(nn.Module):

@@ -260,7 +260,8 @@ def _dw_by_vocab_blocks(hidden, weight, bias, target, opts, lse, grad_rows, voca
     shift_len, ignore_index, eps, zl, cap = opts
     n = hidden.shape[0]
     v = weight.shape[0]
-    dw = torch.empty_like(weight, dtype=out_dtype)
+    # contiguous (V, D) as the fake says, whatever the weight's strides (empty_like copies a transposed layout)
+    dw = weight.new_empty(weight.shape, dtype=out_dtype)
     y = _row_targets(target, n, shift_len, ignore_index)
     valid = y != ignore_index
     w_rows = valid.to(torch.float32) if grad_rows is None else torch.where(valid, grad_rows.float(), 0.0)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from lmobj_kernels import _loss_ops
 from lmobj_kernels._backend import check_backend_name, resolve
-from lmobj_kernels._checks import check_flag, is_real
+from lmobj_kernels._checks import check_flag, is_int, is_real
 from lmobj_kernels.reference import losses as ref
 
 _REDUCTIONS = ("none", "sum", "mean")
@@ -25,7 +25,7 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 # ---- argument checks: ValueError / TypeError naming the argument ----
 def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size=None):
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+    if not is_int(ignore_index):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -35,7 +35,7 @@ def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap, ch
         raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
     if softcap is not None and (not is_real(softcap) or not (softcap > 0 and math.isfinite(softcap))):
         raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+    if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
 
 
@@ -45,8 +45,7 @@ def _check_hidden_scale(hidden_scale) -> None:
 
 
 def _check_max_predictions(max_predictions) -> None:
-    if max_predictions is not None and (not isinstance(max_predictions, int) or isinstance(max_predictions, bool)
-                                        or max_predictions < 1):
+    if max_predictions is not None and (not is_int(max_predictions) or max_predictions < 1):
         raise ValueError(f"max_predictions must be a positive int, got {max_predictions!r}")
 
 
@@ -116,6 +115,7 @@ def cross_entropy(
     """
     _check_tensor("logits", logits)
     _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    ignore_index = int(ignore_index)  # a NumPy int too; the ops take Python ints
     check_flag("return_lse", return_lse)
     if logits.dim() < 2:
         raise ValueError(f"logits must be (N, V) or (B, S, V), got shape {tuple(logits.shape)}")
@@ -224,9 +224,19 @@ def linear_cross_entropy(
     `LOW_MEMORY_BYTES`): the weight gradient is computed by blocks of the vocabulary from recomputed logits, each
     block written once in the weight's dtype; it costs one more logits matmul (about 4/3 of the time).
     """
+    return _linear_ce(hidden, weight, target, "target", bias, shift, ignore_index, reduction, label_smoothing, z_loss,
+                      softcap, chunk_size, low_memory, return_lse, backend)
+
+
+def _linear_ce(hidden, weight, target, target_name, bias, shift, ignore_index, reduction, label_smoothing, z_loss,
+               softcap, chunk_size, low_memory, return_lse, backend, rows_bound=None):
+    """`linear_cross_entropy`, its errors naming the targets `target_name` (the user's argument: `labels` for the
+    LM losses). rows_bound: the row count the chunk sizes are chosen for when the true one is data-dependent
+    (masked_lm_loss under torch.compile: choosing from it would guard on the data)."""
     _check_tensor("hidden", hidden)
     _check_tensor("weight", weight)
     _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size)
+    ignore_index, chunk_size = int(ignore_index), None if chunk_size is None else int(chunk_size)
     for flag, value in (("low_memory", low_memory), ("shift", shift), ("return_lse", return_lse)):
         check_flag(flag, value)
     if hidden.dim() < 1 or (shift and hidden.dim() < 2):
@@ -253,12 +263,12 @@ def linear_cross_entropy(
     if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
         raise TypeError(f"hidden, weight and bias must share one dtype, got {hidden.dtype}, {weight.dtype}"
                         f"{', ' + str(bias.dtype) if bias is not None else ''}")
-    _check_target("target", target, hidden.shape[:-1], hidden.device)
+    _check_target(target_name, target, hidden.shape[:-1], hidden.device)
     V, D = weight.shape
     seq = hidden.shape[-2] if shift else 0
     h = hidden.reshape(-1, D)
     tgt = target.reshape(-1).to(torch.int64).contiguous()
-    _check_target_range("target", tgt, V, ignore_index)
+    _check_target_range(target_name, tgt, V, ignore_index)
     count = ((target[..., 1:] if shift else target) != ignore_index).sum()
     name = resolve(_float_or_float64_backend(backend, hidden, weight), hidden.device, "linear_cross_entropy")
     cap = float(softcap or 0.0)
@@ -270,9 +280,10 @@ def linear_cross_entropy(
         h = h.contiguous()
         # one chunk pays off only when it writes dW directly (`_loss_ops._chunks`); else it costs memory
         direct = torch.is_grad_enabled() and weight.requires_grad and _loss_ops._direct_dw(weight.dtype, h.device)
-        chunk = chunk_size or _default_chunk(h.shape[0], V, h.element_size(), h.device, low_memory,
+        n_policy = h.shape[0] if rows_bound is None else rows_bound
+        chunk = chunk_size or _default_chunk(n_policy, V, h.element_size(), h.device, low_memory,
                                              D if direct else 0)
-        vocab_block = _vocab_block(h.shape[0], V, h.device) if low_memory else 0
+        vocab_block = _vocab_block(n_policy, V, h.device) if low_memory else 0
         args = (seq, ignore_index, float(label_smoothing), float(z_loss), cap, chunk, vocab_block, name)
         if reduction == "none" or not torch.is_grad_enabled():
             rows, lse = _loss_ops.linear_ce_rows(h, weight, bias, tgt, *args)
@@ -288,10 +299,28 @@ def linear_cross_entropy(
     return loss
 
 
+
+def _keyword_options(fn, drop=()) -> dict:
+    """The keyword-only options of a functional form and their defaults."""
+    return {n: p.default for n, p in inspect.signature(fn).parameters.items()
+            if p.kind is p.KEYWORD_ONLY and n not in drop}
+
+
+_LINEAR_OPTIONS = _keyword_options(linear_cross_entropy)
+
+
+def _labels_loss(fn_name: str, hidden, weight, labels, shift: bool, kwargs: dict, rows_bound=None):
+    """`linear_cross_entropy` for the LM losses: options as there (but shift), errors naming `labels`."""
+    for k in kwargs:
+        if k not in _LINEAR_OPTIONS or k == "shift":
+            raise TypeError(f"{fn_name}() got an unexpected keyword argument {k!r}")
+    return _linear_ce(hidden, weight, labels, "labels", **{**_LINEAR_OPTIONS, **kwargs, "shift": shift},
+                      rows_bound=rows_bound)
+
 def causal_lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, **kwargs) -> Tensor | tuple[Tensor, Tensor]:
     """Next-token loss of a decoder: hidden (B, S, D), labels (B, S) = the input ids (positions to skip set to
     ignore_index). Position t is scored against labels t+1; no label copy. Options as `linear_cross_entropy`."""
-    return linear_cross_entropy(hidden, weight, labels, shift=True, **kwargs)
+    return _labels_loss("causal_lm_loss", hidden, weight, labels, True, kwargs)
 
 
 def seq2seq_lm_loss(decoder_hidden: Tensor, weight: Tensor, labels: Tensor, *, hidden_scale: float | None = None,
@@ -301,7 +330,7 @@ def seq2seq_lm_loss(decoder_hidden: Tensor, weight: Tensor, labels: Tensor, *, h
     _check_hidden_scale(hidden_scale)
     if hidden_scale is not None:
         decoder_hidden = decoder_hidden * hidden_scale
-    return linear_cross_entropy(decoder_hidden, weight, labels, shift=False, **kwargs)
+    return _labels_loss("seq2seq_lm_loss", decoder_hidden, weight, labels, False, kwargs)
 
 
 def masked_lm_loss(
@@ -321,7 +350,8 @@ def masked_lm_loss(
     linear cross-entropy, and their gradient scattered back (zeros elsewhere). Without `max_predictions` the
     number of masked rows is read once on the host; with it (per sequence, like BERT's max_predictions_per_seq,
     i.e. a total of B * max_predictions rows) shapes are static: no host sync, CUDA-graph and torch.compile
-    friendly. More masked rows than that bound is an error (a device-side assert on a GPU).
+    friendly. More masked rows than that bound is an error (a device-side assert on a GPU). Compiled without
+    it, the count is a data-dependent size of the graph and the chunks are sized for every position.
     reduction "none" returns a loss per position (0 where the label is ignored).
     """
     _check_tensor("hidden", hidden)
@@ -333,6 +363,9 @@ def masked_lm_loss(
     if "shift" in kwargs:  # the gathered rows are not a sequence: a shift would score them against each other
         raise TypeError("masked_lm_loss takes no shift: each label is the target of its own position")
     _check_target("labels", labels, hidden.shape[:-1], hidden.device)
+    if not is_int(ignore_index):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    ignore_index = int(ignore_index)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     D = hidden.shape[-1]
@@ -344,6 +377,7 @@ def masked_lm_loss(
         sel_labels = flat_l.index_select(0, idx)
     else:
         _check_max_predictions(max_predictions)
+        max_predictions = int(max_predictions)
         rows_per_bound = math.prod(hidden.shape[:-2]) if hidden.dim() >= 3 else 1  # sequences
         size = min(flat_l.numel(), max_predictions * rows_per_bound)
         if torch.compiler.is_compiling() or hidden.is_cuda:
@@ -355,8 +389,10 @@ def masked_lm_loss(
         idx = idx.clamp(min=0)
         sel_labels = torch.where(pad, torch.full_like(idx, ignore_index), flat_l.index_select(0, idx))
     sel = flat_h.index_select(0, idx)
-    out = linear_cross_entropy(sel, weight, sel_labels, bias=bias, ignore_index=ignore_index, reduction=reduction,
-                               **kwargs)
+    # compiled without max_predictions, the row count is data-dependent: chunks are sized for every position
+    bound = flat_l.numel() if max_predictions is None and torch.compiler.is_compiling() else None
+    out = _labels_loss("masked_lm_loss", sel, weight, sel_labels, False,
+                       dict(kwargs, bias=bias, ignore_index=ignore_index, reduction=reduction), bound)
     if reduction != "none":
         return out
     full = out.new_zeros(flat_l.numel()).index_add(0, idx, out)
@@ -364,10 +400,6 @@ def masked_lm_loss(
 
 
 # ---- modules ----
-def _keyword_options(fn, drop=()) -> dict:
-    """The keyword-only options of a functional form and their defaults."""
-    return {n: p.default for n, p in inspect.signature(fn).parameters.items()
-            if p.kind is p.KEYWORD_ONLY and n not in drop}
 
 
 def _check_module_options(options: dict) -> None:

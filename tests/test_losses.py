@@ -7,6 +7,7 @@ import torch
 
 import lmobj_kernels as L
 from lmobj_kernels import _loss_ops
+from lmobj_kernels.verify import grad_factor
 from tests.conftest import assert_lowp_close, backends_here, bf16_grad_factor
 
 CPU_BACKENDS = backends_here("cpu")  # cpu (C++), triton (interpreted when TRITON_INTERPRET=1)
@@ -73,7 +74,8 @@ def test_cross_entropy_low_precision(backend, dtype, gen):
     (gr,) = torch.autograd.grad(ref, x64)
     xp = x.detach().clone().requires_grad_()
     (gp,) = torch.autograd.grad(L.cross_entropy(xp, t, backend="torch", label_smoothing=0.1), xp)
-    assert_lowp_close(g, gr, gp.to(dtype), factor=3.0, floor=1e-6, what="grad")
+    # the interpreter truncates float32 -> bfloat16 (verify.grad_factor): seed 825059918 reached 3.06x
+    assert_lowp_close(g, gr, gp.to(dtype), factor=grad_factor(backend, dtype), floor=1e-6, what="grad")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
@@ -94,6 +96,120 @@ def test_all_ignored_mean_is_zero_with_zero_grad(backend):
     out = L.cross_entropy(x, t, backend=backend)
     (g,) = torch.autograd.grad(out, x)
     assert out.item() == 0.0 and torch.all(g == 0)
+
+
+def _masked_logits(gen, n, v, dtype, fill, cols, device="cpu"):
+    """Logits with columns `cols` masked to `fill` (-inf, or finfo.min as Hugging Face models mask), never at a
+    row's target; the targets avoid them."""
+    x = _logits(gen, n, v, torch.float32)
+    x[:, cols] = fill
+    x = x.to(device=device, dtype=dtype)
+    allowed = torch.ones(v, dtype=torch.bool)
+    allowed[cols] = False
+    pick = allowed.nonzero().squeeze(1)
+    t = pick[torch.randint(0, pick.numel(), (n,), generator=gen)]
+    t[0] = -100
+    return x, t.to(device)
+
+
+def _check_masked_logits(backend, x, t, smoothing):
+    """Loss and gradient equal F.cross_entropy's, finite (0 * inf in the smoothing term made the loss NaN, an
+    online softmax that starts on -inf made the lse NaN, and the cap factor's -inf * 0 made the gradient NaN)."""
+    x = x.requires_grad_()
+    out = L.cross_entropy(x, t, reduction="none", backend=backend, label_smoothing=smoothing)
+    exp = torch.nn.functional.cross_entropy(x.float(), t, reduction="none", label_smoothing=smoothing)
+    assert torch.isfinite(out).all(), f"non-finite loss {out}"
+    torch.testing.assert_close(out, exp, rtol=1e-5, atol=1e-5)
+    wts = torch.rand(out.shape, device=x.device)
+    (g,) = torch.autograd.grad((out * wts).sum(), x)
+    (ge,) = torch.autograd.grad((exp * wts).sum(), x)
+    assert torch.isfinite(g).all(), "non-finite gradient"
+    tol = 1e-6 if x.dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(g.float(), ge.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fill", ["-inf", "finfo.min"])
+def test_masked_logits_match_torch_functional(backend, dtype, fill, gen):
+    """Masked vocabulary entries (-inf, or several at finfo.min whose float sum overflows to -inf)."""
+    value = float("-inf") if fill == "-inf" else torch.finfo(dtype).min
+    x, t = _masked_logits(gen, 9, 41, dtype, value, [0, 1, 2, 17, 40])
+    _check_masked_logits(backend, x, t, 0.0)
+    # one column at finfo.min keeps the sum of z finite: label smoothing matches F.cross_entropy too
+    x, t = _masked_logits(gen, 9, 41, dtype, torch.finfo(dtype).min, [5])
+    _check_masked_logits(backend, x, t, 0.1)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_masked_logits_fill_the_first_block(backend, gen):
+    """A whole first block of -inf (Triton's online softmax, BLOCK = 16384 columns for float32)."""
+    x, t = _masked_logits(gen, 2, 16384 + 41, torch.float32, float("-inf"), list(range(16384)))
+    _check_masked_logits(backend, x, t, 0.0)
+
+
+def _check_softcap_accuracy(backend, softcap, gen, device="cpu"):
+    x = _logits(gen, 64, 300, torch.float32, device, scale=1.0).requires_grad_()
+    t = _target(gen, (64,), 300, device)
+    x64 = x.detach().double().requires_grad_()
+    ref = L.cross_entropy(x64, t, reduction="none", softcap=softcap, backend="torch")
+    plain = L.cross_entropy(x, t, reduction="none", softcap=softcap, backend="torch")
+    out = L.cross_entropy(x, t, reduction="none", softcap=softcap, backend=backend)
+    assert_lowp_close(out, ref, plain, floor=1e-8)
+    wts = torch.rand(64, generator=gen).to(device)
+    grads = [torch.autograd.grad((r * wts).sum(), i)[0] for r, i in ((out, x), (ref, x64), (plain, x))]
+    assert_lowp_close(*grads, factor=3.0, floor=1e-9, what="grad")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("softcap", [30.0, 1000.0])
+def test_softcap_keeps_float32_accuracy(backend, softcap, gen):
+    """A cap large against the logits (Gemma-2's 30 on unit-scale logits): tanh by 1 - 2 / (exp(2y) + 1) cancelled
+    for small y, 4x (c = 30) to 120x (c = 1000) plain PyTorch's loss error; the floor here is below that."""
+    _check_softcap_accuracy(backend, softcap, gen)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
+def test_single_class_logits_of_any_stride(backend, gen):
+    """(N, 1) logits from a transpose have strides (1, N): .contiguous() keeps them, and the ops must take them
+    (the C++ check refused a column stride != 1 on a dimension of size 1)."""
+    x = torch.randn(1, 13, generator=gen).t().requires_grad_()
+    t = torch.zeros(13, dtype=torch.int64)
+    t[::4] = -100
+    out = L.cross_entropy(x, t, reduction="none", backend=backend)
+    exp = torch.nn.functional.cross_entropy(x, t, reduction="none")
+    torch.testing.assert_close(out, exp)
+    (g,) = torch.autograd.grad(out.sum(), x)
+    assert torch.all(g == 0)
+
+
+def test_numpy_ints_are_ints(gen):
+    """NumPy integers (from a config or a dataset) are accepted wherever an int is, as F.cross_entropy does."""
+    np = pytest.importorskip("numpy")
+    h, w, _ = _lin_inputs(gen, (2, 6), 8, 40, torch.float32)
+    t = _target(gen, (2, 6), 40)
+    x = (h @ w.t()).detach()
+    torch.testing.assert_close(L.cross_entropy(x, t, ignore_index=np.int64(-100)), L.cross_entropy(x, t))
+    torch.testing.assert_close(L.causal_lm_loss(h, w, t, chunk_size=np.int32(5)), L.causal_lm_loss(h, w, t))
+    torch.testing.assert_close(L.masked_lm_loss(h, w, t, max_predictions=np.int64(6), ignore_index=np.int64(-100)),
+                               L.masked_lm_loss(h, w, t))
+    assert L.CrossEntropyLoss(ignore_index=np.int64(3)).ignore_index == 3
+
+
+def test_lm_losses_name_labels_in_errors(gen):
+    """causal_lm_loss, seq2seq_lm_loss and masked_lm_loss take `labels`: their errors say labels, not target."""
+    h, w, _ = _lin_inputs(gen, (2, 6), 8, 40, torch.float32)
+    bad = _target(gen, (2, 6), 40)
+    bad[1, 2] = 40
+    for fn in (L.causal_lm_loss, L.seq2seq_lm_loss, L.masked_lm_loss):
+        with pytest.raises(ValueError, match="^labels holds class id 40"):
+            fn(h, w, bad)
+        with pytest.raises(ValueError, match="^labels must have shape"):
+            fn(h, w, bad[:, :5])
+    with pytest.raises(TypeError, match="causal_lm_loss.*'shift'"):
+        L.causal_lm_loss(h, w, bad, shift=False)
+    with pytest.raises(TypeError, match="seq2seq_lm_loss.*'chunk'"):
+        L.seq2seq_lm_loss(h, w, bad, chunk=3)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -581,6 +697,10 @@ def test_compile_fullgraph(backend, gen):
         "causal_lm_loss": (lambda: L.causal_lm_loss(h, w, t, backend=backend), (h, w)),
         "seq2seq_lm_loss": (lambda: L.seq2seq_lm_loss(h, w, t, hidden_scale=0.5, backend=backend), (h, w)),
         "masked_lm_loss": (lambda: L.masked_lm_loss(h, w, labels, max_predictions=6, backend=backend), (h, w)),
+        # no bound: the gathered row count is data-dependent (chunk sizes must not guard on it)
+        "masked_lm_unbounded": (lambda: L.masked_lm_loss(h, w, labels, backend=backend), (h, w)),
+        "masked_lm_unbounded_none": (lambda: L.masked_lm_loss(h, w, labels, reduction="none", low_memory=True,
+                                                              backend=backend).sum(), (h, w)),
         "linear_none": (lambda: L.linear_cross_entropy(h, w, t, reduction="none", backend=backend).sum(), (h, w)),
         "low_memory": (lambda: L.causal_lm_loss(h, w, t, low_memory=True, backend=backend), (h, w)),
     }
@@ -599,6 +719,31 @@ def test_compile_inductor_causal_lm(gen):
     torch._dynamo.reset()
     fn = torch.compile(lambda h, w: L.causal_lm_loss(h, w, t, backend="cpu"), fullgraph=True)
     torch.testing.assert_close(fn(h, w), L.causal_lm_loss(h, w, t, backend="cpu"))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_low_memory_transposed_weight(backend, dtype, reduction, gen):
+    """A weight stored transposed (a (D, V) parameter used as .t()): the low-memory dW is a contiguous (V, D), as
+    the op's fake says (empty_like copied the transposed strides: bf16 backward failed in eager, inductor failed
+    for every dtype)."""
+    h, w, _ = _lin_inputs(gen, (2, 6), 8, 40, dtype)
+    wt = w.detach().t().contiguous().t().requires_grad_()  # same values, strides (1, 40)
+    t = _target(gen, (2, 6), 40)
+
+    def fn(h, w):
+        return L.causal_lm_loss(h, w, t, low_memory=True, reduction=reduction, backend=backend).sum()
+
+    exp = torch.autograd.grad(fn(h, w), (h, w))
+    got = torch.autograd.grad(fn(h, wt), (h, wt))
+    for g, e in zip(got, exp):
+        torch.testing.assert_close(g, e)
+    if backend == "cpu" and dtype == torch.float32:
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, fullgraph=True)
+        for g, e in zip(torch.autograd.grad(compiled(h, wt), (h, wt)), exp):
+            torch.testing.assert_close(g, e)
 
 
 # ---- GPU (run by benchmarks/gpu_check.sh) ----
@@ -626,6 +771,42 @@ def test_gpu_cross_entropy(backend, dtype, n, v, opts, gen):
     (gr,) = torch.autograd.grad((ref * wts).sum(), x64)
     (gp,) = torch.autograd.grad((plain * wts).sum(), x)
     assert_lowp_close(g, gr, gp, factor=3.0, floor=1e-6, what="grad")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype,v,cols", [(torch.float32, 50257, list(range(3))),  # CUDA: scalar loads
+                                          (torch.bfloat16, 32000, list(range(8))),  # CUDA: a whole first pack
+                                          (torch.bfloat16, 40000, list(range(32768)))],  # Triton: a first block
+                         ids=["scalar", "pack", "block"])
+@pytest.mark.parametrize("fill", ["-inf", "finfo.min"])
+def test_gpu_masked_logits_match_torch_functional(backend, dtype, v, cols, fill, gen):
+    value = float("-inf") if fill == "-inf" else torch.finfo(dtype).min
+    x, t = _masked_logits(gen, 64, v, dtype, value, cols, "cuda")
+    _check_masked_logits(backend, x, t, 0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("softcap", [30.0, 1000.0])
+def test_gpu_softcap_keeps_float32_accuracy(backend, softcap, gen):
+    _check_softcap_accuracy(backend, softcap, gen, "cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_ops_refuse_per_row_inputs_on_another_device(gen):
+    """Direct torch.ops.lmobj calls: a host lse or grad_loss beside CUDA logits is an error naming it (the CUDA
+    kernel would dereference a host pointer)."""
+    x = _logits(gen, 5, 41, torch.float32, "cuda")
+    t = _target(gen, (5,), 41, "cuda")
+    opts = (0, 0, -100, 0.0, 0.0, 0.0)
+    _, lse = torch.ops.lmobj.ce_fwd(x, t, *opts)
+    with pytest.raises(RuntimeError, match="lse must be on"):
+        torch.ops.lmobj.ce_bwd(torch.rand(5, device="cuda"), x, t, lse.cpu(), *opts)
+    with pytest.raises(RuntimeError, match="grad_loss must be on"):
+        torch.ops.lmobj.ce_bwd(torch.rand(5), x, t, lse, *opts)
+    with pytest.raises(RuntimeError, match="weight_rows must be on"):
+        torch.ops.lmobj.ce_grad_cols_(x.clone(), t.clamp(min=0), lse, torch.rand(5), 0, 41, 0.0, 0.0, 0.0)
 
 
 @pytest.mark.gpu

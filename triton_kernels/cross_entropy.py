@@ -16,10 +16,27 @@ from ._device import on_data_device
 
 
 @triton.jit
+def _tanh(y):
+    """tanh(y) = expm1(2y) / (expm1(2y) + 2) (tl has no tanh in every supported Triton), as fast_tanhf in
+    csrc/common/cross_entropy_row.h: expm1 by its Taylor series to x^8 for |x| < 1/2, where exp(x) - 1 cancels
+    (1 - 2 / (exp(2y) + 1) cost c * 6e-8 on a capped logit)."""
+    x = tl.minimum(2.0 * y, 88.0)  # exp stays finite: tanh -> 1
+    p = 1.0 / 40320.0
+    p = p * x + 1.0 / 5040.0
+    p = p * x + 1.0 / 720.0
+    p = p * x + 1.0 / 120.0
+    p = p * x + 1.0 / 24.0
+    p = p * x + 1.0 / 6.0
+    p = p * x + 0.5
+    p = p * x + 1.0
+    e = tl.where(tl.abs(x) < 0.5, p * x, tl.exp(x) - 1.0)
+    return e / (e + 2.0)
+
+
+@triton.jit
 def _capped(x, softcap, HAS_CAP: tl.constexpr):
     if HAS_CAP:
-        # tanh through exp (tl has no tanh in every supported Triton): tanh(y) = 1 - 2 / (exp(2y) + 1)
-        x = softcap * (1.0 - 2.0 / (tl.exp(2.0 * x / softcap) + 1.0))
+        x = softcap * _tanh(x / softcap)
     return x
 
 
@@ -76,10 +93,13 @@ def _ce_fwd_kernel(X, stride_x, T, LOSS, LSE, V, row_offset, shift_len, ignore_i
         sz += tl.sum(tl.where(msk, z, 0.0), axis=0)
         z = tl.where(msk, z, -float("inf"))
         mn = tl.maximum(m, tl.max(z, axis=0))
-        s = s * tl.exp(m - mn) + tl.sum(tl.exp(z - mn), axis=0)
+        shift = tl.where(mn == -float("inf"), 0.0, mn)  # all -inf so far: exp(-inf - -inf) would be NaN
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
         m = mn
     lse = m + tl.log(s)
-    loss = (1.0 - smoothing) * (lse - z_y) + smoothing * (lse - sz / V) + z_loss * lse * lse
+    loss = (1.0 - smoothing) * (lse - z_y) + z_loss * lse * lse
+    # not 0 * (-inf) when -inf logits make sz -inf (F.cross_entropy's loss is finite there)
+    loss = tl.where(smoothing > 0.0, loss + smoothing * (lse - sz / V), loss)
     loss = tl.where(valid, loss, float("nan"))
     loss = tl.where(ignored, 0.0, loss)
     tl.store(LOSS + r, loss)

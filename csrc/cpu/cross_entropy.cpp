@@ -65,15 +65,14 @@ inline void row_stats(const float* z, int64_t V, float& lse, float& sum_z) {
 template <typename T>
 void row_grad(const float* z, int64_t V, int64_t y, float lse, float g, const CEOptions& o, T* out) {
   const float coef = g * (1.0f + 2.0f * o.z_loss * lse), uni = g * o.smoothing / static_cast<float>(V);
-  const float inv_c = o.softcap > 0.0f ? 1.0f / o.softcap : 0.0f;
-  const bool valid = y >= 0 && y < V;
-  const float zy = valid ? z[y] : 0.0f, ty = zy * inv_c;
-  const float dy = (fast_expf(zy - lse) * coef - uni - g * (1.0f - o.smoothing)) * (1.0f - ty * ty);
+  const bool capped = o.softcap > 0.0f, valid = y >= 0 && y < V;
+  const float inv_c = capped ? 1.0f / o.softcap : 0.0f;
+  // the tanh factor 1 - (z/c)^2 only under a cap: without one, z * 0 is NaN at z = -inf
+  auto cap_factor = [&](float zj) { const float t = zj * inv_c; return capped ? 1.0f - t * t : 1.0f; };
+  const float zy = valid ? z[y] : 0.0f;
+  const float dy = (fast_expf(zy - lse) * coef - uni - g * (1.0f - o.smoothing)) * cap_factor(zy);
 #pragma omp simd
-  for (int64_t j = 0; j < V; ++j) {
-    float t = z[j] * inv_c;  // 0 without a cap
-    out[j] = static_cast<T>((fast_expf(z[j] - lse) * coef - uni) * (1.0f - t * t));
-  }
+  for (int64_t j = 0; j < V; ++j) out[j] = static_cast<T>((fast_expf(z[j] - lse) * coef - uni) * cap_factor(z[j]));
   if (valid) {
     out[y] = static_cast<T>(dy);
   } else {
@@ -166,8 +165,8 @@ at::Tensor ce_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& logits, con
                       const at::Tensor& lse, int64_t row_offset, int64_t shift_len, int64_t ignore_index, double ls,
                       double zl, double cap) {
   check_ce_args("lmobj::ce_bwd", logits, target, row_offset, shift_len);
-  check_row_vector("lmobj::ce_bwd", "grad_loss", grad_loss, logits.size(0));
-  check_row_vector("lmobj::ce_bwd", "lse", lse, logits.size(0));
+  check_row_vector("lmobj::ce_bwd", "grad_loss", grad_loss, logits);
+  check_row_vector("lmobj::ce_bwd", "lse", lse, logits);
   const int64_t N = logits.size(0), V = logits.size(1);
   auto out = at::empty({N, V}, logits.options());
   const CEOptions o{row_offset, shift_len, ignore_index, float(ls), float(zl), float(cap)};
@@ -195,14 +194,14 @@ void grad_cols_rows(T* x, int64_t ld, int64_t N, int64_t C, const int64_t* targe
         const float raw = static_cast<float>(row[y]);
         const float zy = softcap > 0.0f ? c * fast_tanhf(raw * inv_c) : raw;
         const float ty = zy * inv_c;
-        dy = (fast_expf(zy - l) * coef - uni - w[r] * (1.0f - smoothing)) * (1.0f - ty * ty);
+        dy = (fast_expf(zy - l) * coef - uni - w[r] * (1.0f - smoothing)) * (softcap > 0.0f ? 1.0f - ty * ty : 1.0f);
       }
 #pragma omp simd
       for (int64_t j = 0; j < C; ++j) {
         const float raw = static_cast<float>(row[j]);
         const float z = softcap > 0.0f ? c * fast_tanhf(raw * inv_c) : raw;
-        const float t = z * inv_c;  // 0 without a cap
-        row[j] = static_cast<T>((fast_expf(z - l) * coef - uni) * (1.0f - t * t));
+        const float t = z * inv_c;  // the tanh factor only under a cap: z * 0 is NaN at z = -inf
+        row[j] = static_cast<T>((fast_expf(z - l) * coef - uni) * (softcap > 0.0f ? 1.0f - t * t : 1.0f));
       }
       if (y >= 0 && y < C) row[y] = static_cast<T>(dy);
     }

@@ -86,7 +86,7 @@ __device__ __forceinline__ void write_grad_row(const T* row, T* orow, int64_t V,
 }
 
 template <typename T, int VEC, bool CAP>
-__global__ void ce_fwd_kernel(const T* __restrict__ x, int64_t ld, const int64_t* __restrict__ target, int64_t V,
+__global__ void ce_fwd_kernel(const T* x, int64_t ld, const int64_t* __restrict__ target, int64_t V,
                               CEOptions o, float* __restrict__ loss, float* __restrict__ lse_out, T* grad) {
   __shared__ float smem[96 + 2];
   const int64_t r = blockIdx.x;
@@ -102,23 +102,25 @@ __global__ void ce_fwd_kernel(const T* __restrict__ x, int64_t ld, const int64_t
       z[i] = cap<CAP>(to_f(p.v[i]), c, inv_c);
       pm = fmaxf(pm, z[i]);
     }
-    float mn = fmaxf(m, pm), acc = 0.0f;
+    // while every value so far is -inf, mn is too and exp(-inf - -inf) would be NaN: shift by 0 instead
+    const float mn = fmaxf(m, pm), shift = mn == -INFINITY ? 0.0f : mn;
+    float acc = 0.0f;
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-      acc += __expf(z[i] - mn);
+      acc += __expf(z[i] - shift);
       sz += z[i];
     }
-    s = s * __expf(m - mn) + acc;
+    s = s * __expf(m - shift) + acc;
     m = mn;
   }
   for (int64_t j = nvec * VEC + threadIdx.x; j < V; j += blockDim.x) {
-    float z = cap<CAP>(to_f(row[j]), c, inv_c), mn = fmaxf(m, z);
-    s = s * __expf(m - mn) + __expf(z - mn);
+    const float z = cap<CAP>(to_f(row[j]), c, inv_c), mn = fmaxf(m, z), shift = mn == -INFINITY ? 0.0f : mn;
+    s = s * __expf(m - shift) + __expf(z - shift);
     m = mn;
     sz += z;
   }
   block_reduce(m, s, sz, smem);
-  const float lse = m + __logf(s);
+  const float lse = m + logf(s);  // one per row: the accurate log (__logf is ~3 ulp for s >= 2)
   const int64_t y = row_target(target, o.row_offset + r, o.shift_len, o.ignore_index);
   const bool valid = y >= 0 && y < V;
   if (threadIdx.x == 0) {

@@ -27,6 +27,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& logits, const at::Tenso
                                        int64_t shift_len, int64_t ignore_index, double ls, double zl, double cap,
                                        bool inplace_grad) {
   check_ce_args("lmobj::ce_fwd", logits, target, row_offset, shift_len);
+  check_grid_rows("lmobj::ce_fwd", logits.size(0));
   c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), V = logits.size(1);
   auto loss = at::empty({N}, logits.options().dtype(at::kFloat));
@@ -56,8 +57,9 @@ at::Tensor ce_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, co
                        const at::Tensor& lse, int64_t row_offset, int64_t shift_len, int64_t ignore_index, double ls,
                        double zl, double cap) {
   check_ce_args("lmobj::ce_bwd", logits, target, row_offset, shift_len);
-  check_row_vector("lmobj::ce_bwd", "grad_loss", grad_loss, logits.size(0));
-  check_row_vector("lmobj::ce_bwd", "lse", lse, logits.size(0));
+  check_row_vector("lmobj::ce_bwd", "grad_loss", grad_loss, logits);
+  check_row_vector("lmobj::ce_bwd", "lse", lse, logits);
+  check_grid_rows("lmobj::ce_bwd", logits.size(0));
   c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), V = logits.size(1);
   auto out = at::empty({N, V}, logits.options());
@@ -72,6 +74,7 @@ at::Tensor ce_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& logits, co
 void ce_grad_cols_cuda(at::Tensor& block, const at::Tensor& target, const at::Tensor& lse, const at::Tensor& w,
                        int64_t col0, int64_t vocab, double ls, double zl, double cap) {
   check_grad_cols_args("lmobj::ce_grad_cols_", block, target, lse, w, col0, vocab);
+  check_grid_rows("lmobj::ce_grad_cols_", block.size(0));
   c10::cuda::CUDAGuard guard(block.device());
   cuda::ce_grad_cols(dtype_of(block, "lmobj::ce_grad_cols_"), block.mutable_data_ptr(), block.stride(0),
                      block.size(0), block.size(1), target.const_data_ptr<int64_t>(), lse.const_data_ptr<float>(),

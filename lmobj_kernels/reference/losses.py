@@ -31,7 +31,9 @@ def cross_entropy_rows(
     safe = torch.where(valid, target, torch.zeros_like(target))
     z_y = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     e = label_smoothing
-    loss = (1 - e) * (lse - z_y) + e * (lse - z.mean(dim=-1)) + z_loss * lse * lse
+    loss = (1 - e) * (lse - z_y) + z_loss * lse * lse
+    if e > 0:  # not 0 * (-inf) for -inf logits (F.cross_entropy gives a finite loss there)
+        loss = loss + e * (lse - z.mean(dim=-1))
     return torch.where(valid, loss, torch.zeros_like(loss)), lse
 
 

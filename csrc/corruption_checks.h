@@ -12,7 +12,10 @@ namespace lmobj {
 
 inline void check_ids_matrix(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 2, op, ": ", name, " must be a 2-D int64 tensor");
-  TORCH_CHECK(t.size(1) == 0 || t.stride(1) == 1, op, ": ", name, " rows must be contiguous (stride(1) == 1)");
+  // rows of 1 token have no column stride to speak of ((B, 1) ids from a transpose: strides (1, B)), nor has an
+  // empty tensor (NumPy's (0, S) arrays: strides (0, 0)); PyTorch calls both contiguous
+  TORCH_CHECK(t.numel() == 0 || t.size(1) == 1 || t.stride(1) == 1, op, ": ", name,
+              " rows must be contiguous (stride(1) == 1)");
 }
 
 inline void check_vector(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {

@@ -182,6 +182,8 @@ def t5_input_length(inputs_length: int, noise_density: float = 0.15, mean_span_l
     _check_prob("noise_density", noise_density, hi_open=True)
     _check_mean_span(mean_span_length)
     noise_density, mean_span_length = _as_float32(noise_density), _as_float32(mean_span_length)
+    if noise_density >= 1.0:  # below 1 in float64, 1 in float32 (what the kernels compute with)
+        raise ValueError(f"noise_density must be below 1 in float32 (T5's arithmetic), got {noise_density!r}")
     hi = int(inputs_length / (1.0 - noise_density)) + 8
     if hi > 1 << 24:  # the search below scans every raw length up to hi
         raise ValueError(f"noise_density {noise_density} needs raw rows of more than 2^24 tokens for inputs_length "
@@ -310,6 +312,9 @@ def span_corrupt(
         if len(set(sent)) != len(sent) or eos_id in sent:
             raise ValueError("sentinel_ids must be distinct and differ from eos_id (targets could not be told "
                              "apart)")
+        if pad_id in sent:
+            raise ValueError(f"sentinel_ids must differ from pad_id={pad_id} (a padding embedding would never learn "
+                             f"that sentinel)")
         limit = len(sent) if max_sentinels is None else min(max_sentinels, len(sent))
         what = f"{len(sent)} sentinel_ids" + (f" (max_sentinels={max_sentinels})" if max_sentinels else "")
         sent_t = _const_ids(tuple(sent[:limit]), dev)
@@ -323,6 +328,11 @@ def span_corrupt(
             raise ValueError(f"max_sentinels={limit} exceeds vocab_size={vocab_size}")
         what = f"max_sentinels={limit}" + (" (T5's 100 extra ids)" if max_sentinels is None else "")
         sent_t = torch.arange(vocab_size - 1, vocab_size - 1 - limit, -1, dtype=torch.int64, device=dev)
+        low = vocab_size - min(k_max, limit)  # the lowest default sentinel this batch uses
+        for arg, v in (("eos_id", eos_id), ("pad_id", pad_id)):
+            if k_max and v >= low:
+                raise ValueError(f"the default sentinels of this batch, {vocab_size - 1} down to {low}, include "
+                                 f"{arg}={v}: pass sentinel_ids, or the vocab_size whose top ids are the sentinels")
     if k_max > limit:
         raise ValueError(f"a row of this batch needs {k_max} noise spans but only {what} are available; pass a "
                          f"larger max_sentinels (or more sentinel_ids) to allow it")
@@ -533,17 +543,23 @@ def _example_rows(examples, keys: tuple[str, ...]) -> list[dict]:
     return rows
 
 
-def _pad(rows, pad_value: int, limit: int | None = None, dtype=torch.int64) -> tuple[Tensor, list[int]]:
-    """(B, longest) tensor of the rows (lists of ids; None, as word_ids have at special tokens, becomes pad_value)
-    cut to `limit`, and the rows' lengths."""
+def _pad(name: str, rows, pad_value: int, limit: int | None = None) -> tuple[Tensor, list[int]]:
+    """(B, longest) int64 tensor of the rows (lists of ids; None, as word_ids have at special tokens, becomes
+    pad_value) cut to `limit`, and the rows' lengths. Ids must be integers: floats are refused, not truncated."""
     if limit is not None:
         rows = [r[:limit] for r in rows]
     lens = [len(r) for r in rows]
     width = max(lens) if lens else 0
-    out = torch.full((len(rows), width), pad_value, dtype=dtype)
+    out = torch.full((len(rows), width), pad_value, dtype=torch.int64)
     for i, r in enumerate(rows):
         if r:
-            out[i, : len(r)] = torch.tensor([pad_value if v is None else v for v in r], dtype=dtype)
+            try:
+                row = torch.tensor([pad_value if v is None else v for v in r])
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise TypeError(f"{name} must hold integer ids, got {r[:4]!r}... ({e})") from None
+            if row.is_floating_point() or row.is_complex() or row.dtype == torch.bool:
+                raise TypeError(f"{name} must hold integer ids, got {row.dtype} values (e.g. {r[0]!r})")
+            out[i, : len(r)] = row
     return out, lens
 
 
@@ -567,11 +583,14 @@ class SpanCorruptionCollator(_Collator):
                        decoder_start_id=decoder_start_id, backend=backend)
         self.pad_id = pad_id
         self.raw_length = None
+        _check_int("pad_id", pad_id, 0)  # it pads the batch before span_corrupt sees it
         if input_length is not None:
+            _check_int("input_length", input_length, 2)
             self.raw_length, self.target_length = t5_input_length(input_length, noise_density, mean_span_length)
 
     def __call__(self, examples) -> dict:
-        ids, lens = _pad([r["input_ids"] for r in _example_rows(examples, ())], self.pad_id, self.raw_length)
+        ids, lens = _pad("input_ids", [r["input_ids"] for r in _example_rows(examples, ())], self.pad_id,
+                         self.raw_length)
         if self.device is not None:
             ids = ids.to(self.device)
         seed, off = self._next(ids.shape[0])
@@ -595,17 +614,18 @@ class MLMCollator(_Collator):
                        mask_replace_prob=mask_replace_prob, random_replace_prob=random_replace_prob,
                        special_ids=tuple(special_ids), pad_id=pad_id, exact=exact, ignore_index=ignore_index,
                        backend=backend)
+        _check_int("pad_id", pad_id, 0)  # it pads the batch (mlm_mask's pad_id=None has no meaning here)
         self.pad_id, self.whole_word = pad_id, whole_word
 
     def __call__(self, examples) -> dict:
         rows = _example_rows(examples, ("word_ids",) if self.whole_word else ())
-        ids, lens = _pad([r["input_ids"] for r in rows], self.pad_id)
+        ids, lens = _pad("input_ids", [r["input_ids"] for r in rows], self.pad_id)
         words = None
         if self.whole_word:
             if not all("word_ids" in r for r in rows):
                 raise ValueError("whole_word=True needs 'word_ids' in every example (a tokenizer's "
                                  "BatchEncoding.word_ids(i), None at special tokens)")
-            words = _pad([r["word_ids"] for r in rows], -1)[0]
+            words = _pad("word_ids", [r["word_ids"] for r in rows], -1)[0]
         attn = (torch.arange(ids.shape[1])[None, :] < torch.tensor(lens, dtype=torch.int64)[:, None]).to(torch.int64)
         if self.device is not None:
             ids, attn = ids.to(self.device), attn.to(self.device)

@@ -378,6 +378,43 @@ def test_span_small_vocabulary_and_float_types():
     assert empty.input_ids.shape[0] == 0
     with pytest.raises(ValueError, match="2\\^24"):
         C.t5_input_length(512, 0.9999999)
+    with pytest.raises(ValueError, match="noise_density"):  # below 1 in float64, 1 in float32
+        C.t5_input_length(512, 0.99999999)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_layouts_pytorch_calls_contiguous(backend):
+    """(B, 1) ids from a transpose (strides (1, B)) and NumPy's empty (0, S) arrays (strides (0, 0)) are
+    contiguous to PyTorch, so .contiguous() keeps their strides: the ops take them (the C++ check refused)."""
+    col = torch.tensor([[11, 12, 13, 14]]).t()
+    assert col.stride() == (1, 4)
+    for fn in (lambda x, **k: C.span_corrupt(x, vocab_size=V, eos_id=EOS, seed=2, backend=backend, **k).labels,
+               lambda x, **k: C.mlm_mask(x, mask_id=3, vocab_size=V, seed=2, backend=backend, **k)[0]):
+        assert torch.equal(fn(col), fn(col.contiguous().clone()))
+        empty = torch.from_numpy(np.zeros((0, 31), dtype=np.int64))
+        assert fn(empty).shape[0] == 0
+    words = torch.tensor([[0, 0, 1, 1]]).t()
+    got = C.mlm_mask(col, mask_id=3, vocab_size=V, seed=2, word_ids=words, backend=backend)
+    exp = C.mlm_mask(col, mask_id=3, vocab_size=V, seed=2, word_ids=words.clone(memory_format=torch.contiguous_format),
+                     backend=backend)
+    assert torch.equal(got[0], exp[0]) and torch.equal(got[1], exp[1])
+
+
+def test_default_sentinels_never_take_eos_or_pad():
+    """Default sentinels count down from vocab_size - 1: those a batch uses must not reach eos_id or pad_id
+    (labels would hold eos mid-row, and an embedding with padding_idx would never learn that sentinel)."""
+    x = _tokens(2, 40, seed=4, hi=30)
+    with pytest.raises(ValueError, match="eos_id=999"):
+        C.span_corrupt(x, vocab_size=V, eos_id=V - 1, seed=1)
+    with pytest.raises(ValueError, match="pad_id=998"):
+        C.span_corrupt(x, vocab_size=V, eos_id=EOS, pad_id=V - 2, seed=1)
+    # a small vocabulary: 0.5 noise in spans of 1 needs 20 sentinels per row, 49 down to 30 (tokens below 30)
+    with pytest.raises(ValueError, match="eos_id=31"):
+        C.span_corrupt(x, vocab_size=50, eos_id=31, noise_density=0.5, mean_span_length=1.0, seed=1)
+    out = C.span_corrupt(x, vocab_size=50, eos_id=29, noise_density=0.5, mean_span_length=1.0, seed=1)
+    assert int(out.labels[out.labels >= 0].min()) >= 2
+    with pytest.raises(ValueError, match="pad_id"):
+        C.span_corrupt(x, vocab_size=V, eos_id=EOS, sentinel_ids=[500, PAD], seed=1)
 
 
 def test_mlm_degenerate():
@@ -511,6 +548,26 @@ def test_collators_seed_workers_and_epochs_differently():
     out = next(iter(torch.utils.data.DataLoader(_Same(), batch_size=4, num_workers=1,
                                                 collate_fn=C.MLMCollator(mask_id=3, vocab_size=V))))
     assert out["input_ids"].shape == (4, 64) and set(out) == {"input_ids", "attention_mask", "labels"}
+
+
+def test_collators_refuse_what_is_not_ids():
+    """Float ids are refused, not truncated to ints (5.7 -> 5); strings, pad_id=None and a too short input_length
+    get errors naming the collator's own argument."""
+    span = C.SpanCorruptionCollator(eos_id=EOS, vocab_size=V, seed=1)
+    mlm = C.MLMCollator(mask_id=3, vocab_size=V, seed=1)
+    for col in (span, mlm):
+        for bad in ([[5.7, 6.2, 7.9]], [np.array([5.0, 6.0])], torch.tensor([[5.0, 6.0]]), [["a", "b"]],
+                    [{"input_ids": [True, False]}]):
+            with pytest.raises(TypeError, match="input_ids"):
+                col(bad)
+    words = C.MLMCollator(mask_id=3, vocab_size=V, whole_word=True, seed=1)
+    with pytest.raises(TypeError, match="word_ids"):
+        words([{"input_ids": [5, 6], "word_ids": [0.5, 1.0]}])
+    assert words([{"input_ids": [5, 6], "word_ids": [None, 0]}])["input_ids"].shape == (1, 2)
+    with pytest.raises(TypeError, match="pad_id"):
+        C.MLMCollator(mask_id=3, vocab_size=V, pad_id=None)
+    with pytest.raises(ValueError, match="input_length"):
+        C.SpanCorruptionCollator(eos_id=EOS, vocab_size=V, input_length=1)
 
 
 def test_collators_take_what_hugging_face_yields():

@@ -19,7 +19,10 @@ namespace {
 
 // A row is one thread block: its shared memory bounds the row length on the cuda backend (about 12,900 tokens
 // for span corruption on an H100, 5,600 on a 99 KB card); say so instead of a bare launch failure.
+// One block per row on a 1-D grid, whose x dimension holds up to 2^31 - 1 blocks.
 void check_row_fits(const char* op, const at::Tensor& x, size_t smem) {
+  TORCH_CHECK(x.size(0) < (int64_t{1} << 31), op, ": ", x.size(0),
+              " rows are more than one launch holds (2^31 - 1); split the batch");
   int dev = x.get_device(), limit = 0;
   TORCH_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) == cudaSuccess, op,
               ": could not read the GPU's shared memory size");

@@ -148,7 +148,10 @@ def _torch_attention(q, k, v, causal, prefix_lens, doc_ids, kv_lens, scale, retu
     if Sk == 0:
         # keeps the graph: zero gradients for q, and for k and v (empty, but present, as Triton returns them)
         out = q.new_zeros(q.shape) + 0 * q + 0 * (k.sum() + v.sum())
-    elif only_causal or not (causal or prefix_lens is not None or doc_ids is not None or kv_lens is not None):
+    # is_causal only with a positive scale: SDPA's CPU kernel gives NaN rows for scale <= 0 (its -inf mask is
+    # scaled with the scores); the explicit mask below is right for any scale
+    elif (only_causal and scale > 0) or not (causal or prefix_lens is not None or doc_ids is not None
+                                            or kv_lens is not None):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
     else:
         allowed = ref.attention_mask(B, Sq, Sk, causal=causal, prefix_lens=prefix_lens, doc_ids=doc_ids,
@@ -194,8 +197,9 @@ def attention(
     ones on a GPU). Query i attends key j when j < kv_lens[b], doc_ids[b, i] == doc_ids[b, j], and (causal only)
     j <= i or j < prefix_lens[b]. causal needs Sq == Sk; so do doc_ids. scale defaults to D ** -0.5.
     Rows with no allowed key output zeros with zero gradient (SDPA returns NaN there).
-    return_lse: also the log-sum-exp of each row's scaled scores (B, Hq, Sq), float32, detached; -inf on empty
-    rows (the torch backend computes it in a second pass that materialises the scores).
+    return_lse: also the log-sum-exp of each row's scaled scores (B, Hq, Sq), float32 (float64 for float64
+    inputs), detached; -inf on empty rows (the torch backend computes it in a second pass that materialises the
+    scores).
     deterministic: bitwise-repeatable gradients. Both backends always are (the Triton backward has no atomics:
     dK/dV and dQ come from separate kernels), so the flag changes nothing today; it is kept for a faster
     atomic-dQ backward later.

@@ -257,6 +257,17 @@ def test_triton_non_contiguous_inputs(gen):
     assert all(torch.isfinite(t.grad).all() for t in x)
 
 
+# ---- any finite scale ----
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("scale", [0.0, -0.3, 2.0])
+@pytest.mark.parametrize("causal,prefix", [(True, False), (False, False), (True, True)])
+def test_any_finite_scale(gen, backend, scale, causal, prefix):
+    """scale = 0 averages the allowed values; a negative one is legal too (SDPA's is_causal gave NaN rows on the
+    CPU for scale <= 0)."""
+    opts = dict(_mask(gen, 2, 17, 17, causal=causal, prefix=prefix), scale=scale)
+    _check(gen, backend, 2, 2, 2, 17, 17, 16, opts)
+
+
 # ---- fully masked rows: zeros, lse = -inf, zero gradients, never NaN ----
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_fully_masked_rows(gen, backend):

@@ -45,7 +45,7 @@ if ls .wheels/*.whl >/dev/null 2>&1; then $PY -m pip install --quiet --no-deps .
 $PY -m lmobj_kernels.cli info | tr -d '\n ' | head -c 1500; echo
 
 # Per-family caps (seconds) for the tests and the benchmarks: one slow family cannot starve the others.
-declare -A TEST_CAP=([losses]=70 [corruption]=50 [attention]=170 [train]=40)
+declare -A TEST_CAP=([losses]=110 [corruption]=60 [attention]=170 [train]=40)
 declare -A BENCH_CAP=([losses]=150 [corruption]=45 [attention]=110 [train]=150 [attention_tune]=240)
 # GPU_CHECK_LOSSES_FULL=1: bench_losses --full (the torch.compile peers too, +~80 s)
 declare -A BENCH_ARGS=([losses]="$([ "${GPU_CHECK_LOSSES_FULL:-0}" = 1 ] && echo --full)")

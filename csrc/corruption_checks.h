@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cfloat>
 #include <optional>
 
 #include "common/span_math.h"
@@ -26,7 +27,13 @@ inline void check_vector(const char* op, const char* name, const at::Tensor& t, 
 
 inline void check_span_args(const char* op, const at::Tensor& input_ids, const at::Tensor& lengths,
                             const at::Tensor& seed, const at::Tensor& sentinel_ids, int64_t row_offset,
-                            int64_t inputs_width, int64_t targets_width) {
+                            double noise_density, double mean_span_length, int64_t inputs_width,
+                            int64_t targets_width) {
+  // in float32, as the kernels compute: m < 1 would ask for more spans than noise tokens (cuts past the gaps)
+  const float r = static_cast<float>(noise_density), m = static_cast<float>(mean_span_length);
+  TORCH_CHECK(r >= 0.0f && r < 1.0f, op, ": noise_density must be in [0, 1) in float32, got ", noise_density);
+  TORCH_CHECK(m >= 1.0f && m <= FLT_MAX, op, ": mean_span_length must be a finite float >= 1, got ",
+              mean_span_length);
   check_ids_matrix(op, "input_ids", input_ids);
   check_vector(op, "lengths", lengths, input_ids);
   check_vector(op, "seed", seed, input_ids);

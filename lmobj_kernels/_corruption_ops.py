@@ -10,7 +10,9 @@ No autograd: the outputs are integer ids.
 from __future__ import annotations
 
 import functools
+import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -38,6 +40,11 @@ if _C() is not None:
 def span_corrupt_triton(input_ids: Tensor, lengths: Tensor, seed: Tensor, row_offset: int, noise_density: float,
                         mean_span_length: float, sentinel_ids: Tensor, eos_id: int, pad_id: int, label_pad_id: int,
                         inputs_width: int, targets_width: int) -> tuple[Tensor, Tensor]:
+    # as the C++ ops check (csrc/corruption_checks.h), in float32: m < 1 would read scratch slots never written
+    r, m = float(np.float32(noise_density)), float(np.float32(mean_span_length))
+    if not (0.0 <= r < 1.0 and 1.0 <= m < math.inf):
+        raise RuntimeError(f"lmobj::span_corrupt_triton: noise_density must be in [0, 1) and mean_span_length a "
+                           f"finite float >= 1 (in float32), got {noise_density}, {mean_span_length}")
     return triton_module("corruption").span_corrupt(input_ids, lengths, seed, row_offset, noise_density,
                                                     mean_span_length, sentinel_ids, eos_id, pad_id, label_pad_id,
                                                     inputs_width, targets_width)

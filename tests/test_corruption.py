@@ -479,6 +479,19 @@ def test_span_bad_ids_and_opt_in():
     assert sorted(v for v in out.input_ids[0].tolist() if v >= 500) == list(range(V - 284, V))  # 284 spans
 
 
+@pytest.mark.parametrize("backend", KERNELS)
+def test_span_ops_refuse_what_the_api_refuses(backend):
+    """Direct op calls: a mean span below 1 asks for more spans than noise tokens (the CPU kernel would write cuts
+    past its buffer, Triton read scratch never written); a density of 1 in float32 leaves no kept token."""
+    x = _tokens(2, 40)
+    op = torch.ops.lmobj.span_corrupt if backend == "cpu" else torch.ops.lmobj.span_corrupt_triton
+    lens = torch.tensor([40, 30])
+    sent = torch.arange(999, 899, -1)
+    for r, m in ((0.5, 0.5), (0.99999999, 3.0), (-0.1, 3.0), (0.15, float("nan")), (0.15, float("inf"))):
+        with pytest.raises(RuntimeError, match="noise_density|mean_span_length"):
+            op(x, lens, torch.tensor([1]), 0, r, m, sent, EOS, PAD, -100, 80, 80)
+
+
 @pytest.mark.parametrize("kw,exc,name", [
     (dict(mask_id=V), ValueError, "mask_id"),
     (dict(mask_prob=1.5), ValueError, "mask_prob"),
@@ -695,14 +708,14 @@ def test_bench_gpu_path_runs_on_the_cpu(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------- GPU
-def _span_bytes_equal_cpu(backend, S, device):
+def _span_bytes_equal_cpu(backend, S, device, repeat=5, row_offset=7):
     """`backend` on `device` against the CPU kernel, byte for byte, on rows of every length up to S."""
-    lens = [S, max(S - 1, 0), S // 2, min(S, 3), min(S, 1), 0] * 5
+    lens = [S, max(S - 1, 0), S // 2, min(S, 3), min(S, 1), 0] * repeat
     x = _tokens(len(lens), S, seed=15)
     for r, m in ((0.15, 3.0), (0.5, 1.0), (0.3, 8.0)):
         # (0.5, 1.0) needs up to S/2 spans: more sentinels than T5's 100, opted in (as the first GPU run showed),
         # from a vocabulary that has them (the tests' V = 1000 refused max_sentinels = 3000)
-        kw = dict(noise_density=r, mean_span_length=m, seed=123456789, row_offset=7, max_sentinels=S,
+        kw = dict(noise_density=r, mean_span_length=m, seed=123456789, row_offset=row_offset, max_sentinels=S,
                   vocab_size=max(V, S + 1000), eos_id=EOS)
         cpu = C.span_corrupt(x, lens, backend="cpu", **kw)
         other = C.span_corrupt(x.to(device), lens, backend=backend, **kw)
@@ -723,6 +736,29 @@ def test_gpu_span_bytes_equal_cpu(backend, S):
     if backend not in available_backends(torch.device("cuda")):
         pytest.skip(f"{backend} not available")
     _span_bytes_equal_cpu(backend, S, "cuda")
+
+
+def test_gpu_long_span_case_runs_here():
+    _span_bytes_equal_cpu("cpu", 8192, "cpu", repeat=1, row_offset=2**32 + 7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_long_rows_and_high_row_offsets(backend):
+    """Rows of 8192 tokens (up to 4096 spans: Triton at 255 registers with spills, what `auto` hands rows too long
+    for CUDA's shared memory to) and a row offset past 2^32 (the Philox counter's high word), byte for byte."""
+    if backend not in available_backends(torch.device("cuda")):
+        pytest.skip(f"{backend} not available")
+    _span_bytes_equal_cpu(backend, 8192, "cuda", repeat=1, row_offset=2**32 + 7)
+    x = _tokens(7, 8192, seed=16, lo=5, hi=V)
+    w = _words(7, 8192, seed=3)
+    kw = dict(mask_id=3, vocab_size=V, special_ids=[4], pad_id=PAD, exact=True, seed=98, row_offset=2**32 + 7)
+    cpu = C.mlm_mask(x, word_ids=w, backend="cpu", **kw)
+    gpu = C.mlm_mask(x.cuda(), word_ids=w.cuda(), backend=backend, **kw)
+    for u, v in zip(cpu, gpu):
+        assert torch.equal(u, v.cpu()), backend
+    if backend == "triton":  # past what one CUDA block's shared memory holds: auto takes Triton
+        assert C._resolve("auto", torch.device("cuda"), 16384, "span") == "triton"
 
 
 @pytest.mark.gpu

@@ -142,6 +142,29 @@ def test_masked_logits_match_torch_functional(backend, dtype, fill, gen):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_ignored_rows_of_minus_inf_logits_get_zero_gradients(backend, low_memory, gen):
+    """An ignored row whose logits are all -inf (lse = -inf) gets a zero gradient, as ALGORITHMS.md says of
+    ignored rows (exp(NaN) * 0 gave NaN on Triton; F.cross_entropy gives NaN there too)."""
+    x = _logits(gen, 5, 41, torch.float32)
+    x[2] = float("-inf")
+    x.requires_grad_()
+    t = torch.tensor([3, 7, -100, 0, 40])
+    for reduction in ("mean", "none"):
+        out = L.cross_entropy(x, t, reduction=reduction, backend=backend, z_loss=1e-3)
+        (g,) = torch.autograd.grad(out.sum(), x)
+        assert torch.isfinite(g).all() and bool((g[2] == 0).all())
+    # the linear forms: a head whose bias masks the whole vocabulary, every row ignored
+    h, w, _ = _lin_inputs(gen, (4,), 8, 41, torch.float32)
+    b = torch.full((41,), float("-inf"), requires_grad=True)
+    for reduction in ("mean", "none"):
+        out = L.linear_cross_entropy(h, w, torch.full((4,), -100), bias=b, reduction=reduction,
+                                     low_memory=low_memory, backend=backend, z_loss=1e-3)
+        for g in torch.autograd.grad(out.sum(), (h, w, b)):
+            assert torch.isfinite(g).all() and bool((g == 0).all())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_masked_logits_fill_the_first_block(backend, gen):
     """A whole first block of -inf (Triton's online softmax, BLOCK = 16384 columns for float32)."""
     x, t = _masked_logits(gen, 2, 16384 + 41, torch.float32, float("-inf"), list(range(16384)))
@@ -169,6 +192,37 @@ def test_softcap_keeps_float32_accuracy(backend, softcap, gen):
     _check_softcap_accuracy(backend, softcap, gen)
 
 
+def _check_far_past_the_cap(backend, device="cpu"):
+    x = torch.tensor([[50.0, 0.0, -3.0], [44.2, 1.0, 2.0], [1500.0, 0.0, -1e30], [-2000.0, 3.0, 1e30]])
+    t = torch.tensor([1, 0, 0, 1])
+    for cap in (1.0, 30.0):
+        out = L.cross_entropy(x.to(device), t.to(device), reduction="none", softcap=cap, backend=backend)
+        exp = L.cross_entropy(x.double(), t, reduction="none", softcap=cap, backend="torch")
+        torch.testing.assert_close(out.double().cpu(), exp, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
+def test_softcap_of_logits_far_past_the_cap(backend):
+    """Logits of 44c and more saturate the cap (tanh -> 1): exp(2y) must not overflow into inf / inf (NaN, or a
+    finite wrong loss once the NaN dropped out of the row's max), whatever the element's position."""
+    _check_far_past_the_cap(backend)
+
+
+def _check_nan_logits(backend, softcap, device="cpu"):
+    x = torch.tensor([[float("nan"), 0.0, 1.0, 2.0], [0.5, 0.0, 1.0, 2.0], [0.0, 1.0, float("nan"), 3.0]])
+    t = torch.tensor([2, 2, 0])
+    out = L.cross_entropy(x.to(device), t.to(device), reduction="none", softcap=softcap, backend=backend).cpu()
+    assert torch.isnan(out[0]) and torch.isnan(out[2]) and torch.isfinite(out[1]), out
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_nan_logits_give_a_nan_loss(backend, softcap):
+    """A NaN logit makes its row's loss NaN, as F.cross_entropy does (divergence must show): the CPU kernel's max
+    skipped it and its exp clamped it away; Triton's minimum turned a capped NaN into the cap."""
+    _check_nan_logits(backend, softcap)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
 def test_single_class_logits_of_any_stride(backend, gen):
     """(N, 1) logits from a transpose have strides (1, N): .contiguous() keeps them, and the ops must take them
@@ -176,11 +230,13 @@ def test_single_class_logits_of_any_stride(backend, gen):
     x = torch.randn(1, 13, generator=gen).t().requires_grad_()
     t = torch.zeros(13, dtype=torch.int64)
     t[::4] = -100
-    out = L.cross_entropy(x, t, reduction="none", backend=backend)
-    exp = torch.nn.functional.cross_entropy(x, t, reduction="none")
+    # with one class the loss is z_loss * z^2 (lse = z = z_y): it reads the values, at the strides given
+    out = L.cross_entropy(x, t, reduction="none", backend=backend, z_loss=0.1)
+    exp = L.cross_entropy(x.detach().clone().requires_grad_(), t, reduction="none", backend="torch", z_loss=0.1)
     torch.testing.assert_close(out, exp)
+    assert bool((out[t != -100] > 0).all())
     (g,) = torch.autograd.grad(out.sum(), x)
-    assert torch.all(g == 0)
+    torch.testing.assert_close(g.squeeze(1), torch.where(t != -100, 0.2 * x.detach().squeeze(1), 0.0))
 
 
 def test_numpy_ints_are_ints(gen):
@@ -791,6 +847,34 @@ def test_gpu_masked_logits_match_torch_functional(backend, dtype, v, cols, fill,
 @pytest.mark.parametrize("softcap", [30.0, 1000.0])
 def test_gpu_softcap_keeps_float32_accuracy(backend, softcap, gen):
     _check_softcap_accuracy(backend, softcap, gen, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_softcap_far_past_the_cap_and_nan_logits(backend):
+    _check_far_past_the_cap(backend, "cuda")
+    for softcap in (None, 30.0):
+        _check_nan_logits(backend, softcap, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_fused_gradient_equals_the_separate_passes(backend, gen):
+    """The fused forward writes the gradient over the logits while other warps of the row may still read them:
+    it must equal forward then backward (same arithmetic) bit for bit, every time (targets at column 0, V - 1 and
+    mid-row; 16 warps at V = 256000)."""
+    fwd, bwd, fused = _loss_ops.row_ops(backend)
+    n, v = 64, 256000
+    x = _logits(gen, n, v, torch.bfloat16, "cuda")
+    t = _target(gen, (n,), v, "cuda", ignored=0.1)
+    t[0], t[1], t[2] = 0, v - 1, v // 2
+    opts = (0, 0, -100, 0.1, 1e-4, 0.0)
+    loss, lse = fwd(x, t, *opts)
+    grad = bwd(torch.ones(n, device="cuda"), x, t, lse, *opts)
+    for _ in range(20):
+        buf = x.clone()
+        l2, lse2 = fused(buf, t, *opts)
+        assert torch.equal(l2, loss) and torch.equal(lse2, lse) and torch.equal(buf, grad)
 
 
 @pytest.mark.gpu

@@ -20,7 +20,8 @@ def _tanh(y):
     """tanh(y) = expm1(2y) / (expm1(2y) + 2) (tl has no tanh in every supported Triton), as fast_tanhf in
     csrc/common/cross_entropy_row.h: expm1 by its Taylor series to x^8 for |x| < 1/2, where exp(x) - 1 cancels
     (1 - 2 / (exp(2y) + 1) cost c * 6e-8 on a capped logit)."""
-    x = tl.minimum(2.0 * y, 88.0)  # exp stays finite: tanh -> 1
+    x = 2.0 * y
+    x = tl.where(x > 88.0, 88.0, x)  # exp stays finite: tanh -> 1 (not tl.minimum: it turns NaN into 88)
     p = 1.0 / 40320.0
     p = p * x + 1.0 / 5040.0
     p = p * x + 1.0 / 720.0
@@ -66,7 +67,8 @@ def _row_grad_pass(X_row, G_row, V, y, lse, g, smoothing, z_loss, softcap, HAS_C
         d = tl.exp(z - lse) * coef - uni - tl.where(cols == y, hit, 0.0)
         if HAS_CAP:
             d = d * (1.0 - (z / softcap) * (z / softcap))
-        d = tl.where(valid | (g == 0.0), d, float("nan"))
+        d = tl.where(valid, d, float("nan"))
+        d = tl.where(g == 0.0, 0.0, d)  # not exp(NaN) * 0 for an ignored row of -inf logits (lse = -inf)
         tl.store(G_row + cols, d.to(G_row.dtype.element_ty), mask=msk)
 
 
@@ -176,6 +178,7 @@ def _ce_grad_cols_kernel(X, stride_x, Y, LSE, W, col0, ncols, V, smoothing, z_lo
     d = tl.exp(z - lse) * coef - uni - tl.where(cols == y, hit, 0.0)
     if HAS_CAP:
         d = d * (1.0 - (z / softcap) * (z / softcap))
+    d = tl.where(w == 0.0, 0.0, d)  # an ignored row of -inf logits: lse = -inf, exp(NaN) * 0
     tl.store(ptr, d.to(X.dtype.element_ty), mask=msk)
 
 

@@ -52,8 +52,12 @@ LMOBJ_HD float fast_expm1f(float x) {
 // tanh(y) = expm1(2y) / (expm1(2y) + 2), a few ulp everywhere. The form 1 - 2 / (exp(2y) + 1) cancels for small y
 // (an absolute error of ~6e-8, so c * 6e-8 on a soft-capped logit: 4x plain PyTorch's loss error at c = 30).
 LMOBJ_HD float fast_tanhf(float y) {
-  const float e = fast_expm1f(2.0f * y);  // fast_expf clamps: e stays finite, tanh -> 1 for large y
-  return e / (e + 2.0f);
+  // 2y capped at 88 keeps e finite (fast_expf gives +inf from 88.38 on, and inf / inf is NaN): tanh -> 1. Written
+  // so that NaN passes both selects: a NaN logit stays NaN (F.cross_entropy's loss is NaN), not -c or +c.
+  float x = 2.0f * y;
+  x = x > 88.0f ? 88.0f : x;
+  const float e = fast_expm1f(x);
+  return y != y ? y : e / (e + 2.0f);
 }
 
 }  // namespace lmobj

@@ -156,8 +156,8 @@ std::tuple<at::Tensor, at::Tensor> span_corrupt_cpu(const at::Tensor& input_ids,
                                                     double mean_span_length, const at::Tensor& sentinel_ids,
                                                     int64_t eos_id, int64_t pad_id, int64_t label_pad_id,
                                                     int64_t inputs_width, int64_t targets_width) {
-  check_span_args("lmobj::span_corrupt", input_ids, lengths, seed, sentinel_ids, row_offset, inputs_width,
-                  targets_width);
+  check_span_args("lmobj::span_corrupt", input_ids, lengths, seed, sentinel_ids, row_offset, noise_density,
+                  mean_span_length, inputs_width, targets_width);
   const int64_t B = input_ids.size(0), S = input_ids.size(1), ld = input_ids.stride(0);
   const float r = static_cast<float>(noise_density), m = static_cast<float>(mean_span_length);
   const int64_t* len = lengths.const_data_ptr<int64_t>();

@@ -58,12 +58,19 @@ inline void row_stats(const float* z, int64_t V, float& lse, float& sum_z) {
   }
   lse = m + static_cast<float>(std::log(s));
   sum_z = static_cast<float>(sz);
+  // the max skips NaN and fast_expf clamps it to a tiny value: without this a NaN logit would vanish from the row
+  // (F.cross_entropy gives NaN, and a NaN loss is how training finds out it diverged)
+  if (sz != sz) lse = NAN;
 }
 
 // d loss_row / d z_raw, times g, written as T. z holds the capped values when a cap is set; it may alias `out`
 // (in-place gradient), so the target's entry is computed before the loop overwrites it.
 template <typename T>
 void row_grad(const float* z, int64_t V, int64_t y, float lse, float g, const CEOptions& o, T* out) {
+  if (g == 0.0f) {  // a zero weight is a zero gradient, even where lse = -inf (a row of -inf logits) makes NaN
+    for (int64_t j = 0; j < V; ++j) out[j] = static_cast<T>(0.0f);
+    return;
+  }
   const float coef = g * (1.0f + 2.0f * o.z_loss * lse), uni = g * o.smoothing / static_cast<float>(V);
   const bool capped = o.softcap > 0.0f, valid = y >= 0 && y < V;
   const float inv_c = capped ? 1.0f / o.softcap : 0.0f;
@@ -185,6 +192,10 @@ void grad_cols_rows(T* x, int64_t ld, int64_t N, int64_t C, const int64_t* targe
     const float c = softcap, inv_c = softcap > 0.0f ? 1.0f / softcap : 0.0f;
     for (int64_t r = b; r < e; ++r) {
       T* row = x + r * ld;
+      if (w[r] == 0.0f) {  // ignored: zeros, even where lse = -inf (a row of -inf logits) would make NaN
+        for (int64_t j = 0; j < C; ++j) row[j] = static_cast<T>(0.0f);
+        continue;
+      }
       const float l = lse[r], coef = w[r] * (1.0f + 2.0f * z_loss * l);
       const float uni = w[r] * smoothing / static_cast<float>(V);
       const int64_t y = target[r] - col0;

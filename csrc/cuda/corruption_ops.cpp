@@ -37,8 +37,8 @@ std::tuple<at::Tensor, at::Tensor> span_corrupt_cuda(const at::Tensor& input_ids
                                                      const at::Tensor& sentinel_ids, int64_t eos_id, int64_t pad_id,
                                                      int64_t label_pad_id, int64_t inputs_width,
                                                      int64_t targets_width) {
-  check_span_args("lmobj::span_corrupt", input_ids, lengths, seed, sentinel_ids, row_offset, inputs_width,
-                  targets_width);
+  check_span_args("lmobj::span_corrupt", input_ids, lengths, seed, sentinel_ids, row_offset, noise_density,
+                  mean_span_length, inputs_width, targets_width);
   TORCH_CHECK(sentinel_ids.numel() >= 1, "lmobj::span_corrupt: sentinel_ids must not be empty");
   c10::cuda::CUDAGuard guard(input_ids.device());
   const int64_t B = input_ids.size(0), S = input_ids.size(1);

@@ -73,7 +73,7 @@ __device__ __forceinline__ void write_grad_row(const T* row, T* orow, int64_t V,
     const float z = cap<CAP>(x, c, inv_c);
     float d = __expf(z - lse) * coef - uni - (j == y ? hit : 0.0f);
     if constexpr (CAP) d *= 1.0f - (z * inv_c) * (z * inv_c);
-    return from_f<T>(ignored ? 0.0f : (valid ? d : NAN));
+    return from_f<T>((ignored || g == 0.0f) ? 0.0f : (valid ? d : NAN));  // 0 weight: 0, not NaN at lse = -inf
   };
   const int64_t nvec = V / VEC;
   for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x) {
@@ -157,7 +157,7 @@ __global__ void ce_grad_cols_kernel(T* x, int64_t ld, int64_t C, const int64_t* 
     const float z = cap<CAP>(to_f(row[j]), c, inv_c);
     float d = __expf(z - l) * coef - uni - (j == y ? hit : 0.0f);
     if constexpr (CAP) d *= 1.0f - (z * inv_c) * (z * inv_c);
-    row[j] = from_f<T>(d);
+    row[j] = from_f<T>(g == 0.0f ? 0.0f : d);  // ignored rows: 0, even where lse = -inf makes d NaN
   }
 }
 

@@ -2,7 +2,8 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 TORCH_SPEC ?= torch==2.14.1
-STAMP := .venv/.lmobj-deps
+# one stamp per torch spec: `TORCH_SPEC=torch==2.11.0 make test` installs that torch even after a first `make demo`
+STAMP := .venv/.lmobj-deps-$(shell printf '%s' '$(TORCH_SPEC)' | tr -c 'A-Za-z0-9.' '_')
 
 .PHONY: demo test build lint bench gpu-check clean
 

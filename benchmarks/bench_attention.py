@@ -284,7 +284,7 @@ def main(argv=None) -> int:
     rows = run_gpu(args.full) if args.gpu else run_cpu(args.quick)
     print(f"attention benchmark on {machine()}")
     print(table(rows, ["bench", "backend", "shape", "metric", "value", "unit"]))
-    path = write_results("attention", rows, where=args.out)
+    path = write_results("attention-quick" if args.quick else "attention", rows, where=args.out)
     print(f"wrote {path}")
     return 0
 

@@ -264,7 +264,7 @@ def main(argv=None):
                 print(f"{bench_name} {shape}: {ours['backend']} is {ours['value'] / peer['value']:.1f}x "
                       f"{peer['backend']}")
     if not args.no_save:
-        print("wrote", common.write_results("corruption", rows, args.out))
+        print("wrote", common.write_results("corruption-quick" if args.quick else "corruption", rows, args.out))
 
 
 if __name__ == "__main__":

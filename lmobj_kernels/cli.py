@@ -22,8 +22,11 @@ def _table(rows: list[dict], cols: list[str]) -> str:
 
 
 def cmd_verify(args) -> int:
-    if args.triton_interpret:  # before any Triton kernel module is imported
-        os.environ["TRITON_INTERPRET"] = "1"
+    if args.triton_interpret and os.environ.get("TRITON_INTERPRET") != "1":
+        # Triton reads TRITON_INTERPRET when a kernel module is imported, and importing lmobj_kernels (to get here)
+        # may already have imported some: start again with it set
+        os.execve(sys.executable, [sys.executable, "-m", "lmobj_kernels.cli", *args.argv],
+                  {**os.environ, "TRITON_INTERPRET": "1"})
     from lmobj_kernels import verify
 
     rows = verify.run(args.device, args.family or None)
@@ -44,9 +47,14 @@ def cmd_bench(args) -> int:
     if not scripts:
         print(f"no benchmark scripts under {_bench_dir()} (they ship with the source tree)", file=sys.stderr)
         return 1
+    names = [os.path.basename(s)[len("bench_"):-3] for s in scripts]
+    unknown = sorted(set(args.only or ()) - set(names))
+    if unknown:
+        print(f"lmobj bench: --only {', '.join(unknown)}: no such benchmark (there are {', '.join(names)})",
+              file=sys.stderr)
+        return 2
     rc = 0
-    for s in scripts:
-        name = os.path.basename(s)[len("bench_"):-3]
+    for s, name in zip(scripts, names):
         if args.only and name not in args.only:
             continue
         cmd = [sys.executable, s] + (["--quick"] if args.quick else []) + (["--gpu"] if args.gpu else [])
@@ -63,6 +71,7 @@ def cmd_info(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(prog="lmobj", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     from lmobj_kernels.train import loop
@@ -73,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     t.set_defaults(fn=lambda a: loop.run(a, t))
     v = sub.add_parser("verify", help="check every op on every available backend against the reference")
     v.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    v.add_argument("--family", action="append", help="only this family (repeatable)")
+    from lmobj_kernels.verify import FAMILIES
+
+    v.add_argument("--family", action="append", choices=FAMILIES, help="only this family (repeatable)")
     v.add_argument("--triton-interpret", action="store_true",
                    help="also run the Triton kernels on the CPU through Triton's interpreter (slow; small sizes)")
     v.set_defaults(fn=cmd_verify)
@@ -85,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     i = sub.add_parser("info", help="build info and backend availability")
     i.set_defaults(fn=cmd_info)
     args = p.parse_args(argv)
+    args.argv = argv
     if args.cmd == "verify" and args.device == "cuda":
         import torch
 

@@ -109,7 +109,20 @@ def test_ddp_matches_single_process(tmp_path):
     (["--lr", "-1"], "--lr must be a positive number"),
     (["--lr", "nan"], "--lr must be a positive number"),
     (["--warmup", "-5"], "--warmup must be >= 0"),
-    (["--grad-clip", "-1"], "--grad-clip must be >= 0"),
+    (["--grad-clip", "-1"], "--grad-clip must be a finite number >= 0 (0 = no clipping), got -1"),
+    (["--grad-clip", "inf"], "--grad-clip must be a finite number >= 0 (0 = no clipping), got inf"),
+    (["--threads", "-2"], "--threads must be at least 1 (or 0: torch's choice), got -2"),
+    (["--mask-prob", "1.5"], "--mask-prob must be in (0, 1), got 1.5"),
+    (["--noise-density", "0"], "--noise-density must be in (0, 1), got 0"),
+    (["--mean-span-length", "0.5"], "--mean-span-length must be a finite number >= 1, got 0.5"),
+    (["--objective", "t5", "--seq-len", "2048"], "--seq-len 2048 with --noise-density 0.15 and --mean-span-length "
+                                                 "3.0 get 102 noise spans, but the tokenizer has 100 sentinels"),
+    (["--seq-len", "2048"], "use --seq-len 2009 or less"),  # --objective all trains T5 too
+    (["--device", "mps"], "--device mps: not a device the trainer runs on"),
+    (["--device", "meta"], "--device meta: not a device the trainer runs on"),
+    (["--device", "cpu:3"], "--device cpu:3: the CPU takes no index"),
+    (["--device", "cuda:99"], "--device cuda:99: "),  # no GPU visible, or not that many
+    (["--data", "FIFO"], "not a regular file or a folder"),
     (["--stop-after", "-2"], "--stop-after must be at least 1"),
     (["--data", "EMPTY"], "no text in it"),
 ])
@@ -117,7 +130,9 @@ def test_cli_rejects_bad_arguments(argv, message, tmp_path, capsys):
     small = tmp_path / "small.txt"
     small.write_text("A tiny corpus. " * 200)  # 3000 bytes
     (tmp_path / "empty.txt").write_text("")
-    argv = [str(tmp_path / "empty.txt") if a == "EMPTY" else a for a in argv]
+    if "FIFO" in argv:
+        os.mkfifo(tmp_path / "fifo")
+    argv = [{"EMPTY": str(tmp_path / "empty.txt"), "FIFO": str(tmp_path / "fifo")}.get(a, a) for a in argv]
     if "--data" not in argv:
         argv = [*argv, "--data", str(small)]
     with pytest.raises(SystemExit) as e:
@@ -131,13 +146,155 @@ def test_resume_refuses_options_that_differ(tmp_path, capsys):
     """--resume takes what to train from the run: an option given with another value is an error, not dropped."""
     run = tmp_path / "run"
     assert train("--objective", "clm", "--out", str(run), "--steps", "3", "--stop-after", "2", "--no-demo") == 0
-    with pytest.raises(SystemExit) as e:
-        cli.main(["train", "--resume", str(run), "--steps", "10", "--quiet"])
-    assert e.value.code == 2 and "--steps 10 (the run has 3)" in capsys.readouterr().err
+    for argv, message in [
+        (["--steps", "10"], "--steps 10 (the run has 3)"),
+        (["--steps", "300"], "--steps 300 (the run has 3)"),  # the default: passed all the same
+        (["--objective", "all"], "--objective all (the run has clm)"),
+        (["--lr", "0.0015", "--seq-len", "128"], "--seq-len 128 (the run has 32)"),
+        (["--baseline"], "--baseline (the run has --no-baseline)"),
+        (["--data", str(tmp_path)], "(the run has the default corpus)"),
+        (["--out", str(tmp_path / "elsewhere")], "continues the run in its own folder; drop --out"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            cli.main(["train", "--resume", str(run), *argv, "--quiet"])
+        assert e.value.code == 2 and message in capsys.readouterr().err, argv
+    assert not (tmp_path / "elsewhere").exists()
+    # the run's own values, given explicitly, and --out naming the run's folder are fine
+    assert cli.main(["train", "--resume", str(run), "--steps", "3", "--seq-len", "32", "--out", str(run),
+                     "--quiet", "--no-demo"]) == 0
+    assert params(run, "clm")["state"]["step"] == 3
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit):
         train("--out", str(tmp_path / "file"))
     assert "is a file" in capsys.readouterr().err
+
+
+def test_resume_keeps_baseline(tmp_path, capsys):
+    """--baseline is one of the run's settings: a resumed baseline run continues with the baseline, bit-exactly."""
+    whole, parts, lib = tmp_path / "whole", tmp_path / "parts", tmp_path / "lib"
+    try:
+        assert train("--objective", "clm", "--out", str(whole), "--steps", "5", "--no-demo", "--baseline") == 0
+        assert train("--objective", "clm", "--out", str(lib), "--steps", "5", "--no-demo") == 0
+        assert train("--objective", "clm", "--out", str(parts), "--steps", "5", "--stop-after", "3",
+                     "--baseline") == 0
+        with pytest.raises(SystemExit) as e:
+            cli.main(["train", "--resume", str(parts), "--no-baseline", "--quiet"])
+        assert e.value.code == 2 and "--no-baseline (the run has --baseline)" in capsys.readouterr().err
+        assert cli.main(["train", "--resume", str(parts), "--quiet", "--no-demo"]) == 0
+        assert "baseline (F.cross_entropy" in capsys.readouterr().out
+    finally:
+        kernels.use_baseline(False)
+    a, b, c = params(whole, "clm")["model"], params(parts, "clm")["model"], params(lib, "clm")["model"]
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # library and baseline differ: a switch would show
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert json.load(open(parts / "summary.json"))["clm"]["baseline"] is True
+
+
+def _records(run_dir) -> list:
+    return [(r["objective"], r["kind"], r["step"], r["loss"]) for r in map(json.loads, open(run_dir / "metrics.jsonl"))]
+
+
+def test_resume_drops_records_past_the_checkpoint(tmp_path, capsys):
+    """A run killed after its checkpoint at step 4 had logged steps 5-6: the resumed run logs them once."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    args = ["--objective", "all", "--steps", "6", "--no-demo"]
+    assert train(*args, "--out", str(whole)) == 0
+    assert train(*args, "--out", str(parts), "--stop-after", "4") == 0
+    ckpts = {n: (parts / f"ckpt_{n}.pt").read_bytes() for n in ("clm", "mlm", "t5")}
+    assert cli.main(["train", "--resume", str(parts), "--quiet", "--no-demo"]) == 0
+    for n, raw in ckpts.items():  # as if killed after logging step 6 but before its checkpoint
+        (parts / f"ckpt_{n}.pt").write_bytes(raw)
+    with open(parts / "metrics.jsonl", "a") as f:
+        f.write('{"objective": "t5", "kind": "tra')  # and mid-line
+    assert cli.main(["train", "--resume", str(parts), "--quiet", "--no-demo"]) == 0
+    assert sorted(_records(parts)) == sorted(_records(whole))  # each record once (the objectives interleave)
+    # a run that died before its first checkpoint: its folder is refused as a new --out, and --resume starts over
+    new = tmp_path / "new"
+    assert train("--objective", "clm", "--steps", "6", "--out", str(new), "--stop-after", "1") == 0
+    (new / "ckpt_clm.pt").unlink()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train("--objective", "clm", "--steps", "6", "--out", str(new))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "is not empty" in err and f"--resume {new}" in err
+    assert cli.main(["train", "--resume", str(new), "--quiet", "--no-demo"]) == 0
+    assert _records(new) == [r for r in _records(whole) if r[0] == "clm"]
+
+
+def test_mlm_without_targets_ends_cleanly(tmp_path, capsys):
+    """--mask-prob so small that no byte is masked: the run ends with "n/a" in the summary, no ZeroDivisionError."""
+    assert train("--objective", "mlm", "--seq-len", "8", "--mask-prob", "0.001", "--out", str(tmp_path)) == 0
+    val = [r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if r["kind"] == "val"]
+    assert val and all(r["targets"] == 0 for r in val)
+    out = capsys.readouterr().out
+    assert "no targets in the validation batches" in out and "mlm n/a" in out
+    assert json.load(open(tmp_path / "summary.json"))["mlm"]["drop"] is None
+
+
+def test_data_folder_reads_regular_files_and_resumes_from_elsewhere(tmp_path, monkeypatch):
+    """--data reads the regular files of a folder (not hidden ones, nor .git, broken links, FIFOs) and is saved as
+    an absolute path, so that --resume works from another working folder."""
+    data = tmp_path / "data"
+    (data / "sub").mkdir(parents=True)
+    (data / ".git" / "objects").mkdir(parents=True)
+    (data / "a.txt").write_text("The first file. " * 150)
+    (data / "sub" / "b.txt").write_text("The second file. " * 50)
+    (data / ".git" / "objects" / "x").write_text("not text to learn")
+    (data / ".hidden").write_text("nor this")
+    (data / "broken").symlink_to(tmp_path / "nowhere")
+    (data / "link.txt").symlink_to(data / "a.txt")
+    os.mkfifo(data / "fifo")
+    from lmobj_kernels.train.data import read_text, text_files
+
+    assert text_files(str(data)) == [str(data / f) for f in ("a.txt", "link.txt", "sub/b.txt")]
+    assert read_text(str(data))[1].endswith("(3 text files)")
+    monkeypatch.chdir(tmp_path)
+    assert train("--objective", "clm", "--data", "data", "--out", "run", "--stop-after", "2") == 0
+    assert json.load(open(tmp_path / "run" / "args.json"))["data"] == str(data)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert cli.main(["train", "--resume", str(tmp_path / "run"), "--quiet", "--no-demo"]) == 0
+    assert params(tmp_path / "run", "clm")["state"]["step"] == 4
+
+
+@pytest.mark.parametrize("interrupt_at, message", [
+    (3, "interrupted in clm at step 4/4; its last checkpoint is at step 2"),  # the 3rd evaluation: step 4
+    (1, "interrupted in clm at step 0/4; it has no checkpoint yet"),
+])
+def test_ctrl_c_says_how_to_continue(interrupt_at, message, tmp_path, monkeypatch, capsys):
+    from lmobj_kernels.train import loop
+
+    calls, evaluate = [], loop.evaluate
+
+    def interrupted_evaluate(*a, **k):
+        calls.append(1)
+        if len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        return evaluate(*a, **k)
+
+    monkeypatch.setattr(loop, "evaluate", interrupted_evaluate)
+    try:
+        assert train("--objective", "clm", "--out", str(tmp_path)) == 130
+    except KeyboardInterrupt:
+        pytest.fail("the KeyboardInterrupt went through the CLI")
+    out = capsys.readouterr().out
+    assert message in out and f"lmobj train --resume {tmp_path}" in out
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    assert cli.main(["train", "--resume", str(tmp_path), "--quiet", "--no-demo"]) == 0
+    steps = [(r["kind"], r["step"]) for r in map(json.loads, open(tmp_path / "metrics.jsonl"))]
+    assert sorted(steps) == sorted({*steps}) and len(steps) == 3 + 4  # val at 0, 2, 4; train 1-4: each once
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0
+    for text in ("what to train (default: all)", "optimizer steps per objective (default: 300)",
+                 "(default: 0.0015)", "--baseline, --no-baseline", "(default: off)", "(default: auto)",
+                 "CPU threads per process", "(default: 1)", "(default: runs/<timestamp>)"):
+        assert text in out, text
 
 
 def test_t5_demo_at_the_shortest_window(tmp_path):

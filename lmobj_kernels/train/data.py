@@ -57,16 +57,32 @@ def default_text() -> tuple[str, str]:
     return "\n\n".join(topics.topics[k] for k in sorted(topics.topics)), "pydoc_data.topics (Python's own docs)"
 
 
+def text_files(path: str) -> list[str]:
+    """`path` if it is a file, else the regular files under the folder (sorted, symlinks to regular files followed),
+    leaving out hidden files and folders (.git ...), broken symlinks, FIFOs, sockets and devices."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise ValueError(f"--data {path}: not a regular file or a folder")
+    files = []
+    for d, dirs, fs in os.walk(path):
+        dirs[:] = [x for x in dirs if not x.startswith(".")]
+        files += [os.path.join(d, f) for f in fs if not f.startswith(".") and os.path.isfile(os.path.join(d, f))]
+    return sorted(files)
+
+
 def read_text(path: str) -> tuple[str, str]:
-    """A text file, or every text file under a folder (sorted; files with NUL bytes are skipped as binary)."""
+    """A text file, or every text file under a folder (see text_files; files with NUL bytes are skipped as
+    binary)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"--data {path}: no such file or folder")
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs if not f.startswith("."))
     parts = []
-    for f in files:
-        with open(f, "rb") as fh:
-            raw = fh.read()
+    for f in text_files(path):
+        try:
+            with open(f, "rb") as fh:
+                raw = fh.read()
+        except OSError as e:
+            raise ValueError(f"--data {path}: cannot read {f} ({e.strerror or e})") from None
         if b"\0" not in raw:
             parts.append(raw.decode("utf-8", errors="replace"))
     return "\n\n".join(parts), f"{path} ({len(parts)} text file{'s' if len(parts) != 1 else ''})"

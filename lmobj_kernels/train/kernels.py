@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -18,6 +19,7 @@ from lmobj_kernels.attention import attention  # noqa: F401 (the models call it)
 from lmobj_kernels.attention import attention as _library_attention  # fixed: use_baseline rebinds `attention`
 from lmobj_kernels.corruption import mlm_mask, span_corrupt
 from lmobj_kernels.losses import causal_lm_loss, masked_lm_loss, seq2seq_lm_loss  # noqa: F401 (the models call these)
+from lmobj_kernels.reference.corruption import span_counts as _span_counts
 
 _CORR = "lmobj_kernels.span_corrupt / mlm_mask"
 SOURCE = {"attention": "lmobj_kernels.attention", "corruption": _CORR,
@@ -83,3 +85,10 @@ def t5_corrupt(ids: Tensor, *, vocab_size: int, eos_id: int, pad_id: int, decode
     valid = torch.arange(tgt.shape[1], device=tgt.device)[None] < tgt_lens.to(tgt.device)[:, None]
     labels = torch.where(valid, tgt, torch.full_like(tgt, ignore_index))
     return T5Batch(out.input_ids, out.input_lengths, out.decoder_input_ids, labels)
+
+
+def t5_span_count(seq_len, noise_density: float = 0.15, mean_span_length: float = 3.0):
+    """How many noise spans (so sentinels) t5_corrupt gives a row of seq_len tokens: span_corrupt's own arithmetic
+    (float32, round half to even). An int for an int, an array for an array of lengths."""
+    k = _span_counts(np.atleast_1d(seq_len), noise_density, mean_span_length)[1]
+    return int(k[0]) if np.ndim(seq_len) == 0 else k

@@ -17,9 +17,11 @@ import glob
 import json
 import math
 import os
+import re
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -29,84 +31,147 @@ from lmobj_kernels.train.data import ByteTokenizer, Corpus
 from lmobj_kernels.train.models import MODELS, ModelConfig
 from lmobj_kernels.train.objectives import OBJECTIVES
 
-# Saved with the run and restored by --resume; the other options are how to run, not what to train.
-RUN_KEYS = ("objective", "data", "steps", "batch_size", "seq_len", "d_model", "n_layer", "n_head", "lr", "warmup",
-            "weight_decay", "grad_clip", "eval_every", "eval_batches", "seed", "dtype", "mask_prob",
-            "noise_density", "mean_span_length")
+# Saved with the run and restored by --resume, with their defaults; the other options are how to run, not what to
+# train. Their argparse defaults are None, so that check_args can tell what was passed (and refuse, on --resume, a
+# value that differs from the run's, even one that equals the default); check_args fills in the rest.
+DEFAULTS = {"objective": "all", "data": None, "steps": 300, "batch_size": 16, "seq_len": 128, "d_model": 128,
+            "n_layer": 2, "n_head": 4, "lr": 1.5e-3, "warmup": 20, "weight_decay": 0.01, "grad_clip": 1.0,
+            "eval_every": 50, "eval_batches": 4, "seed": 0, "dtype": "fp32", "mask_prob": 0.15,
+            "noise_density": 0.15, "mean_span_length": 3.0, "baseline": False}
+RUN_KEYS = tuple(DEFAULTS)
 
 
 # ---- arguments ----
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--objective", default="all", choices=[*OBJECTIVES, "all"], help="what to train (default: all)")
-    p.add_argument("--data", default=None, metavar="PATH",
-                   help="a text file or a folder of them (default: Python's own pydoc_data docs, ~465k chars)")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps per objective")
-    p.add_argument("--batch-size", type=int, default=16, help="global batch (windows per step, all ranks)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens (bytes) per window")
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--n-layer", type=int, default=2, help="layers (T5: per encoder and per decoder)")
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1.5e-3)
-    p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--eval-batches", type=int, default=4)
+    def run_arg(key: str, help: str = "", shown=None, **kw):  # noqa: A002 (argparse's name)
+        d = DEFAULTS[key] if shown is None else shown
+        p.add_argument(_flag(key), default=None, help=f"{help} (default: {d})".lstrip().replace("%", "%%"), **kw)
+
+    run_arg("objective", "what to train", choices=[*OBJECTIVES, "all"])
+    run_arg("data", "a text file or a folder of them (regular files; hidden files and folders are skipped)",
+            shown="Python's own pydoc_data docs, ~465k chars", metavar="PATH")
+    run_arg("steps", "optimizer steps per objective", type=int)
+    run_arg("batch_size", "global batch (windows per step, all ranks)", type=int)
+    run_arg("seq_len", "tokens (bytes) per window", type=int)
+    run_arg("d_model", type=int)
+    run_arg("n_layer", "layers (T5: per encoder and per decoder)", type=int)
+    run_arg("n_head", type=int)
+    run_arg("lr", "peak learning rate (linear warm-up, cosine decay to a tenth)", type=float)
+    run_arg("warmup", "warm-up steps", type=int)
+    run_arg("weight_decay", type=float)
+    run_arg("grad_clip", "gradient-norm clipping, a finite number >= 0; 0 = no clipping", type=float)
+    run_arg("eval_every", "validate (and checkpoint) every this many steps", type=int)
+    run_arg("eval_batches", "validation batches", type=int)
     p.add_argument("--timing-skip", type=int, default=3,
-                   help="steps left out of the steady tokens/s (the first ones compile kernels)")
-    p.add_argument("--mask-prob", type=float, default=0.15, help="MLM: share of tokens to predict")
-    p.add_argument("--noise-density", type=float, default=0.15, help="T5: share of tokens corrupted")
-    p.add_argument("--mean-span-length", type=float, default=3.0, help="T5: mean corrupted span length")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (cuda if there is a GPU, else cpu), cpu, cuda, cuda:1 ...")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast")
+                   help="steps left out of the steady tokens/s (the first ones compile kernels) (default: %(default)s)")
+    run_arg("mask_prob", "MLM: share of tokens to predict, in (0, 1)", type=float)
+    run_arg("noise_density", "T5: share of tokens corrupted, in (0, 1)", type=float)
+    run_arg("mean_span_length", "T5: mean corrupted span length, at least 1", type=float)
+    run_arg("seed", type=int)
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda if there is a GPU, else cpu), cpu, cuda, cuda:N (default: %(default)s)")
+    run_arg("dtype", "bf16: autocast", choices=["fp32", "bf16"])
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--baseline", action="store_true",
-                   help="the same models with PyTorch's own SDPA, F.cross_entropy and corruption on the CPU "
-                        "(to compare tokens/s)")
+    run_arg("baseline", "the same models with PyTorch's own SDPA, F.cross_entropy and corruption on the CPU "
+            "(to compare tokens/s)", shown="off", action=argparse.BooleanOptionalAction)
     p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads per process (default 1: these models are small, and one thread is the fastest "
-                        "on a shared machine; 0 = torch's choice)")
-    p.add_argument("--out", default=None, help="output folder (default: runs/<timestamp>)")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR (its settings)")
+                   help="CPU threads per process (1: these models are small, and one thread is the fastest "
+                        "on a shared machine; 0 = torch's choice) (default: %(default)s)")
+    p.add_argument("--out", default=None, help="output folder, new or empty (default: runs/<timestamp>)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR, in its folder, with its settings: every option but "
+                        "--timing-skip, --device, --compile, --threads, --stop-after, --no-demo and --quiet comes "
+                        "from the run "
+                        "(one given here must equal the run's)")
     p.add_argument("--stop-after", type=int, default=None, metavar="STEP",
                    help="stop each objective after this step, leaving a checkpoint (to resume later)")
     p.add_argument("--no-demo", action="store_true", help="skip the end-of-run samples")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _shown(key: str, v) -> str:
+    if key == "baseline":
+        return _flag(key) if v else "--no-baseline"
+    if key == "data" and v is None:
+        return "--data (the default corpus)"
+    return f"{_flag(key)} {v}"
+
+
+def _run_value(key: str, v) -> str:
+    if key == "baseline":
+        return _shown(key, v)
+    return "the default corpus" if key == "data" and v is None else str(v)
+
+
+def _check_device(spec: str, p: argparse.ArgumentParser) -> None:
+    if spec in ("auto", "cpu"):
+        return
+    if spec.startswith("cpu:"):
+        p.error(f"--device {spec}: the CPU takes no index; use --device cpu (and --threads for its threads)")
+    m = re.fullmatch(r"cuda(?::(\d+))?", spec)
+    if m is None:
+        p.error(f"--device {spec}: not a device the trainer runs on (auto, cpu, cuda or cuda:N)")
+    if not torch.cuda.is_available():
+        p.error(f"--device {spec}: no CUDA GPU is visible")
+    n = torch.cuda.device_count()
+    if m.group(1) is not None and int(m.group(1)) >= n:
+        p.error(f"--device {spec}: there {'is 1 GPU' if n == 1 else f'are {n} GPUs'} (cuda:0 to cuda:{n - 1})")
+
+
 def check_args(args, p: argparse.ArgumentParser) -> None:
-    """Errors a user can fix, with a message that says how (argparse exits with status 2)."""
+    """Errors a user can fix, with a message that says how (argparse exits with status 2). Fills in the run
+    settings (RUN_KEYS) that were not passed: from the run with --resume, else the defaults."""
+    given = {k for k in RUN_KEYS if getattr(args, k, None) is not None}
+    if args.data is not None:
+        if not os.path.exists(args.data):
+            p.error(f"--data {args.data}: no such file or folder")
+        if not (os.path.isfile(args.data) or os.path.isdir(args.data)):
+            p.error(f"--data {args.data}: not a regular file or a folder")
+        args.data = os.path.abspath(args.data)  # saved with the run: --resume works from any folder
     if args.resume is not None:
         saved = os.path.join(args.resume, "args.json")
         if not os.path.isfile(saved):
             p.error(f"--resume {args.resume}: no args.json there (not a run folder written by `lmobj train`)")
-        with open(saved) as f:
-            run = {k: v for k, v in json.load(f).items() if k in RUN_KEYS}
+        try:
+            with open(saved) as f:
+                loaded = json.load(f)
+        except (OSError, ValueError) as e:
+            p.error(f"--resume {args.resume}: cannot read its args.json ({e})")
+        run = {k: v for k, v in loaded.items() if k in RUN_KEYS}
         # what to train comes from the run; an option given here that disagrees would be silently dropped
-        changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run has {v})" for k, v in run.items()
-                   if getattr(args, k) != p.get_default(k) and getattr(args, k) != v]
+        def same(k, v):  # a run saved by an earlier version may hold --data as typed, relative
+            if k == "data" and v is not None and getattr(args, k) is not None:
+                return os.path.realpath(v) == os.path.realpath(getattr(args, k))
+            return getattr(args, k) == v
+
+        changed = [f"{_shown(k, getattr(args, k))} (the run has {_run_value(k, run[k])})"
+                   for k in RUN_KEYS if k in given and k in run and not same(k, run[k])]
         if changed:
             p.error(f"--resume continues {args.resume} with its own settings, but these differ: {', '.join(changed)}"
                     "; drop them, or start a new run")
         vars(args).update(run)
+        if args.out is not None and os.path.realpath(args.out) != os.path.realpath(args.resume):
+            p.error(f"--resume {args.resume} continues the run in its own folder; drop --out {args.out} (or copy "
+                    f"the run folder there and --resume {args.out})")
         args.out = args.resume
-    elif args.out is not None and glob.glob(os.path.join(args.out, "ckpt_*.pt")):
-        p.error(f"--out {args.out} already holds a run; continue it with --resume {args.out}, or pick another --out")
+    elif args.out is not None and os.path.isdir(args.out) and os.listdir(args.out):
+        p.error(f"--out {args.out} is not empty (it holds an earlier run's files?); continue that run with "
+                f"--resume {args.out}, or pick another --out")
+    for k in RUN_KEYS:
+        if getattr(args, k, None) is None:
+            setattr(args, k, DEFAULTS[k])
     if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out} is a file, not a folder")
-    if args.device != "auto":
-        try:
-            dev = torch.device(args.device)
-        except RuntimeError:
-            p.error(f"--device {args.device!r} is not a device (try cpu, cuda or cuda:1)")
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            p.error(f"--device {args.device}: no CUDA GPU is visible")
-    if args.data is not None and not os.path.exists(args.data):
+    _check_device(args.device, p)
+    if args.data is not None and not os.path.exists(args.data):  # the run's --data, on --resume
         p.error(f"--data {args.data}: no such file or folder")
     for name in ("steps", "batch_size", "seq_len", "d_model", "n_layer", "n_head", "eval_every", "eval_batches"):
         if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+            p.error(f"{_flag(name)} must be at least 1, got {getattr(args, name)}")
     if args.seq_len < 8:
         p.error(f"--seq-len must be at least 8, got {args.seq_len}")
     if args.d_model % args.n_head:
@@ -115,14 +180,35 @@ def check_args(args, p: argparse.ArgumentParser) -> None:
         p.error(f"--d-model / --n-head = {args.d_model // args.n_head} channels per head must be even")
     if not (math.isfinite(args.lr) and args.lr > 0):
         p.error(f"--lr must be a positive number, got {args.lr}")
-    for name in ("warmup", "weight_decay", "grad_clip", "timing_skip"):
-        v = getattr(args, name)
-        if not (math.isfinite(v) and v >= 0):
-            p.error(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+    for name in ("warmup", "timing_skip"):
+        if getattr(args, name) < 0:
+            p.error(f"{_flag(name)} must be >= 0, got {getattr(args, name)}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        p.error(f"--weight-decay must be a finite number >= 0, got {args.weight_decay}")
+    if not (math.isfinite(args.grad_clip) and args.grad_clip >= 0):
+        p.error(f"--grad-clip must be a finite number >= 0 (0 = no clipping), got {args.grad_clip}")
+    if args.threads < 0:
+        p.error(f"--threads must be at least 1 (or 0: torch's choice), got {args.threads}")
     if args.stop_after is not None and args.stop_after < 1:
         p.error(f"--stop-after must be at least 1, got {args.stop_after}")
-    if not 0 < args.mask_prob < 1 or not 0 < args.noise_density < 1 or args.mean_span_length < 1:
-        p.error("--mask-prob and --noise-density must be in (0, 1), --mean-span-length at least 1")
+    for name in ("mask_prob", "noise_density"):
+        v = getattr(args, name)
+        if not 0 < v < 1:
+            p.error(f"{_flag(name)} must be in (0, 1), got {v}")
+    if float(np.float32(args.noise_density)) >= 1:  # the corruption computes in float32
+        p.error(f"--noise-density {args.noise_density} is 1 in float32 (the corruption's arithmetic); use less")
+    if not (math.isfinite(args.mean_span_length) and args.mean_span_length >= 1):
+        p.error(f"--mean-span-length must be a finite number >= 1, got {args.mean_span_length}")
+    if args.objective in ("t5", "all"):
+        n_sentinels = ByteTokenizer.n_sentinels
+        k = kernels.t5_span_count(args.seq_len, args.noise_density, args.mean_span_length)
+        if k > n_sentinels:
+            lengths = np.arange(1, min(args.seq_len, 1 << 20) + 1)
+            fits = lengths[kernels.t5_span_count(lengths, args.noise_density, args.mean_span_length) <= n_sentinels]
+            p.error(f"T5 windows of --seq-len {args.seq_len} with --noise-density {args.noise_density} and "
+                    f"--mean-span-length {args.mean_span_length} get {k} noise spans, but the tokenizer has "
+                    f"{n_sentinels} sentinels; use --seq-len {int(fits[-1])} or less, a lower --noise-density or a "
+                    "longer --mean-span-length")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.batch_size % world:
         p.error(f"--batch-size {args.batch_size} must be a multiple of the number of processes ({world})")
@@ -159,7 +245,13 @@ def setup(args) -> tuple[torch.device, int, int]:
 
 
 def out_dir(args, rank: int, world: int) -> str:
-    path = [args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))]
+    path = [args.out]
+    if path[0] is None:  # a new folder: two runs started in the same second get -2, -3, ...
+        base = path[0] = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+        for i in range(2, 1000):
+            if not os.path.exists(path[0]):
+                break
+            path[0] = f"{base}-{i}"
     if world > 1:  # every rank writes to rank 0's folder
         dist.broadcast_object_list(path, src=0)
     if rank == 0:
@@ -176,6 +268,26 @@ class Log:
     def __init__(self, path: str, rank: int, quiet: bool):
         self.path, self.on, self.quiet = path, rank == 0, quiet
         self.tty = sys.stdout.isatty()
+        # the objective and step in progress and its last checkpoint, or {"demos": True} after training (Ctrl-C)
+        self.where: dict = {}
+
+    def drop_after(self, objective: str, step: int) -> None:
+        """Forget `objective`'s records after `step` (those of a killed run past its checkpoint, which the resumed
+        run writes again), and any line a kill cut short."""
+        if not self.on or not os.path.exists(self.path):
+            return
+        keep = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if rec.get("objective") != objective or rec.get("step", 0) <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(self.path + ".tmp", self.path)
 
     def write(self, **rec) -> None:
         if self.on:
@@ -241,7 +353,7 @@ def evaluate(model, obj, val_batches, args, device) -> dict:
         correct += float((logits.argmax(-1) == target)[keep].sum())
         n += float(keep.sum())
     model.train()
-    out = {"loss": loss / max(n, 1), "accuracy": correct / max(n, 1)}
+    out = {"loss": loss / max(n, 1), "accuracy": correct / max(n, 1), "targets": int(n)}
     if obj.name == "clm":
         out["perplexity"] = math.exp(min(out["loss"], 50.0))
     return out
@@ -251,6 +363,7 @@ def train_objective(name: str, args, corpus: Corpus, tok: ByteTokenizer, device,
                     run_dir: str, log: Log):
     """Train one objective to args.steps (or --stop-after); returns the model and its summary."""
     obj = OBJECTIVES[name]
+    log.where = {"objective": name, "step": 0, "steps": args.steps, "saved": None}  # refined once loaded
     opts = {"mask_prob": args.mask_prob, "noise_density": args.noise_density,
             "mean_span_length": args.mean_span_length}
     model, opt = build(name, args, tok, device)
@@ -263,6 +376,10 @@ def train_objective(name: str, args, corpus: Corpus, tok: ByteTokenizer, device,
         opt.load_state_dict(saved["opt"])
         state = saved["state"]
         log.say(f"[{name}] resumed from {ckpt} at step {state['step']}")
+    if args.resume is not None:  # records past the checkpoint (all of them without one) are written again
+        log.drop_after(name, state["step"] if os.path.exists(ckpt) else -1)
+    log.where = {"objective": name, "step": state["step"], "steps": args.steps,
+                 "saved": state["step"] if os.path.exists(ckpt) else None}
     net = model
     if world > 1:
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -282,6 +399,7 @@ def train_objective(name: str, args, corpus: Corpus, tok: ByteTokenizer, device,
         if rank == 0:
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "state": state}, ckpt + ".tmp")
             os.replace(ckpt + ".tmp", ckpt)
+        log.where["saved"] = state["step"]
         if world > 1:
             dist.barrier()
 
@@ -292,6 +410,8 @@ def train_objective(name: str, args, corpus: Corpus, tok: ByteTokenizer, device,
             state["start_val"] = ev["loss"]
         log.write(objective=name, kind="val", step=state["step"], **ev)
         extra = f"ppl {ev['perplexity']:.2f}" if "perplexity" in ev else f"accuracy {ev['accuracy']:.1%}"
+        if not ev["targets"]:
+            extra = "(no targets in the validation batches: raise --mask-prob, --batch-size or --seq-len)"
         pace = f"  | {speed[0] / 1e3:.1f}k tok/s, ETA {_hms(speed[1])}" if speed else ""
         log.say(f"[{name}] step {state['step']:>5}  val loss {ev['loss']:.3f}  {extra}{pace}")
 
@@ -324,7 +444,7 @@ def train_objective(name: str, args, corpus: Corpus, tok: ByteTokenizer, device,
         total = loss_sum.detach().float()
         if world > 1:
             dist.all_reduce(total)
-        state["step"] = step + 1
+        state["step"] = log.where["step"] = step + 1
         state["tokens"] += args.batch_size * args.seq_len
         train_loss = float(total) / max(n_global, 1)  # reads the loss: the step has finished on the device
         if step >= args.timing_skip:
@@ -441,13 +561,24 @@ def _steady_tps(st: dict) -> float:
     return st["tokens"] / max(st["train_time"], 1e-9)
 
 
+def _drop(st: dict) -> float | None:
+    """The share by which the validation loss fell; None when there was nothing to measure (no targets)."""
+    s0, v = st["start_val"], st["val"]
+    if not s0 or not v.get("targets", 1):
+        return None
+    return 1 - v["loss"] / s0
+
+
 def table(results: dict) -> str:
     rows = []
     for name, (_, st) in results.items():
-        v, s0 = st["val"], st["start_val"]
+        v, s0, drop = st["val"], st["start_val"], _drop(st)
         metric = f"ppl {v['perplexity']:.2f}" if "perplexity" in v else f"acc {v['accuracy']:.1%}"
-        rows.append([OBJECTIVES[name].title, f"{st['params'] / 1e6:.2f}M", str(st["step"]), f"{s0:.3f}",
-                     f"{v['loss']:.3f}", f"{100 * (1 - v['loss'] / s0):.0f}%", metric,
+        if not v.get("targets", 1):
+            metric = "no targets"
+        end = f"{v['loss']:.3f}" if v.get("targets", 1) else "n/a"
+        rows.append([OBJECTIVES[name].title, f"{st['params'] / 1e6:.2f}M", str(st["step"]),
+                     f"{s0:.3f}" if s0 else "n/a", end, "n/a" if drop is None else f"{100 * drop:.0f}%", metric,
                      f"{_steady_tps(st) / 1e3:.1f}k", f"{st['train_time']:.0f}s"])
     head = ["objective", "params", "steps", "val loss start", "val loss end", "drop", "metric", "tok/s", "time"]
     w = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
@@ -482,7 +613,21 @@ def plot(metrics_path: str, png: str) -> bool:
 
 # ---- the whole run ----
 def run(args, p: argparse.ArgumentParser) -> int:
+    """The CLI's entry: 0 when done, 130 after Ctrl-C (saying where the run is and how to continue it)."""
     check_args(args, p)
+    ctx = {"rank": int(os.environ.get("RANK", "0"))}  # before setup(): torchrun says which rank this is
+    try:
+        return _run(args, p, ctx)
+    except KeyboardInterrupt:
+        if ctx["rank"] == 0:
+            if "log" in ctx:
+                interrupted(ctx["run_dir"], ctx["log"])
+            else:
+                print("\ninterrupted before training started", flush=True)
+        return 130
+
+
+def _run(args, p: argparse.ArgumentParser, ctx: dict) -> int:
     tok = ByteTokenizer()
     try:
         corpus = Corpus.load(args.data, tok)
@@ -490,15 +635,17 @@ def run(args, p: argparse.ArgumentParser) -> int:
         p.error(str(e))
     check_data(args, corpus, p)
     device, rank, world = setup(args)
+    ctx["rank"] = rank
     kernels.use_baseline(args.baseline)
-    run_dir = out_dir(args, rank, world)
-    log = Log(os.path.join(run_dir, "metrics.jsonl"), rank, args.quiet)
+    run_dir = ctx["run_dir"] = out_dir(args, rank, world)
+    log = ctx["log"] = Log(os.path.join(run_dir, "metrics.jsonl"), rank, args.quiet)
     names = list(OBJECTIVES) if args.objective == "all" else [args.objective]
     log.say(f"lmobj train: {', '.join(names)} on {device} x{world} | data {corpus.source}: {len(corpus.train)} "
             f"train / {len(corpus.val)} val tokens\n  attention: {kernels.SOURCE['attention']}\n  corruption: "
             f"{kernels.SOURCE['corruption']}\n  losses: {kernels.SOURCE['losses']}")
     t0 = time.perf_counter()
     results = {n: train_objective(n, args, corpus, tok, device, rank, world, run_dir, log) for n in names}
+    log.where = {"demos": True}  # training is over: an interrupt now is in the demos
     if rank == 0:
         if args.stop_after is not None and any(st["step"] < args.steps for _, st in results.values()):
             log.say(f"\nstopped after step {args.stop_after}; continue with: lmobj train --resume {run_dir}")
@@ -508,6 +655,22 @@ def run(args, p: argparse.ArgumentParser) -> int:
         dist.barrier()
         dist.destroy_process_group()
     return 0
+
+
+def interrupted(run_dir: str, log: Log) -> None:
+    """Ctrl-C: where the run is, and how to continue it."""
+    w = log.where
+    if "objective" in w:
+        at = f" in {w['objective']} at step {w['step']}/{w['steps']}"
+        last = f"; its last checkpoint is at step {w['saved']}" if w["saved"] is not None else \
+            "; it has no checkpoint yet"
+    else:
+        at, last = (" after training, in the demos", "") if w.get("demos") else (" before training started", "")
+    if glob.glob(os.path.join(run_dir, "ckpt_*.pt")):
+        how = f"continue it (from the checkpoints) with: lmobj train --resume {run_dir}"
+    else:
+        how = f"no checkpoint yet: `lmobj train --resume {run_dir}` starts it again with its settings"
+    log.say(f"\ninterrupted{at}{last}. {run_dir}: {how}")
 
 
 def finish(results, args, corpus, tok, run_dir, log, wall) -> None:
@@ -524,9 +687,11 @@ def finish(results, args, corpus, tok, run_dir, log, wall) -> None:
         log.say("\n== what each student learned\n" + "\n\n".join(samples))
     summary = table(results)
     log.say("\n== comparison\n" + summary)
-    drops = {n: 1 - st["val"]["loss"] / st["start_val"] for n, (_, st) in results.items()}
-    log.say("validation loss drop: " + ", ".join(f"{n} {100 * d:.0f}%" for n, d in drops.items()) +
-            f"  (goal: at least 40% each; {'met' if all(d >= 0.4 for d in drops.values()) else 'NOT met'})")
+    drops = {n: _drop(st) for n, (_, st) in results.items()}
+    met = all(d is not None and d >= 0.4 for d in drops.values())
+    log.say("validation loss drop: " + ", ".join(f"{n} {'n/a' if d is None else f'{100 * d:.0f}%'}"
+                                                 for n, d in drops.items()) +
+            f"  (goal: at least 40% each; {'met' if met else 'NOT met'})")
     with open(os.path.join(run_dir, "samples.txt"), "w") as f:
         f.write("\n\n".join(samples) + "\n\n" + summary + "\n")
     with open(os.path.join(run_dir, "summary.json"), "w") as f:

@@ -299,7 +299,6 @@ def _linear_ce(hidden, weight, target, target_name, bias, shift, ignore_index, r
     return loss
 
 
-
 def _keyword_options(fn, drop=()) -> dict:
     """The keyword-only options of a functional form and their defaults."""
     return {n: p.default for n, p in inspect.signature(fn).parameters.items()
@@ -316,6 +315,7 @@ def _labels_loss(fn_name: str, hidden, weight, labels, shift: bool, kwargs: dict
             raise TypeError(f"{fn_name}() got an unexpected keyword argument {k!r}")
     return _linear_ce(hidden, weight, labels, "labels", **{**_LINEAR_OPTIONS, **kwargs, "shift": shift},
                       rows_bound=rows_bound)
+
 
 def causal_lm_loss(hidden: Tensor, weight: Tensor, labels: Tensor, **kwargs) -> Tensor | tuple[Tensor, Tensor]:
     """Next-token loss of a decoder: hidden (B, S, D), labels (B, S) = the input ids (positions to skip set to

@@ -37,10 +37,20 @@ def float32_floor(ref64) -> float:
     return 1e-5 * max(1.0, float(ref64.detach().abs().max())) if ref64.numel() else 1e-6
 
 
+def _interpreted_bf16(backend: str, dtype: torch.dtype) -> bool:
+    return backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1" and dtype == torch.bfloat16
+
+
+def out_factor(backend: str, dtype: torch.dtype) -> float:
+    """The rule's output factor: 2x, but 4x for bfloat16 results of Triton's interpreter, whose float32 -> bfloat16
+    truncation errs by up to 1 ulp where plain PyTorch's rounding errs by 0.5 (twice its rounding error; seen in CI:
+    2.2x at seed 547522770, 87% of the outputs rounded toward zero). GPU checks keep 2x on the compiled kernels."""
+    return 4.0 if _interpreted_bf16(backend, dtype) else 2.0
+
+
 def grad_factor(backend: str, dtype: torch.dtype) -> float:
     """The rule's gradient factor: 3x, but 4x for bfloat16 results of Triton's interpreter (3.8), which truncates
     float32 -> bfloat16 where compiled Triton rounds to nearest even (measured: half of 1024 values differ, twice
     the mean rounding error; `fp_downcast_rounding="rtne"` is ignored), so sums of interpreted bf16 gradients
     (dW over rows) carry up to about twice the rounding error. GPU checks keep 3x on the compiled kernels."""
-    interpreted = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
-    return 4.0 if interpreted and dtype == torch.bfloat16 else 3.0
+    return 4.0 if _interpreted_bf16(backend, dtype) else 3.0

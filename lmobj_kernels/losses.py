@@ -24,9 +24,13 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ---- argument checks: ValueError / TypeError naming the argument ----
-def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size=None):
+def _check_ignore_index(ignore_index) -> None:
     if not is_int(ignore_index):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size=None):
+    _check_ignore_index(ignore_index)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if not is_real(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
@@ -363,8 +367,7 @@ def masked_lm_loss(
     if "shift" in kwargs:  # the gathered rows are not a sequence: a shift would score them against each other
         raise TypeError("masked_lm_loss takes no shift: each label is the target of its own position")
     _check_target("labels", labels, hidden.shape[:-1], hidden.device)
-    if not is_int(ignore_index):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    _check_ignore_index(ignore_index)
     ignore_index = int(ignore_index)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")

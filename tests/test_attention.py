@@ -20,7 +20,7 @@ from conftest import assert_lowp_close, backends_here
 
 import lmobj_kernels as L
 from lmobj_kernels.reference import attention as ref
-from lmobj_kernels.verify import float32_floor, grad_factor, out_factor
+from lmobj_kernels.verify import grad_factor, out_factor, rule_floor
 
 
 @pytest.fixture
@@ -58,13 +58,6 @@ def _mask(gen, B, Sq, Sk, causal=False, prefix=False, docs=False, kv=False, devi
     return opts
 
 
-def _floor(ref64, dtype):
-    """The rule's tiny floor; for float32, a few ulps of the largest value (verify.float32_floor)."""
-    if dtype != torch.float32 or ref64.numel() == 0:
-        return 1e-6
-    return float32_floor(ref64)
-
-
 def _check(gen, backend, B, Hq, Hkv, Sq, Sk, D, opts, dtype=torch.float32, device="cpu", grads=True):
     """Forward and gradients of `backend` against the float64 reference, with plain PyTorch in `dtype` as the
     yardstick (for float32: the reference computed in float32)."""
@@ -75,7 +68,7 @@ def _check(gen, backend, B, Hq, Hkv, Sq, Sk, D, opts, dtype=torch.float32, devic
     r, rlse = ref.attention(q64, k64, v64, **opts)
     p, _ = ref.attention(q, k, v, upcast=False, **opts)
     assert out.dtype == dtype and out.shape == q.shape
-    assert_lowp_close(out, r, p, factor=out_factor(backend, dtype), floor=_floor(r, dtype), what=f"{backend} out")
+    assert_lowp_close(out, r, p, factor=out_factor(backend, dtype), floor=rule_floor(r, dtype), what=f"{backend} out")
     # lse: same -inf pattern, finite part close (float32 on every backend)
     assert torch.equal(torch.isneginf(lse), torch.isneginf(rlse))
     fin = torch.isfinite(rlse)
@@ -94,7 +87,7 @@ def _check(gen, backend, B, Hq, Hkv, Sq, Sk, D, opts, dtype=torch.float32, devic
     gfloor = 1e-5 * max([1.0] + [float(x.detach().abs().max()) for x in rg if x.numel()])
     for name, a, b, c in zip(("dq", "dk", "dv"), og, rg, pg):
         assert a.dtype == dtype and a.shape == b.shape
-        floor = _floor(b, dtype) if dtype == torch.float32 else gfloor
+        floor = rule_floor(b, dtype) if dtype == torch.float32 else gfloor
         assert_lowp_close(a, b, c, factor=grad_factor(backend, dtype), floor=floor, what=f"{backend} {name}")
 
 

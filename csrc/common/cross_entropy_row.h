@@ -34,6 +34,12 @@ LMOBJ_HD float ce_row_loss(float lse, float z_target, float sum_z, int64_t V, in
   return loss;
 }
 
+// d(c tanh(x/c))/dx = 1 - (z/c)^2 of a capped logit z; 1 without a cap (not 1 - (z * 0)^2: NaN at z = -inf).
+LMOBJ_HD float cap_factor(float z, float inv_c, bool capped) {
+  const float t = z * inv_c;
+  return capped ? 1.0f - t * t : 1.0f;
+}
+
 // exp(x) - 1 without the cancellation near 0, branch-free (vectorises on the CPU): |x| < 1/2 by its Taylor series
 // to x^8 (relative error below 1.1e-8), else exp(x) - 1 (at most ~1 bit lost).
 LMOBJ_HD float fast_expm1f(float x) {

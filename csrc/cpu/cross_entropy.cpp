@@ -74,12 +74,11 @@ void row_grad(const float* z, int64_t V, int64_t y, float lse, float g, const CE
   const float coef = g * (1.0f + 2.0f * o.z_loss * lse), uni = g * o.smoothing / static_cast<float>(V);
   const bool capped = o.softcap > 0.0f, valid = y >= 0 && y < V;
   const float inv_c = capped ? 1.0f / o.softcap : 0.0f;
-  // the tanh factor 1 - (z/c)^2 only under a cap: without one, z * 0 is NaN at z = -inf
-  auto cap_factor = [&](float zj) { const float t = zj * inv_c; return capped ? 1.0f - t * t : 1.0f; };
   const float zy = valid ? z[y] : 0.0f;
-  const float dy = (fast_expf(zy - lse) * coef - uni - g * (1.0f - o.smoothing)) * cap_factor(zy);
+  const float dy = (fast_expf(zy - lse) * coef - uni - g * (1.0f - o.smoothing)) * cap_factor(zy, inv_c, capped);
 #pragma omp simd
-  for (int64_t j = 0; j < V; ++j) out[j] = static_cast<T>((fast_expf(z[j] - lse) * coef - uni) * cap_factor(z[j]));
+  for (int64_t j = 0; j < V; ++j)
+    out[j] = static_cast<T>((fast_expf(z[j] - lse) * coef - uni) * cap_factor(z[j], inv_c, capped));
   if (valid) {
     out[y] = static_cast<T>(dy);
   } else {
@@ -189,7 +188,8 @@ template <typename T>
 void grad_cols_rows(T* x, int64_t ld, int64_t N, int64_t C, const int64_t* target, const float* lse, const float* w,
                     int64_t col0, int64_t V, float smoothing, float z_loss, float softcap) {
   at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
-    const float c = softcap, inv_c = softcap > 0.0f ? 1.0f / softcap : 0.0f;
+    const bool capped = softcap > 0.0f;
+    const float c = softcap, inv_c = capped ? 1.0f / softcap : 0.0f;
     for (int64_t r = b; r < e; ++r) {
       T* row = x + r * ld;
       if (w[r] == 0.0f) {  // ignored: zeros, even where lse = -inf (a row of -inf logits) would make NaN
@@ -203,16 +203,14 @@ void grad_cols_rows(T* x, int64_t ld, int64_t N, int64_t C, const int64_t* targe
       float dy = 0.0f;
       if (y >= 0 && y < C) {
         const float raw = static_cast<float>(row[y]);
-        const float zy = softcap > 0.0f ? c * fast_tanhf(raw * inv_c) : raw;
-        const float ty = zy * inv_c;
-        dy = (fast_expf(zy - l) * coef - uni - w[r] * (1.0f - smoothing)) * (softcap > 0.0f ? 1.0f - ty * ty : 1.0f);
+        const float zy = capped ? c * fast_tanhf(raw * inv_c) : raw;
+        dy = (fast_expf(zy - l) * coef - uni - w[r] * (1.0f - smoothing)) * cap_factor(zy, inv_c, capped);
       }
 #pragma omp simd
       for (int64_t j = 0; j < C; ++j) {
         const float raw = static_cast<float>(row[j]);
-        const float z = softcap > 0.0f ? c * fast_tanhf(raw * inv_c) : raw;
-        const float t = z * inv_c;  // the tanh factor only under a cap: z * 0 is NaN at z = -inf
-        row[j] = static_cast<T>((fast_expf(z - l) * coef - uni) * (softcap > 0.0f ? 1.0f - t * t : 1.0f));
+        const float z = capped ? c * fast_tanhf(raw * inv_c) : raw;
+        row[j] = static_cast<T>((fast_expf(z - l) * coef - uni) * cap_factor(z, inv_c, capped));
       }
       if (y >= 0 && y < C) row[y] = static_cast<T>(dy);
     }

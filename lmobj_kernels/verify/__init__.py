@@ -37,6 +37,11 @@ def float32_floor(ref64) -> float:
     return 1e-5 * max(1.0, float(ref64.detach().abs().max())) if ref64.numel() else 1e-6
 
 
+def rule_floor(ref64, dtype: torch.dtype) -> float:
+    """The rule's tiny floor for results in `dtype`: float32_floor for float32, 1e-6 otherwise."""
+    return float32_floor(ref64) if dtype == torch.float32 else 1e-6
+
+
 def _interpreted_bf16(backend: str, dtype: torch.dtype) -> bool:
     return backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1" and dtype == torch.bfloat16
 

@@ -8,16 +8,12 @@ import torch
 import lmobj_kernels as L
 from lmobj_kernels._backend import available_backends
 from lmobj_kernels.reference import attention as ref
-from lmobj_kernels.verify import float32_floor, lowp_bound
+from lmobj_kernels.verify import lowp_bound, rule_floor
 
 
 def _row(op, backend, dtype, shape, err, bound):
     return {"op": op, "backend": backend, "dtype": str(dtype).replace("torch.", ""), "shape": shape,
             "max_err": err, "bound": bound, "ok": bool(err <= bound)}
-
-
-def _floor(ref64, dtype) -> float:
-    return float32_floor(ref64) if dtype == torch.float32 else 1e-6
 
 
 def _masks(B, S, gen):
@@ -59,7 +55,7 @@ def cases(device: str = "cpu"):
                 og = torch.autograd.grad(o, (q, k, v), do)
                 err = float((o.detach().double() - r.detach()).abs().max())
                 yield _row(f"attention[{mask_name}]", b, dtype, shape, err,
-                           lowp_bound(r.detach(), p.detach(), floor=_floor(r, dtype)))
+                           lowp_bound(r.detach(), p.detach(), floor=rule_floor(r, dtype)))
                 for gname, a, rr, pp in zip(("dq", "dk", "dv"), og, rg, pg):
                     yield _row(f"attention[{mask_name}].{gname}", b, dtype, shape, float((a.double() - rr).abs().max()),
-                               lowp_bound(rr, pp, factor=3.0, floor=_floor(rr, dtype)))
+                               lowp_bound(rr, pp, factor=3.0, floor=rule_floor(rr, dtype)))

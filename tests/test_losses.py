@@ -7,7 +7,7 @@ import torch
 
 import lmobj_kernels as L
 from lmobj_kernels import _loss_ops
-from lmobj_kernels.verify import grad_factor
+from lmobj_kernels.verify import grad_factor, rule_floor
 from tests.conftest import assert_lowp_close, backends_here, bf16_grad_factor
 
 CPU_BACKENDS = backends_here("cpu")  # cpu (C++), triton (interpreted when TRITON_INTERPRET=1)
@@ -74,8 +74,10 @@ def test_cross_entropy_low_precision(backend, dtype, gen):
     (gr,) = torch.autograd.grad(ref, x64)
     xp = x.detach().clone().requires_grad_()
     (gp,) = torch.autograd.grad(L.cross_entropy(xp, t, backend="torch", label_smoothing=0.1), xp)
-    # the interpreter truncates float32 -> bfloat16 (verify.grad_factor): seed 825059918 reached 3.06x
-    assert_lowp_close(g, gr, gp.to(dtype), factor=grad_factor(backend, dtype), floor=1e-6, what="grad")
+    # the interpreter truncates float32 -> bfloat16 (verify.grad_factor, verify.interpreter_ulp): seed 825059918
+    # reached 3.06x, seed 166302278 4.6x (one truncation of the largest gradient)
+    assert_lowp_close(g, gr, gp.to(dtype), factor=grad_factor(backend, dtype), floor=rule_floor(gr, dtype, backend),
+                      what="grad")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
@@ -430,7 +432,8 @@ def _check_causal_bfloat16(gen, backend, v, **options):
     assert_lowp_close(out, ref, plain.float(), floor=1e-5)
     for o, r, p in zip(_grads(out, (h, w)), _grads(ref, (h64, w64)), _grads(plain, (h, w))):
         assert o.dtype == torch.bfloat16
-        assert_lowp_close(o, r, p, factor=bf16_grad_factor(backend), floor=1e-6, what="grad")
+        assert_lowp_close(o, r, p, factor=bf16_grad_factor(backend), floor=rule_floor(r, torch.bfloat16, backend),
+                          what="grad")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -7,6 +7,7 @@ Each family module here exposes `cases(device) -> Iterator[dict]` yielding rows
 from __future__ import annotations
 
 import importlib
+import math
 import os
 
 import torch
@@ -37,9 +38,22 @@ def float32_floor(ref64) -> float:
     return 1e-5 * max(1.0, float(ref64.detach().abs().max())) if ref64.numel() else 1e-6
 
 
-def rule_floor(ref64, dtype: torch.dtype) -> float:
-    """The rule's tiny floor for results in `dtype`: float32_floor for float32, 1e-6 otherwise."""
-    return float32_floor(ref64) if dtype == torch.float32 else 1e-6
+def rule_floor(ref64, dtype: torch.dtype, backend: str = "") -> float:
+    """The rule's tiny floor for results in `dtype`: float32_floor for float32, else 1e-6 plus the interpreter's
+    allowance of `backend` (interpreter_ulp)."""
+    return float32_floor(ref64) if dtype == torch.float32 else 1e-6 + interpreter_ulp(ref64, backend, dtype)
+
+
+def interpreter_ulp(ref64, backend: str, dtype: torch.dtype) -> float:
+    """One bfloat16 ulp of the largest reference value for bfloat16 results of Triton's interpreter, else 0. The
+    interpreter truncates the final float32 -> bfloat16 conversion where compiled Triton and plain PyTorch round to
+    nearest: the stored value may then be 1 ulp further off than the rounded one, and no factor of plain PyTorch's
+    error covers that where plain's largest error happens to lie in a lower binade (CI seed 166302278: the largest
+    gradient, 0.0334, truncated 0.91 ulp away, 4.6x plain's max error)."""
+    if not _interpreted_bf16(backend, dtype) or ref64.numel() == 0:
+        return 0.0
+    top = float(ref64.detach().abs().max())
+    return 2.0 ** (math.floor(math.log2(top)) - 7) if 0.0 < top < float("inf") else 0.0
 
 
 def _interpreted_bf16(backend: str, dtype: torch.dtype) -> bool:

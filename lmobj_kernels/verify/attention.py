@@ -55,7 +55,7 @@ def cases(device: str = "cpu"):
                 og = torch.autograd.grad(o, (q, k, v), do)
                 err = float((o.detach().double() - r.detach()).abs().max())
                 yield _row(f"attention[{mask_name}]", b, dtype, shape, err,
-                           lowp_bound(r.detach(), p.detach(), floor=rule_floor(r, dtype)))
+                           lowp_bound(r.detach(), p.detach(), floor=rule_floor(r, dtype, b)))
                 for gname, a, rr, pp in zip(("dq", "dk", "dv"), og, rg, pg):
                     yield _row(f"attention[{mask_name}].{gname}", b, dtype, shape, float((a.double() - rr).abs().max()),
-                               lowp_bound(rr, pp, factor=3.0, floor=rule_floor(rr, dtype)))
+                               lowp_bound(rr, pp, factor=3.0, floor=rule_floor(rr, dtype, b)))

@@ -6,7 +6,7 @@ import torch
 
 import lmobj_kernels as L
 from lmobj_kernels._backend import available_backends
-from lmobj_kernels.verify import grad_factor, lowp_bound
+from lmobj_kernels.verify import grad_factor, interpreter_ulp, lowp_bound
 
 
 def _row(op, backend, dtype, shape, err, bound):
@@ -48,5 +48,6 @@ def cases(device: str = "cpu"):
                 bound = lowp_bound(ref.detach(), plain.detach())
                 yield _row(op, b, dtype, f"{tuple(h.shape)}x{v}", err, bound)
                 for name, o, r, p in zip(("d_hidden", "d_weight"), og, rg, pg):
+                    bound = lowp_bound(r, p, factor=grad_factor(b, dtype), floor=1e-6 + interpreter_ulp(r, b, dtype))
                     yield _row(f"{op}.{name}", b, dtype, f"{tuple(h.shape)}x{v}",
-                               float((o.double() - r).abs().max()), lowp_bound(r, p, factor=grad_factor(b, dtype)))
+                               float((o.double() - r).abs().max()), bound)

@@ -6,15 +6,21 @@
 
 namespace lmobj {
 
+// cols_ok (the CPU kernels): also the column layout, a transposed view of a (V, N)-shaped buffer whose rows may be
+// longer than N (strides (1, ld), ld >= N), in which the CPU linear cross-entropy computes its logits.
 inline void check_ce_args(const char* op, const at::Tensor& logits, const at::Tensor& target, int64_t row_offset,
-                          int64_t shift_len) {
+                          int64_t shift_len, bool cols_ok = false) {
   TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D (N, V), got ", logits.dim(), "-D");
   TORCH_CHECK(logits.size(1) > 0, op, ": logits must have at least one class");
   // a dimension of size 1 has no stride to speak of ((13, 1) logits from a transpose: strides (1, 13)), nor has
   // an empty tensor (NumPy's (0, V) arrays: strides (0, 0)); PyTorch calls all of these contiguous
-  TORCH_CHECK(logits.numel() == 0 || ((logits.stride(1) == 1 || logits.size(1) == 1) &&
-                                      (logits.stride(0) >= logits.size(1) || logits.size(0) == 1)),
-              op, ": logits rows must be contiguous (stride(1) == 1)");
+  const bool rows = logits.numel() == 0 || ((logits.stride(1) == 1 || logits.size(1) == 1) &&
+                                            (logits.stride(0) >= logits.size(1) || logits.size(0) == 1));
+  const bool cols = cols_ok && logits.numel() > 0 && (logits.stride(0) == 1 || logits.size(0) == 1) &&
+                    logits.stride(1) >= logits.size(0);
+  TORCH_CHECK(rows || cols, op,
+              cols_ok ? ": logits must have contiguous rows (stride(1) == 1) or columns (stride(0) == 1)"
+                      : ": logits rows must be contiguous (stride(1) == 1)");
   TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 && target.is_contiguous(), op,
               ": target must be a contiguous 1-D int64 tensor");
   TORCH_CHECK(target.device() == logits.device(), op, ": target and logits must be on the same device");

@@ -7,6 +7,7 @@ import torch
 
 import lmobj_kernels as L
 from lmobj_kernels import _loss_ops
+from lmobj_kernels.reference import losses as ref_losses
 from lmobj_kernels.verify import grad_factor, rule_floor
 from tests.conftest import assert_lowp_close, backends_here, bf16_grad_factor
 
@@ -706,6 +707,101 @@ def test_bfloat16_mean_gradient_is_not_biased_by_the_scale(backend, gen):
     big = rw.abs() > rw.abs().median()  # ratios of entries well above the rounding noise
     ratio = float((gw.double()[big] / rw[big]).median())
     assert abs(ratio - 1) < 3e-4, f"weight gradient biased by {ratio - 1:.2e}"
+
+
+# ---- the CPU kernels' column layout (the chunk logits of the CPU linear cross-entropy) ----
+def _column_view(x: torch.Tensor, pad: int = 3, fill: float = 7.0) -> torch.Tensor:
+    """x's values as a column-layout (N, V) view: the transpose of a (V, N + pad) buffer whose last pad columns
+    hold `fill` (rows longer than N, as a chunk's buffer is)."""
+    buf = torch.full((x.shape[1], x.shape[0] + pad), fill, dtype=x.dtype)
+    view = buf[:, : x.shape[0]].t()
+    view.copy_(x)
+    return view
+
+
+@pytest.mark.parametrize("n,v", [(1, 7), (37, 3001), (300, 41), (130, 2500)])  # tile tails, tiles, split vocab
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("opts", OPTS, ids=["plain", "smooth", "zloss", "cap"])
+def test_cpu_column_layout(n, v, dtype, opts, gen):
+    """ce_fwd, ce_bwd and ce_fwd_bwd_ on logits in column layout (strides (1, ld), ld > N) against the float64
+    reference: loss, lse, the gradient (in the same layout), and the buffer's padding untouched. Rows of -inf
+    logits (ignored: zero gradient) and rows with -inf entries are included."""
+    x = _logits(gen, n, v, dtype)
+    t = _target(gen, (n,), v)
+    if n > 4:
+        x[1], t[1] = float("-inf"), -100
+        x[3, : v // 2], t[3] = float("-inf"), v - 1
+    o = (0, 0, -100, float(opts.get("label_smoothing", 0.0)), float(opts.get("z_loss", 0.0)),
+         float(opts.get("softcap") or 0.0))
+    xc = _column_view(x)
+    loss, lse = torch.ops.lmobj.ce_fwd(xc, t, *o)
+    x64 = x.double().requires_grad_()
+    rloss, rlse = ref_losses.cross_entropy_rows(x64, t, -100, o[3], o[4], o[5] or None)
+    ploss, plse = ref_losses.cross_entropy_rows(x.float(), t, -100, o[3], o[4], o[5] or None)
+    # with label smoothing the row of -inf entries has an infinite loss (so has F.cross_entropy's)
+    assert torch.equal(loss.isinf(), rloss.isinf()) and not loss.isnan().any()
+    ok = rloss.isfinite()
+    assert_lowp_close(loss[ok], rloss[ok], ploss[ok], floor=1e-5, what="loss")
+    fin = torch.isfinite(rlse)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(rlse))
+    assert_lowp_close(lse[fin], rlse[fin], plse[fin], floor=1e-5, what="lse")
+    w = torch.rand(n, generator=gen)
+    g = torch.ops.lmobj.ce_bwd(w, xc, t, lse, *o)
+    assert g.dtype == dtype and g.shape == (n, v) and (n == 1 or g.stride() == (1, n))
+    (rg,) = torch.autograd.grad((rloss * w.double()).sum(), x64, retain_graph=True)
+    xp = x.float().requires_grad_()
+    (pg,) = torch.autograd.grad((ref_losses.cross_entropy_rows(xp, t, -100, o[3], o[4], o[5] or None)[0] * w).sum(),
+                                xp)
+    pg = pg.to(dtype)
+    fac = 3.0 if dtype == torch.float32 else bf16_grad_factor("cpu")
+    # the reference's gradient of an ignored row of -inf logits is NaN (F.cross_entropy's too), the kernels' zero
+    keep = torch.ones(n, dtype=torch.bool)
+    if n > 4:
+        keep[1] = False
+        assert bool((g[1] == 0).all())
+    assert_lowp_close(g[keep], rg[keep], pg[keep], factor=fac, floor=rule_floor(rg[keep], dtype), what="grad")
+    # in place: the gradient of the sum of row losses over the logits, the padding columns untouched
+    buf = xc.t()._base if xc.t()._base is not None else xc.t()
+    before = buf.clone()
+    floss, flse = torch.ops.lmobj.ce_fwd_bwd_(xc, t, *o)
+    torch.testing.assert_close(floss, loss, rtol=0, atol=0, equal_nan=True)
+    (rg1,) = torch.autograd.grad(rloss.sum(), x64)
+    (pg1,) = torch.autograd.grad(ref_losses.cross_entropy_rows(xp, t, -100, o[3], o[4], o[5] or None)[0].sum(), xp)
+    assert_lowp_close(xc[keep], rg1[keep], pg1.to(dtype)[keep], factor=fac, floor=rule_floor(rg1[keep], dtype),
+                      what="in-place grad")
+    assert bool((xc[~keep] == 0).all())
+    assert torch.equal(buf[:, n:], before[:, n:])
+
+
+def test_cpu_column_layout_bad_rows():
+    """NaN logits and out-of-range targets in column layout: NaN loss and NaN gradient rows, exactly where the
+    row-layout kernel puts them."""
+    x = torch.randn(40, 3000)
+    t = torch.randint(0, 3000, (40,))
+    x[2, 17] = float("nan")
+    t[5], t[6] = 3000, -100
+    x[6, 3] = float("nan")  # ignored: zero gradient even so
+    for cap in (0.0, 30.0):
+        o = (0, 0, -100, 0.1, 1e-4, cap)
+        rows = torch.ops.lmobj.ce_fwd(x, t, *o)
+        cols = torch.ops.lmobj.ce_fwd(_column_view(x), t, *o)
+        for a, b in zip(rows, cols):
+            assert torch.equal(a.isnan(), b.isnan())
+        assert bool(rows[0][[2, 5]].isnan().all()) and float(rows[0][6]) == 0.0
+        grad_rows = torch.ops.lmobj.ce_bwd(torch.ones(40), x, t, rows[1], *o)
+        grad_cols = torch.ops.lmobj.ce_bwd(torch.ones(40), _column_view(x), t, rows[1], *o)
+        assert torch.equal(grad_rows.isnan(), grad_cols.isnan())
+        assert bool(grad_cols[5].isnan().all()) and bool((grad_cols[6] == 0).all())
+
+
+def test_cpu_column_layout_opcheck(gen):
+    """The fakes of the row ops agree with the CPU kernels on column-layout logits (ce_bwd answers in that
+    layout)."""
+    x, t, opts = _ce_args(gen, n=6, v=23)
+    xc = _column_view(x)
+    torch.library.opcheck(torch.ops.lmobj.ce_fwd, (xc, t) + opts)
+    _, lse = torch.ops.lmobj.ce_fwd(xc, t, *opts)
+    torch.library.opcheck(torch.ops.lmobj.ce_bwd, (torch.rand(6), xc, t, lse) + opts)
 
 
 # ---- op registration: opcheck and torch.compile ----

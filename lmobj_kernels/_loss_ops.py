@@ -38,7 +38,7 @@ if _C() is not None:
 
     @torch.library.register_fake("lmobj::ce_bwd")
     def _(grad_loss, logits, *args):
-        if _is_cols(logits):  # the CPU kernel answers in the logits' column layout
+        if logits.device.type == "cpu" and _is_cols(logits):  # the CPU kernel answers in their column layout
             return logits.new_empty(logits.shape[::-1]).t()
         return logits.new_empty(logits.shape)
 

@@ -719,10 +719,19 @@ def _column_view(x: torch.Tensor, pad: int = 3, fill: float = 7.0) -> torch.Tens
     return view
 
 
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def cpu_threads(request):
+    """The CPU kernels with one thread and with two (the column kernels split the vocabulary between threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("n,v", [(1, 7), (37, 3001), (300, 41), (130, 2500)])  # tile tails, tiles, split vocab
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("opts", OPTS, ids=["plain", "smooth", "zloss", "cap"])
-def test_cpu_column_layout(n, v, dtype, opts, gen):
+def test_cpu_column_layout(n, v, dtype, opts, gen, cpu_threads):
     """ce_fwd, ce_bwd and ce_fwd_bwd_ on logits in column layout (strides (1, ld), ld > N) against the float64
     reference: loss, lse, the gradient (in the same layout), and the buffer's padding untouched. Rows of -inf
     logits (ignored: zero gradient) and rows with -inf entries are included."""
@@ -773,25 +782,80 @@ def test_cpu_column_layout(n, v, dtype, opts, gen):
     assert torch.equal(buf[:, n:], before[:, n:])
 
 
-def test_cpu_column_layout_bad_rows():
-    """NaN logits and out-of-range targets in column layout: NaN loss and NaN gradient rows, exactly where the
-    row-layout kernel puts them."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cpu_column_layout_bad_rows(dtype, cpu_threads):
+    """NaN and +inf logits and out-of-range targets in column layout: the row-layout kernel's values, NaN and inf
+    exactly where it has them (NaN loss and gradient rows for a NaN logit or a bad target, +inf lse for +inf)."""
     x = torch.randn(40, 3000)
     t = torch.randint(0, 3000, (40,))
     x[2, 17] = float("nan")
     t[5], t[6] = 3000, -100
     x[6, 3] = float("nan")  # ignored: zero gradient even so
-    for cap in (0.0, 30.0):
-        o = (0, 0, -100, 0.1, 1e-4, cap)
-        rows = torch.ops.lmobj.ce_fwd(x, t, *o)
-        cols = torch.ops.lmobj.ce_fwd(_column_view(x), t, *o)
+    x[9, 100] = float("inf")
+    x = x.to(dtype)
+    for cap, smoothing, shift, offset in ((0.0, 0.1, 0, 0), (30.0, 0.1, 0, 0), (0.0, 0.0, 8, 0), (0.0, 0.0, 0, 3)):
+        tt = torch.cat([t, t[:offset]]) if offset else t
+        o = (offset, shift, -100, smoothing, 1e-4, cap)
+        rows = torch.ops.lmobj.ce_fwd(x, tt, *o)
+        cols = torch.ops.lmobj.ce_fwd(_column_view(x), tt, *o)
         for a, b in zip(rows, cols):
-            assert torch.equal(a.isnan(), b.isnan())
-        assert bool(rows[0][[2, 5]].isnan().all()) and float(rows[0][6]) == 0.0
-        grad_rows = torch.ops.lmobj.ce_bwd(torch.ones(40), x, t, rows[1], *o)
-        grad_cols = torch.ops.lmobj.ce_bwd(torch.ones(40), _column_view(x), t, rows[1], *o)
-        assert torch.equal(grad_rows.isnan(), grad_cols.isnan())
-        assert bool(grad_cols[5].isnan().all()) and bool((grad_cols[6] == 0).all())
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, equal_nan=True)
+        if not shift and not offset:
+            assert bool(rows[0][[2, 5]].isnan().all()) and float(rows[0][6]) == 0.0
+        if not cap:
+            assert float(cols[1][9]) == float("inf")
+        grad_rows = torch.ops.lmobj.ce_bwd(torch.ones(40), x, tt, rows[1], *o)
+        grad_cols = torch.ops.lmobj.ce_bwd(torch.ones(40), _column_view(x), tt, rows[1], *o)
+        torch.testing.assert_close(grad_cols, grad_rows, rtol=1e-3, atol=1e-6, equal_nan=True)
+        if not shift and not offset:
+            assert bool(grad_cols[5].isnan().all()) and bool((grad_cols[6] == 0).all())
+
+
+def test_cpu_column_layout_rising_logits_keep_float32_accuracy(cpu_threads):
+    """Logits rising along the vocabulary raise the running max at every block of lines: rescaling the sum by a
+    float factor each time added its rounding error up (V = 128256: lse 1.2e-5 off, 30x plain float32's)."""
+    v = 128256
+    x = torch.linspace(0.0, 0.05, v).repeat(4, 1) + torch.arange(4.0)[:, None]
+    t = torch.tensor([0, 5, v - 1, 1000])
+    _, lse = torch.ops.lmobj.ce_fwd(_column_view(x), t, 0, 0, -100, 0.0, 0.0, 0.0)
+    ref = torch.logsumexp(x.double(), 1)
+    plain = torch.logsumexp(x, 1)
+    assert_lowp_close(lse, ref, plain, floor=2e-7, what="lse")
+
+
+def test_cpu_linear_loss_runs_chunks_in_column_layout(gen, monkeypatch):
+    """The CPU linear path hands the row kernels column-layout chunks of a multiple of CPU_CHUNK_ALIGN rows (the
+    layout MKL computes fastest: a fall-back to rows would pass every other test, only slower)."""
+    seen = []
+    fwd, bwd, fused = _loss_ops.row_ops("cpu")
+
+    def spy(logits, *args):
+        seen.append((logits.shape, logits.stride()))
+        return fused(logits, *args)
+
+    monkeypatch.setattr(_loss_ops, "row_ops", lambda backend: (fwd, bwd, spy))
+    monkeypatch.setitem(L.losses.CHUNK_BYTES, "cpu", 100 * 1000 * 4)  # 100 rows of 1000 classes fit: 96, then
+    h, w, _ = _lin_inputs(gen, (300,), 16, 1000, torch.float32)  # evened out over 4 chunks: 75, rounded up: 80
+    t = _target(gen, (300,), 1000)
+    L.linear_cross_entropy(h, w, t, backend="cpu").backward()
+    assert [s[0][0] for s in seen] == [80, 80, 80, 60]
+    assert all(stride[0] == 1 and stride[1] == shape[0] for shape, stride in seen)
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 100, 115, 1000, 4096])
+@pytest.mark.parametrize("v", [2, 1000, 50257, 256000])
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_default_chunk_sizes(n, v, low_memory):
+    """1 <= chunk <= n; on the CPU a multiple of CPU_CHUNK_ALIGN rows whenever there is more than one chunk, within
+    the budget's rows (or the 64-row floor); the docstring's example."""
+    cpu = torch.device("cpu")
+    chunk = L.losses._default_chunk(n, v, 4, cpu, low_memory)
+    assert 1 <= chunk <= n
+    table = L.losses.LOW_MEMORY_BYTES if low_memory else L.losses.CHUNK_BYTES
+    if chunk < n:
+        assert chunk % L.losses.CPU_CHUNK_ALIGN == 0
+        assert chunk <= max(64, table["cpu"] // (4 * v))
+    assert L.losses._default_chunk(200, 50257, 4, cpu) == 80
 
 
 def test_cpu_column_layout_opcheck(gen):
@@ -802,6 +866,8 @@ def test_cpu_column_layout_opcheck(gen):
     torch.library.opcheck(torch.ops.lmobj.ce_fwd, (xc, t) + opts)
     _, lse = torch.ops.lmobj.ce_fwd(xc, t, *opts)
     torch.library.opcheck(torch.ops.lmobj.ce_bwd, (torch.rand(6), xc, t, lse) + opts)
+    torch.library.opcheck(torch.ops.lmobj.ce_fwd_bwd_, (_column_view(x), t) + opts,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
 # ---- op registration: opcheck and torch.compile ----

@@ -811,6 +811,21 @@ def test_cpu_column_layout_bad_rows(dtype, cpu_threads):
             assert bool(grad_cols[5].isnan().all()) and bool((grad_cols[6] == 0).all())
 
 
+@pytest.mark.parametrize("pos,neg,v", [([0, 1], [64, 65], 128), ([0, 8], [1, 9], 2048)])
+def test_cpu_logits_near_the_float_maximum_are_not_nan(pos, neg, v, cpu_threads):
+    """Finite logits of +-3e38 overflow float partial sums of z to +inf and -inf: a NaN check on that sum made the
+    row NaN (where the two met depends on the layout's grouping); F.cross_entropy's loss is finite."""
+    x = torch.randn(2, v)
+    x[:, pos], x[:, neg] = 3e38, -3e38
+    t = torch.tensor([pos[0], 5])
+    exp = torch.nn.functional.cross_entropy(x.double(), t, reduction="none")
+    for logits in (x, _column_view(x)):
+        loss, lse = torch.ops.lmobj.ce_fwd(logits, t, 0, 0, -100, 0.0, 0.0, 0.0)
+        torch.testing.assert_close(lse.double(), torch.logsumexp(x.double(), 1))
+        # lse - z_y in float32: off by up to an ulp of 3e38 (loss 0 where it is log 2), not NaN
+        torch.testing.assert_close(loss.double(), exp, atol=1.0, rtol=1e-6)
+
+
 def test_cpu_column_layout_rising_logits_keep_float32_accuracy(cpu_threads):
     """Logits rising along the vocabulary raise the running max at every block of lines: rescaling the sum by a
     float factor each time added its rounding error up (V = 128256: lse 1.2e-5 off, 30x plain float32's)."""

@@ -57,7 +57,9 @@ def _select_smallest(keys, valid, want):
     need = want - tl.sum(lt.to(tl.int32), axis=0)
     eq = (k == lo).to(tl.int32)
     rank = tl.cumsum(eq, axis=0) - eq
-    return (lt | ((eq == 1) & (rank < need))) & (want > 0)
+    # want = 0 selects nothing as it is (lo = 0, keys >= 0: no lt, need = 0). No `& (want > 0)`: Triton 3.9's
+    # interpreter broadcasts that scalar compare as int32 data, and its store refuses such a mask.
+    return lt | ((eq == 1) & (rank < need))
 
 
 @triton.jit

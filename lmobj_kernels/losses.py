@@ -150,15 +150,14 @@ def cross_entropy(
 # ---- linear + cross-entropy without materialising the logits ----
 # Bytes of logits one chunk may hold. Each chunk's dW update reads and writes the whole float32 (V, D) accumulator
 # (a matmul with K = rows of the chunk), so very small chunks are bound by that traffic; 1 GiB runs Llama-3's head
-# at 8192 tokens in 2 chunks on a GPU. On the CPU (N=4096, D=768, V=50257, fp32, this 2-core machine) 64 to 333
-# rows per chunk cost the same time within noise (the three matmuls take ~1.8 s each at any of them), while memory
-# depends on MKL: its sgemm allocates a hidden buffer of ~M x V floats for M <= 96 rows and a fixed 31 MB for
-# M >= 192, none in between (measured with MKL_DISABLE_FAST_MM=1 and per-call RSS high-water marks; with MKL's
-# default buffer cache those buffers stay resident). `_default_chunk` makes the chunks equal so the last one is not a
-# small one, and on the CPU a multiple of 16 rows: the C++ kernels take each chunk's logits as the (V, rows) product
-# W @ h^T (`_loss_ops._chunks`), whose lines MKL writes ~15% faster 64-byte aligned (N=4096, D=768, V=50257: 114
-# rows 6.7 s, 112 rows 5.75 s). 20 MiB is 96 such rows there, 2 MB under PyTorch's chunked peak (112 rows is 1.6
-# MB over it). Smaller `chunk_size` trades time for memory.
+# at 8192 tokens in 2 chunks on a GPU. On the CPU memory depends on MKL too: its sgemm allocates a hidden buffer of
+# ~M x V floats for M <= 96 rows and a fixed 31 MB for M >= 192, none in between (measured with MKL_DISABLE_FAST_MM=1
+# and per-call RSS high-water marks; with MKL's default buffer cache those buffers stay resident). `_default_chunk`
+# makes the chunks equal so the last one is not a small one, and on the CPU a multiple of 16 rows: the C++ kernels
+# take each chunk's logits as the (V, rows) product W @ h^T (`_loss_ops._chunks`), whose lines MKL writes ~15%
+# faster 64-byte aligned (N=4096, D=768, V=50257, fp32, this 2-core machine: 114 rows 6.7 s, 112 rows 5.75 s,
+# 96 rows 5.8 s). 20 MiB is 96 such rows there, 2 MB under PyTorch's chunked peak (112 rows is 1.6 MB over it).
+# Smaller `chunk_size` trades time for memory.
 CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 20 << 20}
 CPU_CHUNK_ALIGN = 16
 

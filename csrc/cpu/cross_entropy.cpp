@@ -19,6 +19,27 @@
 namespace lmobj {
 namespace {
 
+// c tanh(raw / c) with a cap, raw without.
+LMOBJ_HD float soft_cap(float raw, float c, float inv_c, bool capped) {
+  return capped ? c * fast_tanhf(raw * inv_c) : raw;
+}
+
+// The gradient of ALGORITHMS.md at one logit z (capped when a cap is set), one statement for every CPU loop:
+// (exp(z - lse) coef - uni) d cap / dz, with coef = g (1 + 2 a lse) and uni = g e / V; at the target also
+// - g (1 - e) inside the bracket (target_grad).
+struct GradCoef {
+  float coef, uni;
+};
+inline GradCoef grad_coef(float g, float lse, float smoothing, float z_loss, int64_t V) {
+  return {g * (1.0f + 2.0f * z_loss * lse), g * smoothing / static_cast<float>(V)};
+}
+LMOBJ_HD float logit_grad(float z, float lse, GradCoef k, float inv_c, bool capped) {
+  return (fast_expf(z - lse) * k.coef - k.uni) * cap_factor(z, inv_c, capped);
+}
+inline float target_grad(float zy, float lse, GradCoef k, float g, float smoothing, float inv_c, bool capped) {
+  return (fast_expf(zy - lse) * k.coef - k.uni - g * (1.0f - smoothing)) * cap_factor(zy, inv_c, capped);
+}
+
 // z (capped if asked) of one row as float: a view of the input when no conversion is needed, else the scratch.
 template <typename T>
 const float* row_as_float(const T* x, int64_t V, const CEOptions& o, std::vector<float>& scratch) {
@@ -30,7 +51,7 @@ const float* row_as_float(const T* x, int64_t V, const CEOptions& o, std::vector
   if (o.softcap > 0.0f) {
     const float c = o.softcap, inv_c = 1.0f / o.softcap;
 #pragma omp simd
-    for (int64_t j = 0; j < V; ++j) z[j] = c * fast_tanhf(static_cast<float>(x[j]) * inv_c);
+    for (int64_t j = 0; j < V; ++j) z[j] = soft_cap(static_cast<float>(x[j]), c, inv_c, true);
   } else {
     for (int64_t j = 0; j < V; ++j) z[j] = static_cast<float>(x[j]);
   }
@@ -76,14 +97,12 @@ void row_grad(const float* z, int64_t V, int64_t y, float lse, float g, const CE
     for (int64_t j = 0; j < V; ++j) out[j] = static_cast<T>(0.0f);
     return;
   }
-  const float coef = g * (1.0f + 2.0f * o.z_loss * lse), uni = g * o.smoothing / static_cast<float>(V);
+  const GradCoef k = grad_coef(g, lse, o.smoothing, o.z_loss, V);
   const bool capped = o.softcap > 0.0f, valid = y >= 0 && y < V;
   const float inv_c = capped ? 1.0f / o.softcap : 0.0f;
-  const float zy = valid ? z[y] : 0.0f;
-  const float dy = (fast_expf(zy - lse) * coef - uni - g * (1.0f - o.smoothing)) * cap_factor(zy, inv_c, capped);
+  const float dy = target_grad(valid ? z[y] : 0.0f, lse, k, g, o.smoothing, inv_c, capped);
 #pragma omp simd
-  for (int64_t j = 0; j < V; ++j)
-    out[j] = static_cast<T>((fast_expf(z[j] - lse) * coef - uni) * cap_factor(z[j], inv_c, capped));
+  for (int64_t j = 0; j < V; ++j) out[j] = static_cast<T>(logit_grad(z[j], lse, k, inv_c, capped));
   if (valid) {
     out[y] = static_cast<T>(dy);
   } else {
@@ -148,8 +167,7 @@ template <typename T, bool Capped>
 LMOBJ_HD void load_line(const T* line, int64_t nl, float c, float inv_c, float* d) {
 #pragma omp simd
   for (int64_t l = 0; l < nl; ++l) {
-    const float raw = static_cast<float>(line[l]);
-    d[l] = Capped ? c * fast_tanhf(raw * inv_c) : raw;
+    d[l] = soft_cap(static_cast<float>(line[l]), c, inv_c, Capped);
   }
 }
 
@@ -234,25 +252,25 @@ inline int64_t col_parts(int64_t V) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), V / 256));
 }
 
-// f(tile_begin, tile_end) over the tiles of kLanes rows: in sequence on the calling thread when each tile splits
-// its vocabulary between the threads and there are fewer tiles than threads (a chunk of ~100 rows of a large
-// vocabulary), else the tiles themselves in parallel (small vocabularies: the trainer's 361; many rows).
-// Not a parallel_for of grain "all tiles" for the first case: its inline run marks a parallel region, and the
-// tiles' own parallel_for would then run on one thread.
+// f(tile_begin, tile_end, parts) over the tiles of kLanes rows: in sequence on the calling thread, each tile's
+// vocabulary split in `parts` ranges between the threads, when there are fewer tiles than threads (a chunk of ~100
+// rows of a large vocabulary); else the tiles themselves in parallel, one range each (small vocabularies: the
+// trainer's 361; many rows). Not a parallel_for of grain "all tiles" for the first case: its inline run marks a
+// parallel region, and the ranges' own parallel_for would then run on one thread.
 template <typename F>
 void for_tiles(int64_t N, int64_t V, const F& f) {
-  const int64_t tiles = (N + kLanes - 1) / kLanes;
-  if (col_parts(V) > 1 && tiles < at::get_num_threads()) {
-    f(int64_t{0}, tiles);
+  const int64_t tiles = (N + kLanes - 1) / kLanes, parts = col_parts(V);
+  if (parts > 1 && tiles < at::get_num_threads()) {
+    f(int64_t{0}, tiles, parts);
   } else {
-    at::parallel_for(0, tiles, 1, f);
+    at::parallel_for(0, tiles, 1, [&](int64_t b, int64_t e) { f(b, e, int64_t{1}); });
   }
 }
 
-// lse and sum of z of a tile's nl columns, the lines split between the threads.
+// lse and sum of z of a tile's nl columns, the lines split in `parts` ranges between the threads.
 template <typename T, bool Capped>
-void col_stats(const T* x, int64_t ld, int64_t nl, int64_t V, float c, float inv_c, float* lse, float* sum_z) {
-  const int64_t parts = col_parts(V);
+void col_stats(const T* x, int64_t ld, int64_t nl, int64_t V, int64_t parts, float c, float inv_c, float* lse,
+               float* sum_z) {
   std::vector<ColStats> st(parts);
   at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
     for (int64_t p = b; p < e; ++p)
@@ -268,27 +286,26 @@ void col_stats(const T* x, int64_t ld, int64_t nl, int64_t V, float c, float inv
 }
 
 // Gradient of a tile's nl columns, column l times g[l] (0: zeros, even where lse = -inf), written at out (ldo), the
-// lines split between the threads; out may be x (in place): the targets' entries are computed before the lines are
-// overwritten. A target outside [0, V) (and not ignored) gives a NaN column, as row_grad.
+// lines split in `parts` ranges between the threads; out may be x (in place): the targets' entries are computed
+// before the lines are overwritten. A target outside [0, V) (and not ignored) gives a NaN column, as row_grad.
 template <typename T, bool Capped>
-void col_grad(const T* x, int64_t ld, T* out, int64_t ldo, int64_t nl, int64_t V, const int64_t* y, const float* lse,
-              const float* g, const CEOptions& o) {
+void col_grad(const T* x, int64_t ld, T* out, int64_t ldo, int64_t nl, int64_t V, int64_t parts, const int64_t* y,
+              const float* lse, const float* g, const CEOptions& o) {
   const float c = o.softcap, inv_c = Capped ? 1.0f / o.softcap : 0.0f;
   float coef[kLanes], uni[kLanes], lz[kLanes], keep[kLanes], dy[kLanes];
   for (int64_t l = 0; l < nl; ++l) {
     const bool zero = g[l] == 0.0f, bad = !zero && (y[l] < 0 || y[l] >= V);
+    const GradCoef k = grad_coef(g[l], lse[l], o.smoothing, o.z_loss, V);
     keep[l] = zero ? 0.0f : 1.0f;
-    coef[l] = zero ? 0.0f : bad ? NAN : g[l] * (1.0f + 2.0f * o.z_loss * lse[l]);
-    uni[l] = zero ? 0.0f : g[l] * o.smoothing / static_cast<float>(V);
+    coef[l] = zero ? 0.0f : bad ? NAN : k.coef;
+    uni[l] = zero ? 0.0f : k.uni;
     lz[l] = zero ? 0.0f : lse[l];
     dy[l] = 0.0f;
     if (!zero && !bad) {
-      const float raw = static_cast<float>(x[y[l] * ld + l]);
-      const float zy = Capped ? c * fast_tanhf(raw * inv_c) : raw;
-      dy[l] = (fast_expf(zy - lse[l]) * coef[l] - uni[l] - g[l] * (1.0f - o.smoothing)) * cap_factor(zy, inv_c, Capped);
+      const float zy = soft_cap(static_cast<float>(x[y[l] * ld + l]), c, inv_c, Capped);
+      dy[l] = target_grad(zy, lse[l], k, g[l], o.smoothing, inv_c, Capped);
     }
   }
-  const int64_t parts = col_parts(V);
   at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
     alignas(64) float z[kLanes];
     for (int64_t j = V * b / parts; j < V * e / parts; ++j) {
@@ -296,7 +313,7 @@ void col_grad(const T* x, int64_t ld, T* out, int64_t ldo, int64_t nl, int64_t V
       T* oline = out + j * ldo;
 #pragma omp simd
       for (int64_t l = 0; l < nl; ++l) {
-        const float v = (fast_expf(z[l] - lz[l]) * coef[l] - uni[l]) * cap_factor(z[l], inv_c, Capped);
+        const float v = logit_grad(z[l], lz[l], GradCoef{coef[l], uni[l]}, inv_c, Capped);
         z[l] = keep[l] != 0.0f ? v : 0.0f;  // a NaN logit of an ignored row is a zero too
       }
       for (int64_t l = 0; l < nl; ++l) oline[l] = static_cast<T>(z[l]);
@@ -307,28 +324,28 @@ void col_grad(const T* x, int64_t ld, T* out, int64_t ldo, int64_t nl, int64_t V
 }
 
 // Forward (loss, lse) of column-layout logits, and with grad_inplace their gradient (weight 1 per valid row)
-// written over them. Tiles of kLanes rows in sequence, each spread over the threads.
+// written over them, a tile of kLanes rows at a time (for_tiles).
 template <typename T, bool Capped>
 void ce_forward_cols(const T* x, const int64_t* target, int64_t N, int64_t V, int64_t ld, const CEOptions& o,
                      float* loss, float* lse_out, T* grad_inplace) {
   const float c = o.softcap, inv_c = Capped ? 1.0f / o.softcap : 0.0f;
-  for_tiles(N, V, [&](int64_t tb, int64_t te) {
-  int64_t y[kLanes];
-  float sum_z[kLanes], g[kLanes];
-  for (int64_t r0 = tb * kLanes; r0 < std::min(N, te * kLanes); r0 += kLanes) {
-    const int64_t nl = std::min(kLanes, N - r0);
-    const T* xt = x + r0;
-    col_stats<T, Capped>(xt, ld, nl, V, c, inv_c, lse_out + r0, sum_z);
-    for (int64_t l = 0; l < nl; ++l) {
-      y[l] = row_target(target, o.row_offset + r0 + l, o.shift_len, o.ignore_index);
-      const bool valid = y[l] >= 0 && y[l] < V;
-      float zy = valid ? static_cast<float>(xt[y[l] * ld + l]) : 0.0f;
-      if (Capped) zy = c * fast_tanhf(zy * inv_c);
-      loss[r0 + l] = ce_row_loss(lse_out[r0 + l], zy, sum_z[l], V, y[l], o);
-      g[l] = y[l] == o.ignore_index ? 0.0f : 1.0f;
+  for_tiles(N, V, [&](int64_t tb, int64_t te, int64_t parts) {
+    int64_t y[kLanes];
+    float sum_z[kLanes], g[kLanes];
+    for (int64_t r0 = tb * kLanes; r0 < std::min(N, te * kLanes); r0 += kLanes) {
+      const int64_t nl = std::min(kLanes, N - r0);
+      const T* xt = x + r0;
+      col_stats<T, Capped>(xt, ld, nl, V, parts, c, inv_c, lse_out + r0, sum_z);
+      for (int64_t l = 0; l < nl; ++l) {
+        y[l] = row_target(target, o.row_offset + r0 + l, o.shift_len, o.ignore_index);
+        const bool valid = y[l] >= 0 && y[l] < V;
+        const float zy = soft_cap(valid ? static_cast<float>(xt[y[l] * ld + l]) : 0.0f, c, inv_c, Capped);
+        loss[r0 + l] = ce_row_loss(lse_out[r0 + l], zy, sum_z[l], V, y[l], o);
+        g[l] = y[l] == o.ignore_index ? 0.0f : 1.0f;
+      }
+      if (grad_inplace != nullptr)
+        col_grad<T, Capped>(xt, ld, grad_inplace + r0, ld, nl, V, parts, y, lse_out + r0, g, o);
     }
-    if (grad_inplace != nullptr) col_grad<T, Capped>(xt, ld, grad_inplace + r0, ld, nl, V, y, lse_out + r0, g, o);
-  }
   });
 }
 
@@ -336,17 +353,17 @@ void ce_forward_cols(const T* x, const int64_t* target, int64_t N, int64_t V, in
 template <typename T, bool Capped>
 void ce_backward_cols(const float* grad_loss, const T* x, const int64_t* target, const float* lse, int64_t N,
                       int64_t V, int64_t ld, const CEOptions& o, T* out, int64_t ldo) {
-  for_tiles(N, V, [&](int64_t tb, int64_t te) {
-  int64_t y[kLanes];
-  float g[kLanes];
-  for (int64_t r0 = tb * kLanes; r0 < std::min(N, te * kLanes); r0 += kLanes) {
-    const int64_t nl = std::min(kLanes, N - r0);
-    for (int64_t l = 0; l < nl; ++l) {
-      y[l] = row_target(target, o.row_offset + r0 + l, o.shift_len, o.ignore_index);
-      g[l] = y[l] == o.ignore_index ? 0.0f : grad_loss[r0 + l];
+  for_tiles(N, V, [&](int64_t tb, int64_t te, int64_t parts) {
+    int64_t y[kLanes];
+    float g[kLanes];
+    for (int64_t r0 = tb * kLanes; r0 < std::min(N, te * kLanes); r0 += kLanes) {
+      const int64_t nl = std::min(kLanes, N - r0);
+      for (int64_t l = 0; l < nl; ++l) {
+        y[l] = row_target(target, o.row_offset + r0 + l, o.shift_len, o.ignore_index);
+        g[l] = y[l] == o.ignore_index ? 0.0f : grad_loss[r0 + l];
+      }
+      col_grad<T, Capped>(x + r0, ld, out + r0, ldo, nl, V, parts, y, lse + r0, g, o);
     }
-    col_grad<T, Capped>(x + r0, ld, out + r0, ldo, nl, V, y, lse + r0, g, o);
-  }
   });
 }
 
@@ -437,21 +454,19 @@ void grad_cols_rows(T* x, int64_t ld, int64_t N, int64_t C, const int64_t* targe
         for (int64_t j = 0; j < C; ++j) row[j] = static_cast<T>(0.0f);
         continue;
       }
-      const float l = lse[r], coef = w[r] * (1.0f + 2.0f * z_loss * l);
-      const float uni = w[r] * smoothing / static_cast<float>(V);
+      const float l = lse[r];
+      const GradCoef k = grad_coef(w[r], l, smoothing, z_loss, V);
       const int64_t y = target[r] - col0;
       // the target's entry first: the loop below overwrites the row
       float dy = 0.0f;
       if (y >= 0 && y < C) {
-        const float raw = static_cast<float>(row[y]);
-        const float zy = capped ? c * fast_tanhf(raw * inv_c) : raw;
-        dy = (fast_expf(zy - l) * coef - uni - w[r] * (1.0f - smoothing)) * cap_factor(zy, inv_c, capped);
+        const float zy = soft_cap(static_cast<float>(row[y]), c, inv_c, capped);
+        dy = target_grad(zy, l, k, w[r], smoothing, inv_c, capped);
       }
 #pragma omp simd
       for (int64_t j = 0; j < C; ++j) {
-        const float raw = static_cast<float>(row[j]);
-        const float z = capped ? c * fast_tanhf(raw * inv_c) : raw;
-        row[j] = static_cast<T>((fast_expf(z - l) * coef - uni) * cap_factor(z, inv_c, capped));
+        const float z = soft_cap(static_cast<float>(row[j]), c, inv_c, capped);
+        row[j] = static_cast<T>(logit_grad(z, l, k, inv_c, capped));
       }
       if (y >= 0 && y < C) row[y] = static_cast<T>(dy);
     }

@@ -24,10 +24,12 @@ def cross_entropy_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row loss (0 at ignored rows) and log-sum-exp of (N, V) logits against (N,) targets."""
     z = logits if logits.dtype == torch.float64 else logits.float()
+    valid = target != ignore_index
+    if z.requires_grad:  # ignored rows get no gradient path: an all -inf row's softmax is NaN, and 0 * NaN = NaN
+        z = torch.where(valid.unsqueeze(-1), z, z.detach())
     if softcap:
         z = softcap * torch.tanh(z / softcap)
     lse = torch.logsumexp(z, dim=-1)
-    valid = target != ignore_index
     safe = torch.where(valid, target, torch.zeros_like(target))
     z_y = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     e = label_smoothing

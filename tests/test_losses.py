@@ -217,6 +217,21 @@ def _check_nan_logits(backend, softcap, device="cpu"):
     t = torch.tensor([2, 2, 0])
     out = L.cross_entropy(x.to(device), t.to(device), reduction="none", softcap=softcap, backend=backend).cpu()
     assert torch.isnan(out[0]) and torch.isnan(out[2]) and torch.isfinite(out[1]), out
+    # V = 41: the CUDA kernel's threads 41-63 hold no column, so a NaN in the second warp (columns 32-40) merged
+    # with an empty partner, both maxima -inf, and the merge reset its sum to 0: a finite loss. Rows 4 and 5: a NaN
+    # among -inf logits (masked vocabulary) meets threads of -inf only.
+    x = torch.linspace(-2, 2, 41).repeat(6, 1)
+    x[0, 33] = x[2, 40] = x[3, 5] = float("nan")
+    x[4], x[5] = float("-inf"), float("-inf")
+    x[4, 20], x[4, 0], x[5, 37] = float("nan"), 1.0, float("nan")
+    x = x.to(device).requires_grad_()
+    t = torch.tensor([0, 3, 40, 7, 0, 37], device=device)
+    out = L.cross_entropy(x, t, reduction="none", softcap=softcap, backend=backend)
+    (g,) = torch.autograd.grad(out.sum(), x)
+    out, g = out.detach().cpu(), g.cpu()
+    nan_rows = torch.tensor([True, False, True, True, True, True])
+    assert torch.equal(out.isnan(), nan_rows), out
+    assert bool(g[nan_rows].isnan().all()) and bool(g[~nan_rows].isfinite().all()), g  # as F.cross_entropy
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])

@@ -32,6 +32,8 @@ __device__ __forceinline__ float cap(float x, float c, float inv_c) {
 }
 
 // Merge (m, s) pairs of an online softmax and sums of z across the block. Result valid in every thread.
+// While both maxima are -inf each s is 0 or NaN (fmaxf skips NaN: a thread that saw only NaN and -inf has
+// m = -inf, s = NaN): their sum keeps the NaN, so a NaN logit makes the lse NaN as on the CPU.
 __device__ __forceinline__ void block_reduce(float& m, float& s, float& sz, float* smem) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
 #pragma unroll
@@ -39,7 +41,7 @@ __device__ __forceinline__ void block_reduce(float& m, float& s, float& sz, floa
     float m2 = __shfl_xor_sync(0xffffffffu, m, off), s2 = __shfl_xor_sync(0xffffffffu, s, off);
     sz += __shfl_xor_sync(0xffffffffu, sz, off);
     float mn = fmaxf(m, m2);
-    s = (mn == -INFINITY) ? 0.0f : s * __expf(m - mn) + s2 * __expf(m2 - mn);
+    s = (mn == -INFINITY) ? s + s2 : s * __expf(m - mn) + s2 * __expf(m2 - mn);
     m = mn;
   }
   if (lane == 0) {
@@ -54,7 +56,7 @@ __device__ __forceinline__ void block_reduce(float& m, float& s, float& sz, floa
   for (int w = 0; w < nwarps; ++w) {
     float m2 = smem[w], s2 = smem[32 + w];
     float mn = fmaxf(m, m2);
-    s = (mn == -INFINITY) ? 0.0f : s * __expf(m - mn) + s2 * __expf(m2 - mn);
+    s = (mn == -INFINITY) ? s + s2 : s * __expf(m - mn) + s2 * __expf(m2 - mn);
     m = mn;
     sz += smem[64 + w];
   }

@@ -10,6 +10,9 @@ def is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what an int argument of the ops (schema `int`) can hold
+
+
 def is_real(v) -> bool:
     """A Python or NumPy int or float; not a bool (True is an int to Python, not a smoothing or a scale)."""
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))

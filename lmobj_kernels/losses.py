@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from lmobj_kernels import _loss_ops
 from lmobj_kernels._backend import check_backend_name, resolve
-from lmobj_kernels._checks import check_flag, is_int, is_real
+from lmobj_kernels._checks import INT64_MAX, INT64_MIN, check_flag, is_int, is_real
 from lmobj_kernels.reference import losses as ref
 
 _REDUCTIONS = ("none", "sum", "mean")
@@ -27,6 +27,8 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 def _check_ignore_index(ignore_index) -> None:
     if not is_int(ignore_index):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not INT64_MIN <= ignore_index <= INT64_MAX:
+        raise ValueError(f"ignore_index must fit int64, got {ignore_index}")
 
 
 def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size=None):
@@ -39,7 +41,7 @@ def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap, ch
         raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
     if softcap is not None and (not is_real(softcap) or not (softcap > 0 and math.isfinite(softcap))):
         raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
-    if chunk_size is not None and (not is_int(chunk_size) or chunk_size < 1):
+    if chunk_size is not None and (not is_int(chunk_size) or not 1 <= chunk_size <= INT64_MAX):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
 
 
@@ -279,13 +281,14 @@ def _linear_ce(hidden, weight, target, target_name, bias, shift, ignore_index, r
     V, D = weight.shape
     seq = hidden.shape[-2] if shift else 0
     h = hidden.reshape(-1, D)
-    tgt = target.reshape(-1).to(torch.int64).contiguous()
+    t64 = target.to(torch.int64)  # compared in its own dtype, a uint8 target would see ignore_index -100 as 156
+    tgt = t64.reshape(-1).contiguous()
     _check_target_range(target_name, tgt, V, ignore_index)
-    count = ((target[..., 1:] if shift else target) != ignore_index).sum()
+    count = ((t64[..., 1:] if shift else t64) != ignore_index).sum()
     name = resolve(_float_or_float64_backend(backend, hidden, weight), hidden.device, "linear_cross_entropy")
     cap = float(softcap or 0.0)
     if name == "torch":
-        t = ref.shift_targets(target.to(torch.int64), ignore_index).reshape(-1) if shift else tgt
+        t = ref.shift_targets(t64, ignore_index).reshape(-1) if shift else tgt
         rows, lse = ref.linear_cross_entropy_rows(h, weight, t, bias, ignore_index, label_smoothing, z_loss, softcap)
         loss = _reduce(rows, count, reduction)
     else:
@@ -341,6 +344,7 @@ def seq2seq_lm_loss(decoder_hidden: Tensor, weight: Tensor, labels: Tensor, *, h
     `hidden_scale` multiplies the decoder states first (T5 with tied embeddings uses d_model ** -0.5)."""
     _check_hidden_scale(hidden_scale)
     if hidden_scale is not None:
+        _check_tensor("decoder_hidden", decoder_hidden)  # before the product, which would make integer states float
         decoder_hidden = decoder_hidden * hidden_scale
     return _labels_loss("seq2seq_lm_loss", decoder_hidden, weight, labels, False, kwargs)
 

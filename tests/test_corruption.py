@@ -446,6 +446,7 @@ def test_mlm_degenerate():
     (dict(pad_id=V), ValueError, "pad_id"),
     (dict(sentinel_ids=[5, 6, 5]), ValueError, "distinct"),
     (dict(sentinel_ids=[5, EOS]), ValueError, "eos_id"),
+    (dict(vocab_size=2**64), ValueError, "vocab_size"),  # past int64: named, not a failure in the op
 ])
 def test_span_bad_input(kw, exc, name):
     x = _tokens(2, 40, seed=12)
@@ -503,6 +504,7 @@ def test_span_ops_refuse_what_the_api_refuses(backend):
     (dict(exact=1), TypeError, "exact"),
     (dict(word_ids=torch.zeros(2, 3, dtype=torch.long)), ValueError, "word_ids"),
     (dict(word_ids=torch.zeros(2, 40)), TypeError, "word_ids"),
+    (dict(ignore_index=2**63), ValueError, "ignore_index"),
 ])
 def test_mlm_bad_input(kw, exc, name):
     args = dict(mask_id=3, vocab_size=V, seed=1)

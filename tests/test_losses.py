@@ -590,6 +590,40 @@ def test_linear_bad_input(gen):
         L.causal_lm_loss(h[0], w, t[0])
     with pytest.raises(ValueError, match="weight must be"):
         L.linear_cross_entropy(h, w[0], t)
+    # ints the ops' int64 arguments cannot hold: a ValueError naming them, not the dispatcher's type error
+    with pytest.raises(ValueError, match="ignore_index"):
+        L.linear_cross_entropy(h, w, t, ignore_index=2**63)
+    with pytest.raises(ValueError, match="ignore_index"):
+        L.cross_entropy(h @ w.t(), t, ignore_index=-(2**63) - 1)
+    with pytest.raises(ValueError, match="chunk_size"):
+        L.linear_cross_entropy(h, w, t, chunk_size=2**63)
+    # integer decoder states: refused with hidden_scale too (the product made them float)
+    for scale in (None, 0.5):
+        with pytest.raises(TypeError, match="hidden"):
+            L.seq2seq_lm_loss(torch.ones(1, 4, 8, dtype=torch.long), w, t[None], hidden_scale=scale)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_narrow_integer_targets_count_as_int64(backend, dtype, gen):
+    """Targets of any integer dtype give the int64 result. The mean's count compared a uint8 target with
+    ignore_index in the target's own dtype, where -100 is 156: a row of class 156 was scored but not counted."""
+    v = 300
+    h, w, _ = _lin_inputs(gen, (2, 6), 8, v, torch.float32)
+    t = torch.randint(0, 250, (2, 6), generator=gen)
+    t[0, 2], t[1, 4] = 156, 255  # -100 and -1 as uint8
+    for ignore in (-100, -1):
+        for fn in (L.linear_cross_entropy, L.causal_lm_loss, L.seq2seq_lm_loss, L.masked_lm_loss):
+            want = fn(h, w, t, ignore_index=ignore, backend=backend)
+            hh = h.detach().clone().requires_grad_()
+            got = fn(hh, w, t.to(dtype), ignore_index=ignore, backend=backend)
+            torch.testing.assert_close(got, want, msg=f"{fn.__name__}, ignore_index={ignore}")
+            (g,) = torch.autograd.grad(got, hh)
+            (gw,) = torch.autograd.grad(want, h)
+            torch.testing.assert_close(g, gw)
+        z = (h @ w.t()).detach()
+        torch.testing.assert_close(L.cross_entropy(z, t.to(dtype), ignore_index=ignore, backend=backend),
+                                   L.cross_entropy(z, t, ignore_index=ignore, backend=backend))
 
 
 def test_modules(gen):

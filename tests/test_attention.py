@@ -477,6 +477,7 @@ def _bad_cases():
          "prefix_lens"),
         ("prefix float list", (q, k, v), {"causal": True, "prefix_lens": [3.5, 4]}, TypeError, "prefix_lens"),
         ("kv float list", (q, k, v), {"kv_lens": [3.0, 4]}, TypeError, "kv_lens"),
+        ("kv past int64", (q, k, v), {"kv_lens": [2**64, 4]}, ValueError, "kv_lens"),
         ("prefix non-causal", (q, k, v), {"prefix_lens": torch.tensor([3, 4])}, ValueError, "prefix_lens"),
         ("kv range", (q, k, v), {"kv_lens": torch.tensor([9, 1])}, ValueError, "kv_lens"),
         ("kv shape", (q, k, v), {"kv_lens": torch.tensor([[1, 1]])}, ValueError, "kv_lens"),

@@ -7,6 +7,7 @@ their arithmetic, indexing, reductions and scans get; races, memory ordering and
 from __future__ import annotations
 
 import ctypes
+import math
 import struct
 
 import pytest
@@ -36,6 +37,26 @@ def emu(tmp_path_factory):
     return lib
 
 
+_GUARD = 64  # elements of canary before and after every buffer a kernel may write
+
+
+def _guarded(shape, dtype, fill) -> torch.Tensor:
+    """A tensor of `shape` inside a larger buffer whose margins hold a canary (`_intact` checks them): a write
+    past either end shows, where a kernel on a GPU would corrupt a neighbour or fault."""
+    n = math.prod(shape)
+    base = torch.full((n + 2 * _GUARD,), -9, dtype=dtype)
+    t = base[_GUARD : _GUARD + n].view(shape)
+    t.fill_(fill)
+    return t
+
+
+def _intact(*ts: torch.Tensor) -> None:
+    for t in ts:
+        base = t._base
+        ok = base is not None and bool((base[:_GUARD] == -9).all() and (base[-_GUARD:] == -9).all())
+        assert ok, "a kernel wrote outside its buffer"
+
+
 def _ok(lib, rc: int) -> None:
     err = lib.emu_take_error().decode()
     assert rc == 0 and not err, f"emulated launch: cudaError {rc}, {err or 'no message'}"
@@ -55,7 +76,7 @@ def _effective_targets(target: torch.Tensor, n: int, row_offset: int, shift_len:
 def _row_buffer(x: torch.Tensor, ld: int) -> torch.Tensor:
     """x (n, v) in a buffer whose rows are ld apart (ld > v: the kernels' scalar path unless ld keeps 16-byte
     alignment)."""
-    buf = torch.full((x.shape[0], ld), 7.0, dtype=x.dtype)
+    buf = _guarded((x.shape[0], ld), x.dtype, 7.0)
     buf[:, : x.shape[1]] = x
     return buf
 
@@ -89,7 +110,8 @@ def _check_rows(loss, lse, rloss, rlse, ploss, plse):
     assert_lowp_close(lse[fin], rlse[fin], plse[fin], floor=1e-5, what="lse")
 
 
-@pytest.mark.parametrize("n,v,pad", [(1, 7, 0), (7, 41, 0), (7, 41, 7), (6, 100, 3), (3, 4097, 0), (5, 2500, 8)])
+@pytest.mark.parametrize("n,v,pad", [(1, 7, 0), (7, 41, 0), (7, 41, 7), (6, 100, 3), (3, 4097, 0), (5, 2500, 8),
+                                      (2, 40000, 0)])  # 40000: blocks of 512 (16-bit) and 1024 threads (f32)
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("opts", OPTS, ids=["plain", "smooth", "zloss", "cap"])
 def test_emulated_cross_entropy(emu, gen, n, v, pad, dtype, opts):
@@ -107,7 +129,7 @@ def test_emulated_cross_entropy(emu, gen, n, v, pad, dtype, opts):
     ld = v + pad
     buf = _row_buffer(x, ld)
     before = buf.clone()
-    loss, lse = torch.full((n,), 5.0), torch.full((n,), 5.0)
+    loss, lse = _guarded((n,), torch.float32, 5.0), _guarded((n,), torch.float32, 5.0)
     _ok(emu, emu.emu_ce_forward(DTYPES[dtype], _p(buf), _I(ld), _p(t), _I(n), _I(v), *args, _p(loss), _p(lse),
                                 _p(None)))
     assert torch.equal(buf, before), "the forward wrote into its input"
@@ -117,7 +139,7 @@ def test_emulated_cross_entropy(emu, gen, n, v, pad, dtype, opts):
     # fused: the row becomes the gradient of the sum of row losses, the padding columns untouched
     (rg,) = torch.autograd.grad(rloss.sum(), x64, retain_graph=True)
     (pg,) = torch.autograd.grad(ploss.sum(), xp, retain_graph=True)
-    loss2, lse2 = torch.empty(n), torch.empty(n)
+    loss2, lse2 = _guarded((n,), torch.float32, 0.0), _guarded((n,), torch.float32, 0.0)
     _ok(emu, emu.emu_ce_forward(DTYPES[dtype], _p(buf), _I(ld), _p(t), _I(n), _I(v), *args, _p(loss2), _p(lse2),
                                 _p(buf)))
     torch.testing.assert_close(loss2, loss, rtol=0, atol=0, equal_nan=True)
@@ -129,7 +151,7 @@ def test_emulated_cross_entropy(emu, gen, n, v, pad, dtype, opts):
     (rgw,) = torch.autograd.grad((rloss * w.double()).sum(), x64, retain_graph=True)
     (pgw,) = torch.autograd.grad((ploss * w).sum(), xp, retain_graph=True)
     src = _row_buffer(x, ld)
-    out = torch.full((n, v), 9.0, dtype=dtype)
+    out = _guarded((n, v), dtype, 9.0)
     _ok(emu, emu.emu_ce_backward(DTYPES[dtype], _p(w), _p(src), _I(ld), _p(t), _p(lse), _I(n), _I(v), *args,
                                  _p(out)))
     assert_lowp_close(out, rgw, pgw.to(dtype), **tol)
@@ -146,6 +168,8 @@ def test_emulated_cross_entropy(emu, gen, n, v, pad, dtype, opts):
     (rgc,) = torch.autograd.grad((rloss * wv.double()).sum(), x64)
     (pgc,) = torch.autograd.grad((ploss * wv).sum(), xp)
     assert_lowp_close(block[:, :c], rgc[:, col0 : col0 + c], pgc[:, col0 : col0 + c].to(dtype), **tol)
+    assert torch.equal(block[:, c:], torch.full_like(block[:, c:], 7.0))
+    _intact(buf, loss, lse, loss2, lse2, src, out, block)
 
 
 def test_emulated_cross_entropy_nan_logits(emu):
@@ -178,8 +202,8 @@ SPAN_CASES = [  # B, S, noise density, mean span length, row offset
 
 def _emu_span(lib, x, lengths, seed, row_offset, r, m, sentinels, eos, pad, label_pad, in_w, tg_w):
     B, S = x.shape
-    inputs = torch.full((B, in_w), -7, dtype=torch.int64)
-    targets = torch.full((B, tg_w), -7, dtype=torch.int64)
+    inputs = _guarded((B, in_w), torch.int64, -7)
+    targets = _guarded((B, tg_w), torch.int64, -7)
     rc = lib.emu_span_corrupt(_p(x), _I(x.stride(0)), _I(B), _I(S), _p(lengths), _p(seed), _p(sentinels),
                               _I(sentinels.numel()), _I(row_offset), _F(r), _F(m), _I(eos), _I(pad), _I(label_pad),
                               _p(inputs), _I(in_w), _p(targets), _I(tg_w))
@@ -200,6 +224,7 @@ def test_emulated_span_corrupt_matches_the_cpu_kernel(emu, gen, B, S, r, m, row_
                                                     S + 2, S + 2)
     rc, inputs, targets = _emu_span(emu, x, lengths, seed, row_offset, r, m, sentinels, 1, 0, -100, S + 2, S + 2)
     _ok(emu, rc)
+    _intact(inputs, targets)
     assert torch.equal(inputs, want_in)
     assert torch.equal(targets, want_tg)
 
@@ -238,11 +263,11 @@ def test_emulated_mlm_mask_matches_the_cpu_kernel(emu, gen, S, words, exact):
     select = _rate_bits(0.15) if exact else round(0.15 * one)
     thr = (select, round(0.8 * one), round(0.9 * one), 999, 29000)
     want_out, want_lab = torch.ops.lmobj.mlm_mask(x, wid, seed, 77, special, exact, *thr, 103, -100)
-    out = torch.full((B, S), -7, dtype=torch.int64)
-    lab = out.clone()
+    out, lab = _guarded((B, S), torch.int64, -7), _guarded((B, S), torch.int64, -7)
     rc = emu.emu_mlm_mask(_p(x), _I(x.stride(0)), _I(B), _I(S), _p(wid), _I(wid.stride(0) if words else 0), _p(seed),
                           _p(special), _I(3), _I(77), ctypes.c_int(int(exact)), *(_I(v) for v in thr), _I(103),
                           _I(-100), _p(out), _p(lab))
     _ok(emu, rc)
+    _intact(out, lab)
     assert torch.equal(out, want_out)
     assert torch.equal(lab, want_lab)

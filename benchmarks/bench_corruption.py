@@ -113,38 +113,40 @@ def bench(rows, name, backend, shape, seconds, tokens):
                  "value": tokens / seconds / 1e6, "unit": "M tokens/s", **extra})
 
 
-def run_cpu(rows, B_span, S_span, B_mlm, S_mlm, repeat):
+def run_cpu(rows, B_span, S_span, B_mlm, S_mlm, rounds, repeat):
+    """Each size's contenders timed in alternating rounds (common.time_cpu_interleaved)."""
     x = torch.randint(2, 32000, (B_span, S_span))
     shape = f"{B_span}x{S_span}"
-    tokens = B_span * S_span
-    t = common.time_cpu(lambda: C.span_corrupt(x, vocab_size=VOCAB_T5, eos_id=EOS_T5, seed=1, backend="cpu"),
-                        repeat=repeat)
-    bench(rows, "span_corrupt", "cpu (C++ kernel)", shape, t, tokens)
     op_args = (x, torch.full((B_span,), S_span), torch.tensor([1]), 0, 0.15, 3.0, torch.arange(VOCAB_T5 - 1,
                VOCAB_T5 - 101, -1), EOS_T5, 0, -100, S_span + 1, S_span + 1)
-    t = common.time_cpu(lambda: torch.ops.lmobj.span_corrupt(*op_args), repeat=repeat)
-    bench(rows, "span_corrupt", "cpu (C++ kernel, bare op: no API checks/masks)", shape, t, tokens)
     xn = x.numpy()
-    t = common.time_cpu(lambda: numpy_t5_collator(xn), repeat=repeat)
-    bench(rows, "span_corrupt", "numpy per-row (HF Flax T5 style)", shape, t, tokens)
+    t = common.time_cpu_interleaved({
+        "cpu (C++ kernel)": lambda: C.span_corrupt(x, vocab_size=VOCAB_T5, eos_id=EOS_T5, seed=1, backend="cpu"),
+        "cpu (C++ kernel, bare op: no API checks/masks)": lambda: torch.ops.lmobj.span_corrupt(*op_args),
+        "numpy per-row (HF Flax T5 style)": lambda: numpy_t5_collator(xn),
+    }, rounds, repeat)
+    for name, sec in t.items():
+        bench(rows, "span_corrupt", name, shape, sec, B_span * S_span)
 
     y = torch.randint(104, VOCAB_BERT, (B_mlm, S_mlm))
     y[:, 0], y[:, -1] = 101, 102
     shape = f"{B_mlm}x{S_mlm}"
-    tokens = B_mlm * S_mlm
-    t = common.time_cpu(lambda: C.mlm_mask(y, mask_id=MASK_BERT, vocab_size=VOCAB_BERT, special_ids=SPECIAL_BERT,
-                                           seed=1, backend="cpu"), repeat=repeat)
-    bench(rows, "mlm_mask", "cpu (C++ kernel)", shape, t, tokens)
     peer = hf_mlm_peer()
     special = torch.tensor(SPECIAL_BERT)
     if peer is not None:
         label, fn = peer
         smask = torch.isin(y, special)
-        t = common.time_cpu(lambda: fn(y, smask), repeat=repeat)
+        peer_fn = lambda: fn(y, smask)  # noqa: E731
     else:
         label = "torch reimplementation of HF torch_mask_tokens (transformers not installed)"
-        t = common.time_cpu(lambda: torch_mask_tokens_same_algorithm(y, special), repeat=repeat)
-    bench(rows, "mlm_mask", label, shape, t, tokens)
+        peer_fn = lambda: torch_mask_tokens_same_algorithm(y, special)  # noqa: E731
+    t = common.time_cpu_interleaved({
+        "cpu (C++ kernel)": lambda: C.mlm_mask(y, mask_id=MASK_BERT, vocab_size=VOCAB_BERT, special_ids=SPECIAL_BERT,
+                                               seed=1, backend="cpu"),
+        label: peer_fn,
+    }, rounds, repeat)
+    for name, sec in t.items():
+        bench(rows, "mlm_mask", name, shape, sec, B_mlm * S_mlm)
 
 
 def run_gpu(rows, sizes):
@@ -244,9 +246,9 @@ def main(argv=None):
             sys.exit("--gpu needs a CUDA GPU")
         run_gpu(rows, [(64, 568)] if args.quick else [(1024, 568), (8192, 568)])
     elif args.quick:
-        run_cpu(rows, 8, 64, 8, 64, repeat=2)
+        run_cpu(rows, 8, 64, 8, 64, rounds=2, repeat=1)
     else:
-        run_cpu(rows, 256, 568, 256, 512, repeat=15)
+        run_cpu(rows, 256, 568, 256, 512, rounds=10, repeat=3)
     tput = [r for r in rows if r["metric"] == "throughput"]
     print(common.table([{"bench": r["bench"], "backend": r["backend"], "shape": r["shape"],
                          "M tokens/s": r["value"],

@@ -52,6 +52,22 @@ def time_cpu(fn, warmup: int = 1, repeat: int = 5) -> float:
     return ts[len(ts) // 2]
 
 
+def time_cpu_interleaved(fns: dict, rounds: int = 10, repeat: int = 3) -> dict:
+    """Median wall time in seconds of each fn() on the CPU, measured in alternating rounds of `repeat` calls each,
+    so that a change of load on a shared machine falls on every contender alike (ratios from back-to-back blocks
+    of one contender, then the other, moved by 2x between runs here)."""
+    samples: dict = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - t0)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in samples.items()}
+
+
 def time_gpu(fn, warmup_ms: int = 25, rep_ms: int = 100) -> float:
     """Median time in seconds of fn() on the GPU (triton.testing.do_bench: CUDA events, cache flushed)."""
     import triton.testing

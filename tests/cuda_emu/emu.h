@@ -3,10 +3,13 @@
 // `extern __shared__` arrays into a per-block buffer), and each CUDA thread of a block runs as one OS thread.
 // What it checks that compiling cannot: the kernels' arithmetic, indexing, tails, block reductions, scans and
 // shuffles, __syncthreads placement (a barrier that not every live thread reaches is reported, not hung on),
-// shuffles that read an exited lane, launch limits (threads per block, grid, dynamic shared memory with and
-// without the opt-in attribute). What it cannot: memory-ordering races (threads are sequentially consistent
-// here), warp-synchronous assumptions without a sync, speed, and the device-only branches of csrc/common
-// (__CUDA_ARCH__ is undefined, so their host twins run). __expf is the exact expf.
+// shuffles that read an exited lane, a __syncthreads reached after some threads exited (undefined in CUDA),
+// launch limits (threads per block, grid, dynamic shared memory with and without the opt-in attribute), writes
+// past the dynamic shared memory, and shared memory is garbage (0xA5) at the start of every block. Races are not
+// seen here (threads are sequentially consistent) but by the ThreadSanitizer build of race_driver.cpp, and reads
+// out of bounds by its AddressSanitizer build (tests/test_cuda_emulated.py runs both). Not covered: warp-
+// synchronous code without a sync, speed, and the device-only branches of csrc/common (__CUDA_ARCH__ is
+// undefined, so their host twins run). __expf rounds its argument times log2(e) to float, as ex2.approx does.
 #pragma once
 #include <cuda_runtime_api.h>  // dim3, cudaError_t, cudaStream_t: host-usable declarations
 #include <cuda_bf16.h>
@@ -34,7 +37,8 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __shared__ static  // one block runs at a time, so a static is the block's shared memory
+#define __shared__ static  // one block runs at a time, so a static is the block's shared memory (build.py
+                           // registers each array with a SharedArray, so that launch can poison it)
 #define __align__(n) alignas(n)
 
 namespace lmobj_emu {
@@ -59,11 +63,13 @@ inline void report(const std::string& what) {
 struct Barrier {
   std::mutex m;
   std::condition_variable cv;
-  int n = 0, count = 0;
+  int n = 0, count = 0, dropped = 0;
+  bool block_wide = false;  // a __syncthreads barrier (not a warp's shuffle barrier)
   uint64_t gen = 0;
   void wait(const char* what) {
     std::unique_lock<std::mutex> l(m);
     if (broken) return;
+    if (block_wide && dropped > 0) report(std::string(what) + ": reached after some threads of the block exited");
     const uint64_t g = gen;
     if (++count == n) {
       count = 0;
@@ -80,6 +86,7 @@ struct Barrier {
   void drop() {
     std::lock_guard<std::mutex> l(m);
     --n;
+    ++dropped;
     if (n > 0 && count == n) {
       count = 0;
       ++gen;
@@ -94,6 +101,25 @@ inline uint64_t shfl_slots[32][32];
 inline std::atomic<bool> lane_exited[1024];
 inline std::atomic<int64_t> sync_count{0};
 inline std::vector<unsigned char> dyn_smem;
+inline size_t dyn_smem_bytes = 0;
+#if defined(__SANITIZE_ADDRESS__)
+constexpr size_t kSmemCanary = 0;  // exact size: AddressSanitizer sees every byte past the end
+#else
+constexpr size_t kSmemCanary = 64;  // bytes after the dynamic shared memory that must stay 0x5A
+#endif
+
+// Static __shared__ arrays of the kernels: poisoned when first reached (no thread of the block can be past the
+// declaration yet: a function-local static's initialisation holds the others back) and by launch before every
+// later block.
+inline std::mutex shared_mutex;
+inline std::vector<std::pair<void*, size_t>> shared_arrays;
+struct SharedArray {
+  SharedArray(void* p, size_t bytes) {
+    std::lock_guard<std::mutex> l(shared_mutex);
+    std::memset(p, 0xA5, bytes);
+    shared_arrays.emplace_back(p, bytes);
+  }
+};
 inline std::map<const void*, int> max_dyn_smem;  // cudaFuncAttributeMaxDynamicSharedMemorySize per kernel
 inline cudaError_t last_error = cudaSuccess;
 constexpr int kOptinSmem = 232448;  // H100 / H200: 227 KB per block with the opt-in
@@ -117,6 +143,7 @@ template <typename T>
 T shfl_from(T v, int src_lane, const char* what) {
   static_assert(sizeof(T) <= 8, "shuffles of at most 8 bytes");
   const int warp = thread_idx.x >> 5, lane = thread_idx.x & 31;
+  if (src_lane < 0 || src_lane > 31) src_lane = lane;  // CUDA: a source outside the warp returns the own value
   std::memcpy(&shfl_slots[warp][lane], &v, sizeof v);
   warp_barriers[warp]->wait(what);
   const unsigned src = static_cast<unsigned>(warp * 32 + src_lane);
@@ -162,11 +189,20 @@ void launch(K kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t, F&& body
   }
   block_dim = {block.x, 1, 1};
   grid_dim = {grid.x, 1, 1};
-  dyn_smem.assign(smem + 16, 0);
+  sync_count = 0;
+  dyn_smem_bytes = smem;
+  std::vector<unsigned char>(smem + kSmemCanary).swap(dyn_smem);  // a new buffer of this size (ASan sees its end)
   for (unsigned b = 0; b < grid.x && !broken; ++b) {
-    std::fill(dyn_smem.begin(), dyn_smem.end(), 0xA5);  // shared memory starts with garbage
+    // shared memory starts with garbage, dynamic and static alike
+    std::fill(dyn_smem.begin(), dyn_smem.begin() + smem, 0xA5);
+    std::fill(dyn_smem.begin() + smem, dyn_smem.end(), 0x5A);
+    {
+      std::lock_guard<std::mutex> l(shared_mutex);
+      for (auto& [p, bytes] : shared_arrays) std::memset(p, 0xA5, bytes);
+    }
     Barrier bb;
     bb.n = static_cast<int>(block.x);
+    bb.block_wide = true;
     block_barrier = &bb;
     std::vector<Barrier> wb((block.x + 31) / 32);
     for (size_t w = 0; w < wb.size(); ++w) {
@@ -186,6 +222,11 @@ void launch(K kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t, F&& body
         block_barrier->drop();
       });
     for (auto& th : team) th.join();
+    for (size_t i = smem; i < dyn_smem.size(); ++i)
+      if (dyn_smem[i] != 0x5A) {
+        report("a kernel wrote past its " + std::to_string(smem) + " bytes of dynamic shared memory");
+        break;
+      }
   }
 }
 
@@ -204,7 +245,7 @@ void launch(K kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t, F&& body
 #define __shfl_down_sync(mask, v, d) \
   ::lmobj_emu::shfl_from((v), (threadIdx.x & 31) + (d) < 32 ? (threadIdx.x & 31) + (d) : (threadIdx.x & 31), \
                          "__shfl_down_sync")
-#define __expf(x) expf(x)
+#define __expf(x) exp2f((x) * 1.44269504f)
 #define __logf(x) logf(x)
 #define cudaFuncSetAttribute ::lmobj_emu::func_set_attribute
 #define cudaGetLastError ::lmobj_emu::get_last_error

@@ -20,7 +20,9 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <map>
 #include <mutex>
 #include <string>
@@ -58,6 +60,16 @@ inline void report(const std::string& what) {
   if (first_error.empty()) first_error = what;
 }
 
+// How long a barrier waits for the rest of the block before it reports a deadlock: LMOBJ_EMU_TIMEOUT seconds,
+// default 120 (a loaded 2-core machine, or a sanitizer build, is slow; a real deadlock only costs the wait).
+inline std::chrono::seconds timeout() {
+  static const long s = [] {
+    const char* e = std::getenv("LMOBJ_EMU_TIMEOUT");
+    return e != nullptr && std::atol(e) > 0 ? std::atol(e) : 120L;
+  }();
+  return std::chrono::seconds(s);
+}
+
 // A barrier that a thread leaves when it exits (CUDA counts exited threads as arrived) and that reports, instead
 // of hanging, when some live thread never arrives.
 struct Barrier {
@@ -77,7 +89,7 @@ struct Barrier {
       cv.notify_all();
       return;
     }
-    if (!cv.wait_for(l, std::chrono::seconds(20), [&] { return gen != g || broken.load(); })) {
+    if (!cv.wait_for(l, timeout(), [&] { return gen != g || broken.load(); })) {
       report(std::string(what) + ": not every live thread of the block arrived (deadlock)");
       broken = true;
       cv.notify_all();
@@ -212,15 +224,23 @@ void launch(K kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t, F&& body
     for (unsigned t = 0; t < block.x; ++t) lane_exited[t] = false;
     std::vector<std::thread> team;
     team.reserve(block.x);
-    for (unsigned t = 0; t < block.x; ++t)
-      team.emplace_back([&, t, b] {
-        thread_idx = {t, 0, 0};
-        block_idx = {b, 0, 0};
-        body();
-        lane_exited[t] = true;
-        warp_barriers[t >> 5]->drop();
-        block_barrier->drop();
-      });
+    for (unsigned t = 0; t < block.x && !broken; ++t) {
+      try {
+        team.emplace_back([&, t, b] {
+          thread_idx = {t, 0, 0};
+          block_idx = {b, 0, 0};
+          body();
+          lane_exited[t] = true;
+          warp_barriers[t >> 5]->drop();
+          block_barrier->drop();
+        });
+      } catch (const std::exception& e) {  // e.g. a limit on threads: say so, release the others, no abort
+        report(std::string("launch: could not start thread ") + std::to_string(t) + " of the block: " + e.what());
+        broken = true;
+        for (Barrier* x : {&bb}) { std::lock_guard<std::mutex> l(x->m); x->cv.notify_all(); }
+        for (auto& w : wb) { std::lock_guard<std::mutex> l(w.m); w.cv.notify_all(); }
+      }
+    }
     for (auto& th : team) th.join();
     for (size_t i = smem; i < dyn_smem.size(); ++i)
       if (dyn_smem[i] != 0x5A) {

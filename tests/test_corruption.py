@@ -333,6 +333,30 @@ def test_mlm_bytes_and_invariants(exact, words):
             assert chosen == ref.mlm_exact_count(units, ref.rate_bits(0.3)) == min(max(1, round(0.3 * units)), units)
 
 
+# Rows of seed 1 whose 1100 selection keys (kStreamMLMSelect) tie at the cut of BERT's exact count at p = 0.15 (the
+# 165th and 166th smallest are equal: about 1 row in 4 million; found by brute force): the tie rule decides them.
+TIE_ROWS = (12130187, 14199176)
+
+
+def test_mlm_exact_ties_at_the_cut_take_the_lower_slot():
+    """Equal keys at the threshold go to the lower position, on every backend alike (the CUDA kernel's tie
+    branch, which random rows practically never reach, runs on these rows in tests/test_cuda_emulated.py)."""
+    S = 1100
+    x = _tokens(2, S, seed=3, lo=5, hi=V)
+    kw = dict(mask_id=3, vocab_size=V, mask_prob=0.15, exact=True, seed=1)
+    for row in TIE_ROWS:
+        keys = ref.row_draws(1, row, ref.STREAM_MLM_SELECT, S).astype(np.int64)
+        order = np.sort(keys)
+        assert order[164] == order[165]  # the tie this test is about
+        tied = np.flatnonzero(keys == order[164])
+        outs = {b: C.mlm_mask(x[:1], row_offset=row, backend=b, **kw) for b in CPU_BACKENDS}
+        for b in CPU_BACKENDS:
+            for u, v in zip(outs[b], outs["torch"]):
+                assert torch.equal(u, v), b
+        sel = outs["torch"][1][0] != -100
+        assert int(sel.sum()) == 165 and bool(sel[int(tied.min())]) and not bool(sel[int(tied.max())])
+
+
 @pytest.mark.parametrize("backend", KERNELS + ["torch"])
 def test_mlm_exact_count_is_berts(backend):
     """exact=True selects BERT's count, max(1, round(len(cand_indexes) * masked_lm_prob)) of the float64 product:

@@ -1,8 +1,10 @@
 """The CUDA kernels (csrc/cuda/*.cu, the real sources) run on the CPU through tests/cuda_emu (one OS thread per
 CUDA thread, barriers and shuffles emulated, launch limits checked): cross-entropy against the float64 reference
-under DESIGN.md's rule, corruption byte for byte against the C++ CPU kernel. Without a GPU this is the only run
-their arithmetic, indexing, reductions and scans get; races, memory ordering and speed still need a GPU
-(benchmarks/gpu_check.sh). Sizes are small: a block of 128 threads is 128 OS threads."""
+under DESIGN.md's rule, corruption byte for byte against the C++ CPU kernel, and every kernel once more under
+ThreadSanitizer (races: a missing __syncthreads) and AddressSanitizer / UBSan (out-of-bounds and misaligned
+accesses). Without a GPU this is the only run their arithmetic, indexing, reductions and scans get; warp-synchronous
+code, the device-only code paths and speed still need a GPU (benchmarks/gpu_check.sh). Sizes are small: a block of
+128 threads is 128 OS threads."""
 
 from __future__ import annotations
 
@@ -278,6 +280,25 @@ def test_emulated_mlm_mask_matches_the_cpu_kernel(emu, gen, S, words, exact):
     _intact(out, lab)
     assert torch.equal(out, want_out)
     assert torch.equal(lab, want_lab)
+
+
+@pytest.mark.parametrize("row", [12130187, 14199176])  # tests/test_corruption.py: TIE_ROWS
+def test_emulated_mlm_exact_tie_at_the_cut(emu, row):
+    """Rows whose selection keys tie at the cut of the exact count run the CUDA kernel's tie branch (one thread
+    gives the tied slots out in order), which random rows practically never reach: the C++ kernel's bytes."""
+    S = 1100
+    x = torch.randint(5, 30522, (1, S), generator=torch.Generator().manual_seed(3))
+    seed, special = torch.tensor([1]), torch.tensor([0])
+    one = 1 << 32
+    thr = (_rate_bits(0.15), round(0.8 * one), round(0.9 * one), 999, 29000)
+    want_out, want_lab = torch.ops.lmobj.mlm_mask(x, None, seed, row, special, True, *thr, 103, -100)
+    out, lab = _guarded((1, S), torch.int64, -7), _guarded((1, S), torch.int64, -7)
+    rc = emu.emu_mlm_mask(_p(x), _I(S), _I(1), _I(S), _p(None), _I(0), _p(seed), _p(special), _I(1), _I(row),
+                          ctypes.c_int(1), *(_I(v) for v in thr), _I(103), _I(-100), _p(out), _p(lab))
+    _ok(emu, rc)
+    _intact(out, lab)
+    assert int((want_lab != -100).sum()) == 165
+    assert torch.equal(out, want_out) and torch.equal(lab, want_lab)
 
 
 @pytest.mark.parametrize("sanitize", ["thread", "address,undefined,alignment"])

@@ -113,7 +113,6 @@ inline uint64_t shfl_slots[32][32];
 inline std::atomic<bool> lane_exited[1024];
 inline std::atomic<int64_t> sync_count{0};
 inline std::vector<unsigned char> dyn_smem;
-inline size_t dyn_smem_bytes = 0;
 #if defined(__SANITIZE_ADDRESS__)
 constexpr size_t kSmemCanary = 0;  // exact size: AddressSanitizer sees every byte past the end
 #else
@@ -202,7 +201,6 @@ void launch(K kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t, F&& body
   block_dim = {block.x, 1, 1};
   grid_dim = {grid.x, 1, 1};
   sync_count = 0;
-  dyn_smem_bytes = smem;
   std::vector<unsigned char>(smem + kSmemCanary).swap(dyn_smem);  // a new buffer of this size (ASan sees its end)
   for (unsigned b = 0; b < grid.x && !broken; ++b) {
     // shared memory starts with garbage, dynamic and static alike

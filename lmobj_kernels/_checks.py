@@ -13,6 +13,11 @@ def is_int(v) -> bool:
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # what an int argument of the ops (schema `int`) can hold
 
 
+def fits_int64(v) -> bool:
+    """An int (is_int) an op's int64 argument can hold."""
+    return INT64_MIN <= v <= INT64_MAX
+
+
 def is_real(v) -> bool:
     """A Python or NumPy int or float; not a bool (True is an int to Python, not a smoothing or a scale)."""
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))

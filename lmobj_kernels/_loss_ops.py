@@ -222,18 +222,10 @@ def _chunks(hidden, weight, bias, target, opts, chunk, backend, need, grad_rows=
         e = min(n, s + chunk)
         h = hidden[s:e]
         if cols:
-            logits_t = buf[: v * (e - s)].view(v, e - s)
-            if bias is None:
-                torch.mm(weight, h.t(), out=logits_t)
-            else:
-                torch.addmm(bias.unsqueeze(1), weight, h.t(), out=logits_t)
-            logits = logits_t.t()
+            col_bias = None if bias is None else bias.unsqueeze(1)
+            logits = _affine(weight, h.t(), col_bias, out=buf[: v * (e - s)].view(v, e - s)).t()
         else:
-            logits = buf[: (e - s) * v].view(e - s, v)
-            if bias is None:
-                torch.mm(h, weight.t(), out=logits)
-            else:
-                torch.addmm(bias, h, weight.t(), out=logits)
+            logits = _affine(h, weight.t(), bias, out=buf[: (e - s) * v].view(e - s, v))
         if grad_rows is None:
             op = fused if grads else fwd
             loss[s:e], lse_out[s:e] = op(logits, target, s, *opts)
@@ -267,6 +259,11 @@ def _chunks(hidden, weight, bias, target, opts, chunk, backend, need, grad_rows=
     return loss, lse_out, dh, dw, db
 
 
+def _affine(a: Tensor, b: Tensor, bias: Tensor | None, out: Tensor | None = None) -> Tensor:
+    """a @ b (+ bias, broadcast), into `out` when given: the logits product of every chunk and vocabulary block."""
+    return torch.mm(a, b, out=out) if bias is None else torch.addmm(bias, a, b, out=out)
+
+
 def _row_targets(target: Tensor, n: int, shift_len: int, ignore_index: int) -> Tensor:
     """The target of each row as the kernels read it (row_target in csrc/common/cross_entropy_row.h): the
     reference's shift for causal LM (target holds whole sequences of shift_len, the op checks it)."""
@@ -295,7 +292,7 @@ def _dw_by_vocab_blocks(hidden, weight, bias, target, opts, lse, grad_rows, voca
     grad_cols = triton_module("cross_entropy").ce_grad_cols_ if backend == "triton" else torch.ops.lmobj.ce_grad_cols_
     for a in range(0, v, vocab_block):
         b = min(v, a + vocab_block)
-        z = torch.mm(hidden, weight[a:b].t()) if bias is None else torch.addmm(bias[a:b], hidden, weight[a:b].t())
+        z = _affine(hidden, weight[a:b].t(), None if bias is None else bias[a:b])
         grad_cols(z, y, lse, w_rows, a, v, eps, zl, cap)
         if out_dtype == z.dtype:
             torch.mm(z.t(), hidden, out=dw[a:b])

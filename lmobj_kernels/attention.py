@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from lmobj_kernels import _attention_ops  # noqa: F401  (registers lmobj::attn_*_triton)
 from lmobj_kernels._backend import resolve, why_unavailable
-from lmobj_kernels._checks import INT64_MAX, INT64_MIN, check_flag, is_int, is_real
+from lmobj_kernels._checks import check_flag, fits_int64, is_int, is_real
 from lmobj_kernels.reference import attention as ref
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -66,7 +66,7 @@ def _as_index_tensor(name: str, x, device) -> Tensor:
         x = list(x)
         if not all(is_int(v) for v in x):
             raise TypeError(f"{name} must hold ints, got {x!r}"[:200])  # 3.5 would silently become 3
-        if not all(INT64_MIN <= v <= INT64_MAX for v in x):
+        if not all(fits_int64(v) for v in x):
             raise ValueError(f"{name} holds an int past int64, got {x!r}"[:200])
         x = torch.as_tensor(x, dtype=torch.int64, device=device)
     if not isinstance(x, Tensor):

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from lmobj_kernels import _corruption_ops
 from lmobj_kernels._backend import _C, resolve, why_unavailable
-from lmobj_kernels._checks import INT64_MAX, INT64_MIN, is_int, is_real
+from lmobj_kernels._checks import fits_int64, is_int, is_real
 from lmobj_kernels.reference import corruption as ref
 
 T5_EXTRA_IDS = 100  # sentinels T5's vocabulary has (<extra_id_0> .. <extra_id_99>)
@@ -50,7 +50,7 @@ def _check_int(name: str, v, lo: int | None = None, hi: int | None = None, none_
         return
     if not is_int(v):
         raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if not INT64_MIN <= v <= INT64_MAX:  # every int reaches an op as int64
+    if not fits_int64(v):  # every int reaches an op as int64
         raise ValueError(f"{name} must fit int64, got {v}")
     if (lo is not None and v < lo) or (hi is not None and v >= hi):
         raise ValueError(f"{name} must be in [{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'})"

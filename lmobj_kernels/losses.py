@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from lmobj_kernels import _loss_ops
 from lmobj_kernels._backend import check_backend_name, resolve
-from lmobj_kernels._checks import INT64_MAX, INT64_MIN, check_flag, is_int, is_real
+from lmobj_kernels._checks import INT64_MAX, check_flag, fits_int64, is_int, is_real
 from lmobj_kernels.reference import losses as ref
 
 _REDUCTIONS = ("none", "sum", "mean")
@@ -27,7 +27,7 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 def _check_ignore_index(ignore_index) -> None:
     if not is_int(ignore_index):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if not INT64_MIN <= ignore_index <= INT64_MAX:
+    if not fits_int64(ignore_index):
         raise ValueError(f"ignore_index must fit int64, got {ignore_index}")
 
 

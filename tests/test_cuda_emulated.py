@@ -11,17 +11,19 @@ from __future__ import annotations
 import ctypes
 import math
 import os
-import struct
 import subprocess
 
 import pytest
 import torch
 
 import lmobj_kernels  # noqa: F401  (loads the CPU ops)
+from lmobj_kernels._loss_ops import _row_targets
+from lmobj_kernels.reference import corruption as ref_corruption
 from lmobj_kernels.reference import losses as ref_losses
 from lmobj_kernels.verify import rule_floor
 from tests.conftest import assert_lowp_close
 from tests.cuda_emu import build as emu_build
+from tests.test_corruption import TIE_ROWS
 
 pytestmark = pytest.mark.skipif(emu_build.why_unavailable() is not None,
                                 reason=f"CUDA emulator: {emu_build.why_unavailable()}")
@@ -68,16 +70,6 @@ def _ok(lib, rc: int) -> None:
 
 
 # ---- cross-entropy ----
-def _effective_targets(target: torch.Tensor, n: int, row_offset: int, shift_len: int, ignore: int) -> torch.Tensor:
-    """The target row r is scored against (ALGORITHMS.md): target[row_offset + r], or with shift the next
-    position's, ignore at the last position of each shift_len-long sequence."""
-    g = torch.arange(n) + row_offset
-    if not shift_len:
-        return target[g]
-    last = g % shift_len == shift_len - 1
-    return torch.where(last, torch.full_like(g, ignore), target[(g + 1).clamp(max=target.numel() - 1)])
-
-
 def _row_buffer(x: torch.Tensor, ld: int) -> torch.Tensor:
     """x (n, v) in a buffer whose rows are ld apart (ld > v: the kernels' scalar path unless ld keeps 16-byte
     alignment)."""
@@ -96,7 +88,7 @@ def _ce_case(gen, n, v, dtype, row_offset, shift_len):
     t[torch.rand(total, generator=gen) < 0.2] = -100
     if n >= 2:  # row 0 ignored, so that every case has an ignored row of -inf logits
         t[row_offset + 1 if shift_len and row_offset % shift_len != shift_len - 1 else row_offset] = -100
-    y = _effective_targets(t, n, row_offset, shift_len, -100)
+    y = _row_targets(t, row_offset + n, shift_len, -100)[row_offset:]  # the target each row is scored against
     ignored = (y == -100).nonzero().flatten().tolist()
     if ignored:
         x[ignored[0]] = float("-inf")  # zero gradient, lse -inf
@@ -248,8 +240,25 @@ def test_emulated_span_row_too_long_for_shared_memory(emu):
     assert rc != 0
 
 
-def _rate_bits(p: float) -> int:
-    return struct.unpack("<q", struct.pack("<d", p))[0]
+def _mlm_thresholds(exact: bool) -> tuple:
+    """The ops' rate arguments for p = 0.15 (exact: its float64 bits), 80% [MASK], 10% random ids in [999, 30000)."""
+    one = 1 << 32
+    select = ref_corruption.rate_bits(0.15) if exact else round(0.15 * one)
+    return select, round(0.8 * one), round(0.9 * one), 999, 29000
+
+
+def _emu_mlm(lib, x, wid, seed, special, row_offset, exact):
+    """The emulated mlm_mask (with _mlm_thresholds) into guarded outputs, and the C++ kernel's answer."""
+    B, S = x.shape
+    thr = _mlm_thresholds(exact)
+    want = torch.ops.lmobj.mlm_mask(x, wid, seed, row_offset, special, exact, *thr, 103, -100)
+    out, lab = _guarded((B, S), torch.int64, -7), _guarded((B, S), torch.int64, -7)
+    rc = lib.emu_mlm_mask(_p(x), _I(x.stride(0)), _I(B), _I(S), _p(wid), _I(wid.stride(0) if wid is not None else 0),
+                          _p(seed), _p(special), _I(special.numel()), _I(row_offset), ctypes.c_int(int(exact)),
+                          *(_I(v) for v in thr), _I(103), _I(-100), _p(out), _p(lab))
+    _ok(lib, rc)
+    _intact(out, lab)
+    return (out, lab), want
 
 
 @pytest.mark.parametrize("S", [1, 5, 37, 300, 1100])  # 64, 128 and 256 threads a block
@@ -267,36 +276,18 @@ def test_emulated_mlm_mask_matches_the_cpu_kernel(emu, gen, S, words, exact):
         wid[torch.rand(B, S + 2, generator=gen) < 0.1] = -1
         wid = wid[:, :S]
     seed = torch.randint(0, 2**62, (1,), generator=gen)
-    special = torch.tensor([0, 101, 102])
-    one = 1 << 32
-    select = _rate_bits(0.15) if exact else round(0.15 * one)
-    thr = (select, round(0.8 * one), round(0.9 * one), 999, 29000)
-    want_out, want_lab = torch.ops.lmobj.mlm_mask(x, wid, seed, 77, special, exact, *thr, 103, -100)
-    out, lab = _guarded((B, S), torch.int64, -7), _guarded((B, S), torch.int64, -7)
-    rc = emu.emu_mlm_mask(_p(x), _I(x.stride(0)), _I(B), _I(S), _p(wid), _I(wid.stride(0) if words else 0), _p(seed),
-                          _p(special), _I(3), _I(77), ctypes.c_int(int(exact)), *(_I(v) for v in thr), _I(103),
-                          _I(-100), _p(out), _p(lab))
-    _ok(emu, rc)
-    _intact(out, lab)
+    (out, lab), (want_out, want_lab) = _emu_mlm(emu, x, wid, seed, torch.tensor([0, 101, 102]), 77, exact)
     assert torch.equal(out, want_out)
     assert torch.equal(lab, want_lab)
 
 
-@pytest.mark.parametrize("row", [12130187, 14199176])  # tests/test_corruption.py: TIE_ROWS
+@pytest.mark.parametrize("row", TIE_ROWS)
 def test_emulated_mlm_exact_tie_at_the_cut(emu, row):
     """Rows whose selection keys tie at the cut of the exact count run the CUDA kernel's tie branch (one thread
     gives the tied slots out in order), which random rows practically never reach: the C++ kernel's bytes."""
     S = 1100
     x = torch.randint(5, 30522, (1, S), generator=torch.Generator().manual_seed(3))
-    seed, special = torch.tensor([1]), torch.tensor([0])
-    one = 1 << 32
-    thr = (_rate_bits(0.15), round(0.8 * one), round(0.9 * one), 999, 29000)
-    want_out, want_lab = torch.ops.lmobj.mlm_mask(x, None, seed, row, special, True, *thr, 103, -100)
-    out, lab = _guarded((1, S), torch.int64, -7), _guarded((1, S), torch.int64, -7)
-    rc = emu.emu_mlm_mask(_p(x), _I(S), _I(1), _I(S), _p(None), _I(0), _p(seed), _p(special), _I(1), _I(row),
-                          ctypes.c_int(1), *(_I(v) for v in thr), _I(103), _I(-100), _p(out), _p(lab))
-    _ok(emu, rc)
-    _intact(out, lab)
+    (out, lab), (want_out, want_lab) = _emu_mlm(emu, x, None, torch.tensor([1]), torch.tensor([0]), row, True)
     assert int((want_lab != -100).sum()) == 165
     assert torch.equal(out, want_out) and torch.equal(lab, want_lab)
 

@@ -3,6 +3,7 @@
 // cudaError_t (0: success); emu_take_error() returns and clears the first problem the shim saw.
 #include <string>
 
+#include "api.h"
 #include "cuda/corruption.cuh"
 #include "cuda/cross_entropy.cuh"
 

@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH_SPEC)" numpy ninja wheel setuptools pytest pytest-benchmark ruff matplotlib "triton>=3.6"
+	@# Triton 3.6's interpreter (torch 2.11's Triton) needs NumPy < 2.4 to run the Triton tests on the CPU
+	if $(PY) -c "import triton, sys; sys.exit(tuple(map(int, triton.__version__.split('.')[:2])) >= (3, 7))"; \
+	  then $(PIP) install --quiet "numpy<2.4"; fi
 	touch $@
 
 # Incremental (ninja) in-place build of lmobj_kernels._C, then the editable install that puts `lmobj` on PATH.

@@ -8,7 +8,9 @@ Asking for a backend that cannot run raises an error that says why.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 
@@ -34,6 +36,26 @@ def _load_extension():
 
 def _triton_missing() -> str:
     return "" if importlib.util.find_spec("triton") is not None else "Triton is not installed"
+
+
+def _version(package: str) -> tuple[int, ...]:
+    try:
+        text = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return ()
+    return tuple(int(p) for p in text.split(".")[:2] if p.isdigit())
+
+
+@functools.cache
+def _interpreter_error() -> str:
+    """Why Triton's interpreter cannot run the kernels here, or "". Triton 3.6's interpreter turns a loaded scalar
+    (a one-element array) into a loop bound with int(), which NumPy 2.4 refuses: every kernel whose loop bounds
+    come from memory failed with "only 0-dimensional arrays can be converted" (3.7 squeezes the array first)."""
+    triton, numpy = _version("triton"), _version("numpy")
+    if triton and triton < (3, 7) and numpy >= (2, 4):
+        return (f"Triton {'.'.join(map(str, triton))}'s interpreter needs NumPy < 2.4 (NumPy "
+                f"{'.'.join(map(str, numpy))} is installed): pip install 'numpy<2.4', or Triton >= 3.7")
+    return ""
 
 
 # Resolved once at import, so that backend choice is plain Python data that torch.compile traces without breaks.
@@ -77,7 +99,7 @@ def why_unavailable(backend: str, device: torch.device) -> str:
         if device.type == "cuda":
             return ""
         if device.type == "cpu" and triton_interpret():
-            return ""
+            return _interpreter_error()
         return f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), these are on {device}"
     return f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}"
 

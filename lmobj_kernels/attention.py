@@ -12,12 +12,13 @@ A query row with no allowed key returns zeros (and lse = -inf) with zero gradien
 Backends: `triton` (GPU, or interpreted with TRITON_INTERPRET=1) skips the blocks the mask empties, forward and
 backward; `torch` serves every mask on any device through `F.scaled_dot_product_attention` with an explicit
 boolean mask (or `is_causal` when that is the whole mask). `auto` uses Triton on CUDA tensors, torch elsewhere.
-The backward is deterministic on both backends (no atomics), so `deterministic=True` costs nothing.
+The Triton backward is deterministic (no atomics); on a GPU the torch backend's SDPA backward may accumulate with
+atomics, and `deterministic=True` makes it compute the plain way (scores materialised) instead.
+Keys past kv_lens are never read: padding may hold anything, NaN included.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -33,6 +34,8 @@ from lmobj_kernels.reference import attention as ref
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INTS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 MAX_HEAD_DIM = 256
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+_AUTOCAST_CAST = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # ---- argument checks: ValueError / TypeError naming the argument ----
@@ -81,6 +84,7 @@ def _as_index_tensor(name: str, x, device) -> Tensor:
 def _check_range(name: str, x: Tensor, high: int, what: str, low: int = 0) -> None:
     """low <= x <= high. On the CPU this reads the values; on a GPU (or while compiling) it is a device-side
     assert, so no host synchronisation."""
+    x = x.to(torch.int64)  # a Python bound compared in uint8 / int8 / int16 would wrap (300 as uint8 is 44)
     ok = (x >= low) & (x <= high)
     if x.is_cuda or torch.compiler.is_compiling():
         torch._assert_async(ok.all(), f"{name} holds a value outside [{low}, {high}] ({what})")
@@ -141,12 +145,21 @@ def _nonempty_rows(allowed: Tensor, kv_lens: Tensor, doc_ids: Tensor | None) -> 
     return allowed.any(-1, keepdim=True)
 
 
-def _torch_attention(q, k, v, causal, prefix_lens, doc_ids, kv_lens, scale, return_lse):
+def _torch_attention(q, k, v, causal, prefix_lens, doc_ids, kv_lens, scale, return_lse, plain=False):
+    """plain: the reference's computation in float32 (deterministic on a GPU, where SDPA's backward need not be)."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     gqa = Hq != Hkv
     only_causal = causal and prefix_lens is None and doc_ids is None and kv_lens is None
     lse = None
+    if kv_lens is not None and Sk:  # padding keys hold anything: a NaN there would pass a 0 weight (0 * NaN)
+        valid = (torch.arange(Sk, device=k.device) < kv_lens.view(B, 1, 1, 1).to(k.device)).view(B, 1, Sk, 1)
+        zero = torch.zeros((), dtype=k.dtype, device=k.device)
+        k, v = torch.where(valid, k, zero), torch.where(valid, v, zero)
+    if plain:
+        out, lse = ref.attention(q, k, v, causal=causal, prefix_lens=prefix_lens, doc_ids=doc_ids, kv_lens=kv_lens,
+                                 scale=scale)
+        return out, lse.detach().to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     if Sk == 0:
         # keeps the graph: zero gradients for q, and for k and v (empty, but present, as Triton returns them)
         out = q.new_zeros(q.shape) + 0 * q + 0 * (k.sum() + v.sum())
@@ -202,26 +215,28 @@ def attention(
     return_lse: also the log-sum-exp of each row's scaled scores (B, Hq, Sq), float32 (float64 for float64
     inputs), detached; -inf on empty rows (the torch backend computes it in a second pass that materialises the
     scores).
-    deterministic: bitwise-repeatable gradients. Both backends always are (the Triton backward has no atomics:
-    dK/dV and dQ come from separate kernels), so the flag changes nothing today; it is kept for a faster
-    atomic-dQ backward later.
+    deterministic: bitwise-repeatable gradients. The Triton backward always is (no atomics: dK/dV and dQ come
+    from separate kernels); the torch backend on a GPU then computes plainly instead of through SDPA, whose
+    memory-efficient backward accumulates dQ with atomics. On the CPU both always are.
+    Under autocast q, k and v are cast to the autocast dtype first (float64 excepted), as SDPA's are.
     """
-    _check_qkv(q, k, v)
-    if torch.is_autocast_enabled(q.device.type) and q.dtype == torch.float32:  # like SDPA under autocast
+    if isinstance(q, Tensor) and torch.is_autocast_enabled(q.device.type):  # like SDPA: float16/32, not float64
         dt = torch.get_autocast_dtype(q.device.type)
-        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+        q, k, v = (t.to(dt) if isinstance(t, Tensor) and t.dtype in _AUTOCAST_CAST else t for t in (q, k, v))
+    _check_qkv(q, k, v)
     prefix_lens, doc_ids, kv_lens = _check_masks(q, k, causal, prefix_lens, doc_ids, kv_lens)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    elif not is_real(scale) or not math.isfinite(scale):
-        raise ValueError(f"scale must be None or a finite float, got {scale!r}")
+    elif not is_real(scale) or not abs(scale) <= _FLOAT32_MAX:  # the kernels scale in float32
+        raise ValueError(f"scale must be None or a float finite in float32, got {scale!r}")
     for name, flag in (("return_lse", return_lse), ("deterministic", deterministic)):
         check_flag(name, flag)
     name = _resolve(backend, q)
     if name == "triton" and doc_ids is not None and doc_ids.dtype == torch.int64:
         _check_range("doc_ids", doc_ids, 2**31 - 1, "the triton kernels compare ids as int32", low=-(2**31))
     if name == "torch":
-        out, lse = _torch_attention(q, k, v, causal, prefix_lens, doc_ids, kv_lens, float(scale), return_lse)
+        out, lse = _torch_attention(q, k, v, causal, prefix_lens, doc_ids, kv_lens, float(scale), return_lse,
+                                    plain=deterministic and q.is_cuda)
     else:
         out, lse = torch.ops.lmobj.attn_fwd_triton(q, k, v, prefix_lens, doc_ids, kv_lens, causal, float(scale))
     if return_lse:

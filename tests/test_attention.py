@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import assert_lowp_close, backends_here
 
 import lmobj_kernels as L
@@ -321,23 +322,34 @@ def test_kv_len_zero_without_documents(gen, backend, causal, prefix):
     assert (q.grad[2] == 0).all() and (k.grad[2] == 0).all() and (v.grad[2] == 0).all()
 
 
-@needs_triton
-def test_triton_skips_blocks_past_kv_len(gen):
-    """Keys past kv_len are poison (NaN): a kernel that loaded and computed whole blocks past kv_len would turn
-    NaN into the output or dQ (0 * NaN = NaN). kv_len is a multiple of every interpreter block size."""
-    B, H, S, D, kvl = 1, 2, 127, 16, 64
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_padding_keys_are_never_read(gen, backend, causal):
+    """Keys past kv_len are poison (NaN): a kernel that loaded them (whole blocks past kv_len, or the padded tail
+    of the last block, kv_len 45 and 64 against the interpreter's 16/32 blocks) would turn NaN into every row's
+    output or dQ (0 * NaN = NaN). Row 2 has no key at all."""
+    B, H, S, D = 3, 2, 70, 16
+    kvl = torch.tensor([64, 45, 0])
     q, k, v = _qkv(gen, B, H, H, S, S, D)
     with torch.no_grad():
-        k[:, :, kvl:] = float("nan")
-        v[:, :, kvl:] = float("nan")
-    out = L.attention(q, k, v, kv_lens=torch.tensor([kvl]), backend="triton")
-    assert torch.isfinite(out).all()
-    out.sum().backward()
-    assert torch.isfinite(q.grad).all()
-    assert (k.grad[:, :, kvl:] == 0).all() and (v.grad[:, :, kvl:] == 0).all()
-    good = [t.detach()[:, :, :kvl] for t in (k, v)]
-    r, _ = ref.attention(q.double(), good[0].double(), good[1].double())
-    assert_lowp_close(out, r, ref.attention(q, good[0], good[1])[0])
+        for b, n in enumerate(kvl.tolist()):
+            k[b, :, n:] = float("nan")
+            v[b, :, n:] = float("inf") if b else float("nan")
+    out = L.attention(q, k, v, causal=causal, kv_lens=kvl, backend=backend)
+    assert torch.isfinite(out).all() and (out[2] == 0).all()
+    (out * torch.randn(out.shape, generator=gen)).sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    for b, n in enumerate(kvl.tolist()):
+        assert (k.grad[b, :, n:] == 0).all() and (v.grad[b, :, n:] == 0).all()
+    for b, n in enumerate(kvl.tolist()[:2]):
+        good = [t.detach()[b:b + 1, :, :n] for t in (k, v)]
+        qb = q.detach()[b:b + 1]
+        # causal over the valid keys only: query i sees keys j <= i (rows past n see all n keys)
+        mask = torch.arange(n)[None, :] <= torch.arange(S)[:, None] if causal else torch.ones(S, n, dtype=torch.bool)
+        sc = (qb.double() @ good[0].double().transpose(-1, -2)) * D**-0.5
+        r = torch.softmax(sc.masked_fill(~mask, float("-inf")), -1) @ good[1].double()
+        p = torch.softmax((qb @ good[0].transpose(-1, -2) * D**-0.5).masked_fill(~mask, float("-inf")), -1) @ good[1]
+        assert_lowp_close(out.detach()[b:b + 1], r, p)
 
 
 @needs_triton
@@ -446,6 +458,48 @@ def test_autocast_runs_in_the_autocast_dtype(gen):
     assert q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_autocast_casts_mixed_inputs_like_sdpa(gen, backend):
+    """Under autocast SDPA casts every float16/float32 input to the autocast dtype: a float32 q (after a float32
+    RoPE) with bfloat16 k and v, or float16 inputs under a bfloat16 autocast, run in bfloat16."""
+    q, k, v = (t.detach() for t in _qkv(gen, 1, 2, 2, 12, 12, 16))
+    for args in ((q, k.bfloat16(), v.bfloat16()), (q.half(), k.half(), v.half())):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = L.attention(*args, causal=True, backend=backend)
+            want = F.scaled_dot_product_attention(*args, is_causal=True)
+        assert out.dtype == want.dtype == torch.bfloat16
+        expect = L.attention(*(t.bfloat16() for t in args), causal=True, backend=backend)
+        assert torch.equal(out, expect)
+
+
+def test_narrow_int_lengths_are_compared_as_ints(gen):
+    """uint8 / int8 / int16 lengths are taken as their values: a bound of 300 compared in uint8 would wrap to 44
+    and refuse a valid 200."""
+    q, k, v = (t.detach() for t in _qkv(gen, 1, 1, 1, 300, 300, 8))
+    for dt, n in ((torch.uint8, 200), (torch.int8, 100), (torch.int16, 250)):
+        lens = torch.tensor([n], dtype=dt)
+        want = L.attention(q, k, v, causal=True, prefix_lens=torch.tensor([n]), kv_lens=torch.tensor([n]))
+        torch.testing.assert_close(L.attention(q, k, v, causal=True, prefix_lens=lens, kv_lens=lens), want)
+    with pytest.raises(ValueError, match="kv_lens"):
+        L.attention(q[:, :, :100], k[:, :, :100], v[:, :, :100], kv_lens=torch.tensor([200], dtype=torch.uint8))
+
+
+def test_deterministic_torch_path_is_the_plain_computation(gen):
+    """deterministic=True on a GPU runs the torch backend the plain way (SDPA's memory-efficient backward adds dQ
+    with atomics): that path, run here, is the reference's float32 computation, every mask, empty rows included."""
+    from lmobj_kernels.attention import _torch_attention
+    B, H, S, D = 3, 2, 33, 16
+    q, k, v = _qkv(gen, B, H, H, S, S, D)
+    opts = _mask(gen, B, S, S, causal=True, prefix=True, docs=True, kv=True)
+    opts["kv_lens"][2] = 0
+    out, lse = _torch_attention(q, k, v, opts["causal"], opts["prefix_lens"], opts["doc_ids"], opts["kv_lens"],
+                                D**-0.5, True, plain=True)
+    r, rlse = ref.attention(q, k, v, **opts)
+    assert torch.equal(out, r) and torch.equal(lse, rlse)
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
 def test_float64_runs_on_torch_only(gen):
     q, k, v = _qkv(gen, 1, 2, 2, 10, 10, 8, dtype=torch.float64)
     out = L.attention(q, k, v, causal=True)
@@ -485,6 +539,7 @@ def _bad_cases():
         ("docs dtype", (q, k, v), {"doc_ids": torch.zeros(2, 8)}, TypeError, "doc_ids"),
         ("docs cross", (q, kc, kc), {"doc_ids": torch.zeros(2, 8, dtype=torch.long)}, ValueError, "doc_ids"),
         ("scale", (q, k, v), {"scale": float("nan")}, ValueError, "scale"),
+        ("scale past float32", (q, k, v), {"scale": 1e39}, ValueError, "scale"),
         ("causal type", (q, k, v), {"causal": 1}, TypeError, "causal"),
         ("backend", (q, k, v), {"backend": "nope"}, ValueError, "backend"),
         ("backend cpu", (q, k, v), {"backend": "cpu"}, ValueError, "backend"),
@@ -612,6 +667,17 @@ def test_gpu_triton_backward_is_deterministic(gen):
     opts = _mask(gen, 2, 2048, 2048, causal=True, docs=True, device="cuda")
     do = torch.randn(q.shape, generator=gen).to("cuda", torch.bfloat16)
     runs = [torch.autograd.grad(L.attention(q, k, v, deterministic=True, backend="triton", **opts), (q, k, v), do)
+            for _ in range(3)]
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+
+
+@pytest.mark.gpu
+def test_gpu_torch_backend_deterministic(gen):
+    q, k, v = _qkv(gen, 2, 8, 2, 1024, 1024, 64, torch.bfloat16, "cuda")
+    opts = _mask(gen, 2, 1024, 1024, kv=True, device="cuda")
+    do = torch.randn(q.shape, generator=gen).to("cuda", torch.bfloat16)
+    runs = [torch.autograd.grad(L.attention(q, k, v, deterministic=True, backend="torch", **opts), (q, k, v), do)
             for _ in range(3)]
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))

@@ -156,6 +156,16 @@ def _and_d(rows, dmask, EVEN_D: tl.constexpr):
 
 
 @triton.jit
+def _keys_read(offs_n, Sk, kv_len, HAS_KVLEN: tl.constexpr):
+    """Which keys a block loads: those before Sk and kv_len. Padding past kv_len is never read, so it may hold
+    anything (a NaN there times its zero weight would reach every row)."""
+    ok = offs_n < Sk
+    if HAS_KVLEN:
+        ok = ok & (offs_n < kv_len)
+    return ok
+
+
+@triton.jit
 def _allowed(qi, kj, Sk, kv_len, prefix_len, q_doc, k_doc, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
              HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr):
     """Mask of allowed (query, key) pairs. qi / q_doc and kj / k_doc are already shaped to broadcast against each
@@ -245,7 +255,7 @@ def _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, o
               PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
     """One key block of the online softmax (base 2): returns the updated (acc, m_i, l_i)."""
     offs_n = start_n + offs_n0
-    kmask = offs_n < Sk
+    kmask = _keys_read(offs_n, Sk, kv_len, HAS_KVLEN)
     dmask = offs_d < D
     kT = tl.load(K_base + offs_n[None, :] * stride_ks + offs_d[:, None],
                  mask=_and_d(kmask[None, :], dmask[:, None], EVEN_D), other=0.0)
@@ -393,12 +403,13 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, D
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     kmask = offs_n < Sk
-    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
-                mask=_and_d(kmask[:, None], dmask[None, :], EVEN_D), other=0.0)
-    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
-                mask=_and_d(kmask[:, None], dmask[None, :], EVEN_D), other=0.0)
     kv_len, prefix_len, DOC_row, k_doc = _mask_meta(b, offs_n, kmask, Sk, PREFIX, KVLEN, DOC, stride_doc, -1,
                                                     HAS_PREFIX, HAS_KVLEN, HAS_DOCS)
+    rd = _keys_read(offs_n, Sk, kv_len, HAS_KVLEN)
+    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
+                mask=_and_d(rd[:, None], dmask[None, :], EVEN_D), other=0.0)
+    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
+                mask=_and_d(rd[:, None], dmask[None, :], EVEN_D), other=0.0)
     # query range [lo, hi); blocks in [c_lo, c_hi) need no elementwise mask, [lo, c_lo) and [c_hi, hi) do.
     lo = 0
     hi = tl.where(start_n < kv_len, Sq, 0)
@@ -452,7 +463,7 @@ def _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_
               PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
     """One key block's contribution to dQ (unscaled) of a query block."""
     offs_n = start_n + offs_n0
-    kmask = offs_n < Sk
+    kmask = _keys_read(offs_n, Sk, kv_len, HAS_KVLEN)
     dmask = offs_d < D
     kT = tl.load(K_base + offs_n[None, :] * stride_ks + offs_d[:, None],
                  mask=_and_d(kmask[None, :], dmask[:, None], EVEN_D), other=0.0)

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from lmobj_kernels import _corruption_ops
-from lmobj_kernels._backend import _C, resolve, why_unavailable
-from lmobj_kernels._checks import fits_int64, is_int, is_real
+from lmobj_kernels._backend import _C, check_backend_name, resolve, why_unavailable
+from lmobj_kernels._checks import check_flag, fits_int64, is_int, is_real
 from lmobj_kernels.reference import corruption as ref
 
 T5_EXTRA_IDS = 100  # sentinels T5's vocabulary has (<extra_id_0> .. <extra_id_99>)
@@ -95,13 +95,17 @@ def _check_id_values(name: str, t: Tensor, vocab_size: int | None, valid: Tensor
         raise ValueError(f"{name} holds id {int(t[~ok][0])}, outside {bound}")
 
 
-def _id_list(name: str, ids, vocab_size: int | None) -> list[int]:
+def _id_list(name: str, ids, vocab_size: int | None, ordered: bool = False) -> list[int]:
+    """`ids` (a sequence, array or 1-D tensor; a set too unless `ordered`: sentinels are used in order) as a
+    checked list of ints."""
     if isinstance(ids, Tensor):
         if ids.is_floating_point() or ids.dim() > 1:
             raise TypeError(f"{name} must be a sequence of int ids")
         ids = ids.tolist()
-    if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, set, frozenset, np.ndarray)):
-        raise TypeError(f"{name} must be a sequence of int ids, got {type(ids).__name__}")
+    kinds = (Sequence, np.ndarray) if ordered else (Sequence, set, frozenset, np.ndarray)
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, kinds):
+        what = "an ordered sequence (a list or tuple, not a set)" if ordered else "a sequence"
+        raise TypeError(f"{name} must be {what} of int ids, got {type(ids).__name__}")
     out = []
     for v in ids:
         if not is_int(v):
@@ -176,17 +180,16 @@ def _resolve(backend: str, dev: torch.device, S: int, kernel: str | None) -> str
 
 
 # ---- T5 span corruption ----
-@functools.lru_cache(maxsize=256)
 def t5_input_length(inputs_length: int, noise_density: float = 0.15, mean_span_length: float = 3.0
                     ) -> tuple[int, int]:
     """(raw_length, targets_length) for fixed-size T5 training: the largest raw length t whose corrupted inputs
     (eos included) fit in `inputs_length`, and the length of its targets. 512 -> (568, 114) for (0.15, 3)."""
     _check_int("inputs_length", inputs_length, 2)
-    _check_prob("noise_density", noise_density, hi_open=True)
-    _check_mean_span(mean_span_length)
-    noise_density, mean_span_length = _as_float32(noise_density), _as_float32(mean_span_length)
-    if noise_density >= 1.0:  # below 1 in float64, 1 in float32 (what the kernels compute with)
-        raise ValueError(f"noise_density must be below 1 in float32 (T5's arithmetic), got {noise_density!r}")
+    return _t5_input_length(int(inputs_length), *_span_params(noise_density, mean_span_length))
+
+
+@functools.lru_cache(maxsize=256)  # after the checks: the cache would take True for 1.0
+def _t5_input_length(inputs_length: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
     hi = int(inputs_length / (1.0 - noise_density)) + 8
     if hi > 1 << 24:  # the search below scans every raw length up to hi
         raise ValueError(f"noise_density {noise_density} needs raw rows of more than 2^24 tokens for inputs_length "
@@ -211,6 +214,23 @@ def _as_float32(v) -> float:
     """The float32 value the kernels compute with (T5 rounds in float32): every backend, and the host arithmetic
     that sizes the outputs, must see the same number (a density of 1e-46 is 0 in float32, noise-free)."""
     return float(np.float32(v))
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _span_params(noise_density, mean_span_length) -> tuple[float, float]:
+    """The checked float32 (noise_density, mean_span_length). Valid float64 values can leave the range in float32
+    (0.99999999 rounds to 1, 1e39 to inf), where the kernels would refuse them and the reference not: a ValueError
+    for every backend instead."""
+    _check_prob("noise_density", noise_density, hi_open=True)
+    _check_mean_span(mean_span_length)
+    if mean_span_length > _FLOAT32_MAX:
+        raise ValueError(f"mean_span_length must be finite in float32 (T5's arithmetic), got {mean_span_length!r}")
+    nd, m = _as_float32(noise_density), _as_float32(mean_span_length)
+    if nd >= 1.0:
+        raise ValueError(f"noise_density must be below 1 in float32 (T5's arithmetic), got {noise_density!r}")
+    return nd, m
 
 
 @torch._dynamo.assume_constant_result
@@ -285,15 +305,13 @@ def span_corrupt(
     is read once) size the outputs. `row_offset`: the global index of row 0 in the seed's stream.
     """
     _check_ids("input_ids", input_ids)
-    _check_prob("noise_density", noise_density, hi_open=True)
-    _check_mean_span(mean_span_length)
+    noise_density, mean_span_length = _span_params(noise_density, mean_span_length)
     _check_int("vocab_size", vocab_size, 1, none_ok=True)
     _check_int("eos_id", eos_id, 0, vocab_size)
     _check_int("pad_id", pad_id, 0, vocab_size)
     _check_int("decoder_start_id", decoder_start_id, 0, vocab_size, none_ok=True)
     _check_int("max_sentinels", max_sentinels, 1, none_ok=True)
     _check_int("row_offset", row_offset, 0, 2**62)
-    noise_density, mean_span_length = _as_float32(noise_density), _as_float32(mean_span_length)
     B, S = input_ids.shape
     dev = input_ids.device
 
@@ -309,7 +327,7 @@ def span_corrupt(
         k_max = int(ks.max()) if B else 0
 
     if sentinel_ids is not None:
-        sent = _id_list("sentinel_ids", sentinel_ids, vocab_size)
+        sent = _id_list("sentinel_ids", sentinel_ids, vocab_size, ordered=True)
         if not sent:
             raise ValueError("sentinel_ids must not be empty")
         if len(set(sent)) != len(sent) or eos_id in sent:
@@ -410,9 +428,10 @@ def mlm_mask(
     Eligible tokens exclude `pad_id` and `special_ids` (and, with `word_ids`, tokens whose word id is < 0). Each
     eligible token (with `word_ids`: each word, a run of eligible tokens sharing an id, as a unit) is selected with
     probability `mask_prob`, or with `exact=True` exactly max(1, round(mask_prob * eligible units)) per row
-    (original BERT's count: the float64 product rounded half to even, so 10 units at 0.15 give 2). A selected
-    token becomes `mask_id` with probability `mask_replace_prob`, a random id in `random_range` (default
-    [0, vocab_size)) with `random_replace_prob`, and stays itself otherwise. labels = the original id at selected
+    (the float64 product rounded half to even, as BERT rounds, so 10 units at 0.15 give 2; BERT itself counts
+    the row's [CLS]/[SEP] too, and with whole words counts word pieces). A selected token becomes `mask_id` with
+    probability `mask_replace_prob`, a random id in `random_range` (default [0, vocab_size)) with
+    `random_replace_prob`, and stays itself otherwise. labels = the original id at selected
     positions, `ignore_index` elsewhere.
     """
     _check_ids("input_ids", input_ids)
@@ -459,7 +478,7 @@ def mlm_mask(
     _check_id_values("input_ids", x, vocab_size)
     name = _resolve(backend, dev, x.shape[1], "mlm" if (exact or word_ids is not None) else None)
     seed_t = seed_tensor(seed, generator, dev)
-    select = ref.rate_bits(mask_prob) if exact else _threshold(mask_prob)  # exact: BERT's float64 count
+    select = ref.rate_bits(mask_prob) if exact else _threshold(mask_prob)  # exact: the float64 count
     thr = (select, _threshold(mask_replace_prob), _threshold(mask_replace_prob + random_replace_prob))
     if name == "torch":
         return ref.mlm_mask(x, word_ids, int(seed_t.cpu()[0]), row_offset, specials, exact, *thr, lo, hi - lo,
@@ -536,20 +555,23 @@ def _example_rows(examples, keys: tuple[str, ...]) -> list[dict]:
                         raise ValueError(f"each example's {k!r} must be one row, got shape {tuple(v.shape)}")
                     v = v.reshape(-1).tolist()
                 row[k] = list(v)
+        n = len(row["input_ids"])
+        for k, v in row.items():  # padded together, a short key would silently misalign in a wider batch
+            if len(v) != n:
+                raise ValueError(f"an example's {k} has {len(v)} entries for {n} input_ids")
         mask = row.pop("attention_mask", None)
         if mask is not None:
-            if len(mask) != len(row["input_ids"]):
-                raise ValueError(f"an example's attention_mask has {len(mask)} entries for {len(row['input_ids'])} "
-                                 f"input_ids")
             row = {k: [x for x, m in zip(v, mask) if m] for k, v in row.items()}
         rows.append(row)
     return rows
 
 
-def _pad(name: str, rows, pad_value: int, limit: int | None = None) -> tuple[Tensor, list[int]]:
-    """(B, longest) int64 tensor of the rows (lists of ids; None, as word_ids have at special tokens, becomes
-    pad_value) cut to `limit`, and the rows' lengths. Ids must be integers: floats are refused, not truncated.
-    The batch is converted at once by NumPy (256 rows of ~450 ids: 3.9 ms, 10.2 with a tensor per row)."""
+def _pad(name: str, rows, pad_value: int, limit: int | None = None, none_ok: bool = False
+         ) -> tuple[Tensor, list[int]]:
+    """(B, longest) int64 tensor of the rows (lists of ids; with `none_ok` None, as word_ids have at special
+    tokens, becomes pad_value) cut to `limit`, and the rows' lengths. Ids must be integers: floats are refused, not
+    truncated. The batch is converted at once by NumPy (256 rows of ~450 ids: 3.9 ms, 10.2 with a tensor per
+    row)."""
     if limit is not None:
         rows = [r[:limit] for r in rows]
     lens = [len(r) for r in rows]
@@ -560,6 +582,8 @@ def _pad(name: str, rows, pad_value: int, limit: int | None = None) -> tuple[Ten
         return out, lens
     arr = np.asarray(flat)
     if arr.dtype == object:  # None at special tokens (word_ids), or ids NumPy cannot hold in one integer type
+        if not none_ok and any(v is None for v in flat):
+            raise TypeError(f"{name} holds None (only word_ids may, at special tokens)")
         arr = np.asarray([pad_value if v is None else v for v in flat])
     if arr.dtype.kind not in "iu" or arr.ndim != 1:
         raise TypeError(f"{name} must hold integer ids, got {arr.dtype} values (e.g. {flat[0]!r})")
@@ -575,8 +599,10 @@ class SpanCorruptionCollator(_Collator):
     (a Hugging Face tokenizer's output), returns the dict a Hugging Face T5 model takes: `input_ids`,
     `attention_mask`, `labels` (padded with -100), `decoder_input_ids`, `decoder_attention_mask`.
 
-    With `input_length` (T5's fixed-size training) rows are cut to the raw length `t5_input_length` gives, so full
-    rows come out exactly `input_length` long. `device`: where to corrupt (e.g. "cuda" inside the training step;
+    With `input_length` (T5's fixed-size training) rows are cut to the raw length `t5_input_length` gives, the
+    longest whose inputs fit: full rows come out `input_length` long (568 -> 512 at T5's settings; where the span
+    count is capped, e.g. density 0.5 with spans of 1, one shorter). Every option is checked at construction (not
+    in the first batch, in a worker). `device`: where to corrupt (e.g. "cuda" inside the training step;
     default the CPU kernel, right for DataLoader workers).
     """
 
@@ -594,6 +620,8 @@ class SpanCorruptionCollator(_Collator):
         if input_length is not None:
             _check_int("input_length", input_length, 2)
             self.raw_length, self.target_length = t5_input_length(input_length, noise_density, mean_span_length)
+        check_backend_name(backend)
+        span_corrupt(torch.zeros((1, 2), dtype=torch.int64), seed=0, **{**self.kw, "backend": "torch"})
 
     def __call__(self, examples) -> dict:
         ids, lens = _pad("input_ids", [r["input_ids"] for r in _example_rows(examples, ())], self.pad_id,
@@ -610,33 +638,53 @@ class SpanCorruptionCollator(_Collator):
 class MLMCollator(_Collator):
     """DataLoader collate_fn (or a step on the GPU) for BERT: takes lists of token ids or dicts with `input_ids`
     (and `word_ids` for `whole_word=True`, as `BatchEncoding.word_ids()` gives, None for special tokens), pads with
-    pad_id and returns `input_ids`, `attention_mask`, `labels` (ignore_index where not predicted)."""
+    pad_id and returns `input_ids`, `attention_mask`, `labels` (ignore_index where not predicted), and
+    `token_type_ids` (padded with 0) when the examples have them. A `special_tokens_mask` (a tokenizer's
+    `return_special_tokens_mask=True`) keeps its tokens from being selected, as in Hugging Face's collator, and
+    is not returned. Every option is checked at construction (not in the first batch, in a worker)."""
 
     def __init__(self, *, mask_id: int, vocab_size: int, mask_prob: float = 0.15, mask_replace_prob: float = 0.8,
                  random_replace_prob: float = 0.1, special_ids=(), pad_id: int = 0, exact: bool = False,
                  whole_word: bool = False, ignore_index: int = -100, seed: int | None = None, device=None,
                  backend: str = "auto"):
         super().__init__(seed, device, backend)
+        _check_int("vocab_size", vocab_size, 1)
         self.kw = dict(mask_id=mask_id, vocab_size=vocab_size, mask_prob=mask_prob,
                        mask_replace_prob=mask_replace_prob, random_replace_prob=random_replace_prob,
-                       special_ids=tuple(special_ids), pad_id=pad_id, exact=exact, ignore_index=ignore_index,
-                       backend=backend)
+                       special_ids=tuple(_id_list("special_ids", special_ids, vocab_size)), pad_id=pad_id,
+                       exact=exact, ignore_index=ignore_index, backend=backend)
         _check_int("pad_id", pad_id, 0)  # it pads the batch (mlm_mask's pad_id=None has no meaning here)
+        check_flag("whole_word", whole_word)
+        check_backend_name(backend)
+        mlm_mask(torch.zeros((1, 2), dtype=torch.int64), seed=0, **{**self.kw, "backend": "torch"})
         self.pad_id, self.whole_word = pad_id, whole_word
 
     def __call__(self, examples) -> dict:
-        rows = _example_rows(examples, ("word_ids",) if self.whole_word else ())
+        keys = ("token_type_ids", "special_tokens_mask") + (("word_ids",) if self.whole_word else ())
+        rows = _example_rows(examples, keys)
         ids, lens = _pad("input_ids", [r["input_ids"] for r in rows], self.pad_id)
+        extra = {}
+        for k in ("token_type_ids", "special_tokens_mask"):
+            have = sum(k in r for r in rows)
+            if have and have != len(rows):
+                raise ValueError(f"{have} of {len(rows)} examples have {k!r}: give it for all or none")
+            if have:
+                extra[k] = _pad(k, [r[k] for r in rows], 0)[0]
         words = None
         if self.whole_word:
             if not all("word_ids" in r for r in rows):
                 raise ValueError("whole_word=True needs 'word_ids' in every example (a tokenizer's "
                                  "BatchEncoding.word_ids(i), None at special tokens)")
-            words = _pad("word_ids", [r["word_ids"] for r in rows], -1)[0]
+            words = _pad("word_ids", [r["word_ids"] for r in rows], -1, none_ok=True)[0]
         attn = (torch.arange(ids.shape[1])[None, :] < torch.tensor(lens, dtype=torch.int64)[:, None]).to(torch.int64)
+        special = extra.pop("special_tokens_mask", None)
+        x = ids if special is None else ids.masked_fill(special.bool(), self.pad_id)  # pad is never selected
         if self.device is not None:
-            ids, attn = ids.to(self.device), attn.to(self.device)
+            ids, x, attn = ids.to(self.device), x.to(self.device), attn.to(self.device)
             words = words.to(self.device) if words is not None else None
+            extra = {k: t.to(self.device) for k, t in extra.items()}
         seed, off = self._next(ids.shape[0])
-        inputs, labels = mlm_mask(ids, word_ids=words, seed=seed, row_offset=off, **self.kw)
-        return {"input_ids": inputs, "attention_mask": attn, "labels": labels}
+        inputs, labels = mlm_mask(x, word_ids=words, seed=seed, row_offset=off, **self.kw)
+        if special is not None:  # the special tokens themselves, unselected, back in place of the pad
+            inputs = torch.where(special.to(inputs.device).bool(), ids, inputs)
+        return {"input_ids": inputs, "attention_mask": attn, "labels": labels, **extra}

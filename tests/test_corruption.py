@@ -333,7 +333,7 @@ def test_mlm_bytes_and_invariants(exact, words):
             assert chosen == ref.mlm_exact_count(units, ref.rate_bits(0.3)) == min(max(1, round(0.3 * units)), units)
 
 
-# Rows of seed 1 whose 1100 selection keys (kStreamMLMSelect) tie at the cut of BERT's exact count at p = 0.15 (the
+# Rows of seed 1 whose 1100 selection keys (kStreamMLMSelect) tie at the cut of the exact count at p = 0.15 (the
 # 165th and 166th smallest are equal: about 1 row in 4 million; found by brute force): the tie rule decides them.
 TIE_ROWS = (12130187, 14199176)
 
@@ -358,8 +358,8 @@ def test_mlm_exact_ties_at_the_cut_take_the_lower_slot():
 
 
 @pytest.mark.parametrize("backend", KERNELS + ["torch"])
-def test_mlm_exact_count_is_berts(backend):
-    """exact=True selects BERT's count, max(1, round(len(cand_indexes) * masked_lm_prob)) of the float64 product:
+def test_mlm_exact_count_rounds_half_to_even(backend):
+    """exact=True selects max(1, round(p * eligible)) of the float64 product, rounded as BERT rounds:
     at p = 0.15 the rows of 10, 30, 50, 70 eligible tokens sit on a tie (1.5, 4.5, ...) that float64 resolves to
     even (2, 4, 8, 10) where an exact rational product (1.4999...) would not."""
     sizes = [10, 30, 50, 70, 7, 13, 1, 0]
@@ -502,6 +502,29 @@ def test_span_bad_ids_and_opt_in():
     z = _tokens(1, 568, hi=500)
     out = C.span_corrupt(z, vocab_size=V, eos_id=EOS, noise_density=0.5, mean_span_length=1.0, max_sentinels=300)
     assert sorted(v for v in out.input_ids[0].tolist() if v >= 500) == list(range(V - 284, V))  # 284 spans
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kw,name", [(dict(noise_density=0.99999999), "noise_density"),
+                                     (dict(mean_span_length=1e39), "mean_span_length"),
+                                     (dict(sentinel_ids={900, 901}), "sentinel_ids")])
+def test_span_refuses_what_float32_or_order_cannot_hold(backend, kw, name):
+    """Valid float64 values can leave the range in float32, where the kernels compute (0.99999999 is 1, 1e39
+    inf): a ValueError naming the argument on every backend (the kernels raised RuntimeError, the reference ran).
+    Sentinels are used in order, so a set (no order) is refused."""
+    x = _tokens(2, 40, seed=12)
+    with pytest.raises(TypeError if "sentinel" in name else ValueError, match=name):
+        C.span_corrupt(x, vocab_size=V, eos_id=EOS, seed=1, backend=backend, **kw)
+    if "sentinel" not in name:
+        with pytest.raises(ValueError, match=name):
+            C.t5_input_length(64, **kw)
+
+
+def test_t5_input_length_checks_every_call():
+    """The cache sits after the checks: True passed for a mean span of 1.0 once 1.0 was cached (True == 1.0)."""
+    assert C.t5_input_length(64, 0.15, 1.0) == C.t5_input_length(64, 0.15, 1.0)
+    with pytest.raises(TypeError, match="mean_span_length"):
+        C.t5_input_length(64, 0.15, True)
 
 
 @pytest.mark.parametrize("backend", KERNELS)
@@ -662,6 +685,60 @@ def test_auto_passes_rows_too_long_for_cuda_to_triton(monkeypatch):
     assert C._resolve("auto", dev, 100000, None) == "cuda"  # plain MLM masking keeps no row in shared memory
     assert C._resolve("auto", dev, 7222, "mlm") == "triton"  # 14 * 7222 + 272 = 101380
     assert C._resolve("auto", dev, 7221, "mlm") == "cuda"
+
+
+def test_mlm_collator_keeps_segments_and_honours_special_tokens_mask():
+    """Sentence pairs keep their token_type_ids (BERT's segments; they were dropped, so BERT saw one segment); a
+    tokenizer's special_tokens_mask (return_special_tokens_mask=True, as Hugging Face's run_mlm.py asks) keeps
+    [CLS]/[SEP] from being selected, as Hugging Face's collator does, and is not returned."""
+    cls_, sep = 101 % V, 102 % V
+    ex = [{"input_ids": [cls_, 11, 12, sep, 13, sep], "token_type_ids": [0, 0, 0, 0, 1, 1],
+           "special_tokens_mask": [1, 0, 0, 1, 0, 1]},
+          {"input_ids": [cls_, 20, sep, 21, sep], "token_type_ids": [0, 0, 0, 1, 1],
+           "special_tokens_mask": [1, 0, 1, 0, 1]}]
+    col = C.MLMCollator(mask_id=3, vocab_size=V, pad_id=PAD, mask_prob=1.0, mask_replace_prob=1.0,
+                        random_replace_prob=0.0, seed=4)
+    out = col(ex)
+    assert set(out) == {"input_ids", "attention_mask", "labels", "token_type_ids"}
+    assert out["token_type_ids"].tolist() == [[0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 1, 0]]
+    special = torch.tensor([[1, 0, 0, 1, 0, 1], [1, 0, 1, 0, 1, 0]], dtype=torch.bool)
+    ids = torch.tensor([[cls_, 11, 12, sep, 13, sep], [cls_, 20, sep, 21, sep, PAD]])
+    real = out["attention_mask"].bool()
+    assert torch.equal(out["input_ids"][special], ids[special])  # the specials stay
+    assert bool((out["labels"][special | ~real] == -100).all())
+    assert bool((out["input_ids"][~special & real] == 3).all())  # every other token masked at p = 1
+    assert torch.equal(out["labels"][~special & real], ids[~special & real])
+    with pytest.raises(ValueError, match="token_type_ids"):
+        col([ex[0], {"input_ids": [5, 6]}])
+
+
+def test_collators_check_options_and_rows_early():
+    """Options are checked when the collator is built (not in the first batch, inside a worker); special_ids may be
+    a tensor, as mlm_mask takes it; a row's word_ids must be as long as its ids even where a longer row hides it;
+    None is a word id at special tokens, never an input id."""
+    with pytest.raises(ValueError, match="mask_id"):
+        C.MLMCollator(mask_id=V, vocab_size=V)
+    with pytest.raises(ValueError, match="mask_prob"):
+        C.MLMCollator(mask_id=3, vocab_size=V, mask_prob=2.0)
+    with pytest.raises(TypeError, match="whole_word"):
+        C.MLMCollator(mask_id=3, vocab_size=V, whole_word=1)
+    with pytest.raises(ValueError, match="noise_density"):
+        C.SpanCorruptionCollator(eos_id=EOS, vocab_size=V, noise_density=1.5)
+    with pytest.raises(ValueError, match="eos_id"):
+        C.SpanCorruptionCollator(eos_id=V, vocab_size=V)
+    with pytest.raises(ValueError, match="backend"):
+        C.SpanCorruptionCollator(eos_id=EOS, vocab_size=V, backend="gpu")
+    rows = [[4, 11, 12, 4], [4, 20, 21, 22, 23, 4]]
+    a = C.MLMCollator(mask_id=3, vocab_size=V, special_ids=torch.tensor([4]), seed=1)(rows)
+    b = C.MLMCollator(mask_id=3, vocab_size=V, special_ids=[4], seed=1)(rows)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    words = C.MLMCollator(mask_id=3, vocab_size=V, whole_word=True, seed=1)
+    with pytest.raises(ValueError, match="word_ids"):
+        words([{"input_ids": [10, 11, 12, 13], "word_ids": [0, 1]},
+               {"input_ids": [10, 11, 12, 13, 14, 15], "word_ids": [0, 1, 2, 3, 4, 5]}])
+    for col in (words, C.SpanCorruptionCollator(eos_id=EOS, vocab_size=V, seed=1)):
+        with pytest.raises(TypeError, match="None"):
+            col([{"input_ids": [5, None, 7, 8], "word_ids": [0, 1, 2, 3]}])
 
 
 def test_mlm_collator_whole_word():

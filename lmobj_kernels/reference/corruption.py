@@ -127,7 +127,7 @@ def rate_bits(p: float) -> int:
 
 
 def mlm_exact_count(eligible: int, rate_bits_: int) -> int:
-    """round_half_even(eligible * p) of the float64 product (BERT's round(len(cand_indexes) * masked_lm_prob)),
+    """round_half_even(eligible * p) of the float64 product (rounded as BERT's round(len(tokens) * masked_lm_prob)),
     p given by its bits (`rate_bits`), clamped to [1, eligible] (0 if none)."""
     if eligible <= 0:
         return 0

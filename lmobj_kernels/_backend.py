@@ -126,7 +126,8 @@ def resolve(backend: str, device: torch.device, family: str) -> str:
             if not why_unavailable(name, device):
                 return name
         return "torch"
-    check_backend_name(backend)  # LMOBJ_BACKEND may name anything
+    if backend not in BACKENDS:  # from LMOBJ_BACKEND (the argument was checked above)
+        raise ValueError(f"LMOBJ_BACKEND must be one of auto, {', '.join(BACKENDS)}; got {backend!r}")
     reason = why_unavailable(backend, device)
     if reason:
         raise RuntimeError(f"backend {backend!r} is not available: {reason}")

@@ -324,8 +324,9 @@ def _(hidden, weight, bias, target, shift_len, ignore_index, ls, zl, cap, chunk,
     v = weight.shape[0]
     gdt = torch.float32 if weight.dtype == torch.float16 else weight.dtype
     return (hidden.new_empty((), dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32),
-            hidden.new_empty((n, d) if need_dh else (0,)), weight.new_empty((v, d) if need_dw else (0,), dtype=gdt),
-            weight.new_empty((v,) if need_db and bias is not None else (0,), dtype=gdt))
+            hidden.new_empty((n, d) if need_dh else (0,)),
+            weight.new_empty((v, d), dtype=gdt) if need_dw else weight.new_empty(0),  # as the real one: unused
+            weight.new_empty((v,), dtype=gdt) if need_db and bias is not None else weight.new_empty(0))
 
 
 def _sum_setup(ctx, inputs, output):

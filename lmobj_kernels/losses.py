@@ -21,6 +21,8 @@ from lmobj_kernels.reference import losses as ref
 
 _REDUCTIONS = ("none", "sum", "mean")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_AUTOCAST_CAST = _FLOATS  # what autocast casts (float64 stays)
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 # ---- argument checks: ValueError / TypeError naming the argument ----
@@ -37,17 +39,18 @@ def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap, ch
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if not is_real(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
-    if not is_real(z_loss) or not (z_loss >= 0.0 and math.isfinite(z_loss)):
-        raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
-    if softcap is not None and (not is_real(softcap) or not (softcap > 0 and math.isfinite(softcap))):
-        raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
+    # finite in float32, where the kernels compute (a cap of 1e39 is inf there, and inf * tanh(0) NaN)
+    if not is_real(z_loss) or not 0.0 <= z_loss <= _FLOAT32_MAX:
+        raise ValueError(f"z_loss must be a float >= 0, finite in float32, got {z_loss!r}")
+    if softcap is not None and (not is_real(softcap) or not 0 < softcap <= _FLOAT32_MAX):
+        raise ValueError(f"softcap must be None or a float > 0, finite in float32, got {softcap!r}")
     if chunk_size is not None and (not is_int(chunk_size) or not 1 <= chunk_size <= INT64_MAX):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
 
 
 def _check_hidden_scale(hidden_scale) -> None:
-    if hidden_scale is not None and (not is_real(hidden_scale) or not math.isfinite(hidden_scale)):
-        raise ValueError(f"hidden_scale must be a finite float, got {hidden_scale!r}")
+    if hidden_scale is not None and (not is_real(hidden_scale) or not abs(hidden_scale) <= _FLOAT32_MAX):
+        raise ValueError(f"hidden_scale must be a float finite in float32, got {hidden_scale!r}")
 
 
 def _check_max_predictions(max_predictions) -> None:
@@ -270,10 +273,10 @@ def _linear_ce(hidden, weight, target, target_name, bias, shift, ignore_index, r
         _check_tensor("bias", bias)
         if tuple(bias.shape) != (weight.shape[0],) or bias.device != hidden.device:
             raise ValueError(f"bias must have shape ({weight.shape[0]},) on {hidden.device}")
-    if torch.is_autocast_enabled(hidden.device.type):  # like F.linear under autocast
+    if torch.is_autocast_enabled(hidden.device.type):  # like F.linear under autocast: float16/32, not float64
         dt = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight = hidden.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
+        cast = lambda t: t.to(dt) if t is not None and t.dtype in _AUTOCAST_CAST else t  # noqa: E731
+        hidden, weight, bias = cast(hidden), cast(weight), cast(bias)
     if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
         raise TypeError(f"hidden, weight and bias must share one dtype, got {hidden.dtype}, {weight.dtype}"
                         f"{', ' + str(bias.dtype) if bias is not None else ''}")

@@ -66,9 +66,12 @@ def test_resume_is_bit_exact(objective, tmp_path):
     assert params(parts, objective)["state"]["step"] == 3
     with pytest.raises(SystemExit):  # the same --out again without --resume
         train("--objective", objective, "--out", str(parts))
-    assert cli.main(["train", "--resume", str(parts), "--quiet", "--no-demo"]) == 0
+    assert cli.main(["train", "--resume", str(parts), "--quiet", "--no-demo", "--timing-skip", "1"]) == 0
     a, b = params(whole, objective), params(parts, objective)
     assert b["state"]["step"] == 5
+    # the steady tokens/s leaves out the first --timing-skip steps of each process: 3 of the first run's 3 (default
+    # skip 3), 1 of the resumed one's 2 (they compile and warm up too)
+    assert b["state"]["steady_tokens"] == 1 * 4 * 32
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     for i, s in a["opt"]["state"].items():
@@ -124,6 +127,7 @@ def test_ddp_matches_single_process(tmp_path):
     (["--device", "cuda:99"], "--device cuda:99: "),  # no GPU visible, or not that many
     (["--data", "FIFO"], "not a regular file or a folder"),
     (["--stop-after", "-2"], "--stop-after must be at least 1"),
+    (["--d-model", "528", "--n-head", "2"], "--n-head = 264 channels per head: the attention takes at most 256"),
     (["--data", "EMPTY"], "no text in it"),
 ])
 def test_cli_rejects_bad_arguments(argv, message, tmp_path, capsys):
@@ -140,6 +144,22 @@ def test_cli_rejects_bad_arguments(argv, message, tmp_path, capsys):
     assert e.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_in_another_environment_says_it_is_not_bit_exact(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train("--objective", "clm", "--out", str(run), "--steps", "3", "--stop-after", "2", "--no-demo") == 0
+    saved = json.loads((run / "args.json").read_text())["environment"]
+    assert saved == {"device": "cpu", "threads": 1, "processes": 1, "compile": False}
+    capsys.readouterr()
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(["train", "--resume", str(run), "--threads", "2", "--no-demo"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "threads 1 -> 2" in out and "not bit-exactly" in out
+    assert params(run, "clm")["state"]["step"] == 3
 
 
 def test_resume_refuses_options_that_differ(tmp_path, capsys):

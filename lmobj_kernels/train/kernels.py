@@ -69,10 +69,11 @@ class T5Batch:
 
 
 def mlm_corrupt(ids: Tensor, *, mask_id: int, vocab_size: int, special_ids, seed: int, mask_prob: float = 0.15,
-                mask_replace_prob: float = 0.8, random_replace_prob: float = 0.1) -> tuple[Tensor, Tensor]:
+                mask_replace_prob: float = 0.8, random_replace_prob: float = 0.1,
+                random_range: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
     return mlm_mask(ids, mask_id=mask_id, vocab_size=vocab_size, mask_prob=mask_prob,
                     mask_replace_prob=mask_replace_prob, random_replace_prob=random_replace_prob,
-                    special_ids=tuple(special_ids), seed=seed)
+                    special_ids=tuple(special_ids), seed=seed, random_range=random_range)
 
 
 def t5_corrupt(ids: Tensor, *, vocab_size: int, eos_id: int, pad_id: int, decoder_start_id: int, seed: int,

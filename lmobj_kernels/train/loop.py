@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from lmobj_kernels.attention import MAX_HEAD_DIM
 from lmobj_kernels.train import kernels
 from lmobj_kernels.train.data import ByteTokenizer, Corpus
 from lmobj_kernels.train.models import MODELS, ModelConfig
@@ -142,6 +143,7 @@ def check_args(args, p: argparse.ArgumentParser) -> None:
         except (OSError, ValueError) as e:
             p.error(f"--resume {args.resume}: cannot read its args.json ({e})")
         run = {k: v for k, v in loaded.items() if k in RUN_KEYS}
+        args.saved_environment = loaded.get("environment")
         # what to train comes from the run; an option given here that disagrees would be silently dropped
         def same(k, v):  # a run saved by an earlier version may hold --data as typed, relative
             if k == "data" and v is not None and getattr(args, k) is not None:
@@ -176,6 +178,9 @@ def check_args(args, p: argparse.ArgumentParser) -> None:
         p.error(f"--seq-len must be at least 8, got {args.seq_len}")
     if args.d_model % args.n_head:
         p.error(f"--d-model {args.d_model} is not a multiple of --n-head {args.n_head}")
+    if args.d_model // args.n_head > MAX_HEAD_DIM:
+        p.error(f"--d-model / --n-head = {args.d_model // args.n_head} channels per head: the attention takes at "
+                f"most {MAX_HEAD_DIM}; use more heads")
     if (args.d_model // args.n_head) % 2:  # rotary embeddings turn pairs of channels
         p.error(f"--d-model / --n-head = {args.d_model // args.n_head} channels per head must be even")
     if not (math.isfinite(args.lr) and args.lr > 0):
@@ -210,6 +215,14 @@ def check_args(args, p: argparse.ArgumentParser) -> None:
                     f"{n_sentinels} sentinels; use --seq-len {int(fits[-1])} or less, a lower --noise-density or a "
                     "longer --mean-span-length")
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and args.device.startswith("cuda") and ":" in args.device:
+        p.error(f"--device {args.device}: under torchrun each process takes the GPU of its LOCAL_RANK; use "
+                "--device cuda (or auto)")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and args.device in ("auto", "cuda") and torch.cuda.is_available() and \
+            local >= torch.cuda.device_count():
+        p.error(f"this process (LOCAL_RANK {local}) has no GPU of its own: {torch.cuda.device_count()} are visible; "
+                "start at most that many processes per machine")
     if args.batch_size % world:
         p.error(f"--batch-size {args.batch_size} must be a multiple of the number of processes ({world})")
 
@@ -246,19 +259,30 @@ def setup(args) -> tuple[torch.device, int, int]:
 
 def out_dir(args, rank: int, world: int) -> str:
     path = [args.out]
-    if path[0] is None:  # a new folder: two runs started in the same second get -2, -3, ...
-        base = path[0] = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-        for i in range(2, 1000):
-            if not os.path.exists(path[0]):
+    if path[0] is None and rank == 0:  # a new folder: two runs started in the same second get -2, -3, ...
+        base = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+        os.makedirs("runs", exist_ok=True)
+        for i in range(1, 1000):
+            path[0] = base if i == 1 else f"{base}-{i}"
+            try:  # claimed by creating it (an exists-then-create check could hand one folder to two runs)
+                os.mkdir(path[0])
                 break
-            path[0] = f"{base}-{i}"
+            except FileExistsError:
+                continue
     if world > 1:  # every rank writes to rank 0's folder
         dist.broadcast_object_list(path, src=0)
     if rank == 0:
         os.makedirs(path[0], exist_ok=True)
         with open(os.path.join(path[0], "args.json"), "w") as f:
-            json.dump({k: getattr(args, k) for k in RUN_KEYS}, f, indent=1)
+            json.dump({k: getattr(args, k) for k in RUN_KEYS} | {"environment": args.environment}, f, indent=1)
     return path[0]
+
+
+def environment(args, device: torch.device, world: int) -> dict:
+    """How this process trains, beyond the run's settings: floating-point results (so bit-exact resume) depend on
+    it. Saved in args.json; --resume under another one continues, but says it is not bit-exact."""
+    return {"device": device.type, "threads": torch.get_num_threads(), "processes": world,
+            "compile": bool(args.compile)}
 
 
 # ---- logging ----
@@ -424,6 +448,7 @@ def train_objective(name: str, args, corpus: Corpus, tok: ByteTokenizer, device,
     lo, hi = rank * args.batch_size // world, (rank + 1) * args.batch_size // world
     stop = min(args.steps, args.stop_after) if args.stop_after is not None else args.steps
     t_start, tok_start = time.perf_counter(), state["tokens"]
+    first = state["step"]  # the first --timing-skip steps of this process compile and warm up, resumed or not
     while state["step"] < stop:
         step = state["step"]
         t_step = time.perf_counter()
@@ -447,7 +472,7 @@ def train_objective(name: str, args, corpus: Corpus, tok: ByteTokenizer, device,
         state["step"] = log.where["step"] = step + 1
         state["tokens"] += args.batch_size * args.seq_len
         train_loss = float(total) / max(n_global, 1)  # reads the loss: the step has finished on the device
-        if step >= args.timing_skip:
+        if step - first >= args.timing_skip:
             state["steady_time"] += time.perf_counter() - t_step
             state["steady_tokens"] += args.batch_size * args.seq_len
         elapsed = time.perf_counter() - t_start
@@ -637,8 +662,14 @@ def _run(args, p: argparse.ArgumentParser, ctx: dict) -> int:
     device, rank, world = setup(args)
     ctx["rank"] = rank
     kernels.use_baseline(args.baseline)
+    args.environment = environment(args, device, world)
     run_dir = ctx["run_dir"] = out_dir(args, rank, world)
     log = ctx["log"] = Log(os.path.join(run_dir, "metrics.jsonl"), rank, args.quiet)
+    saved = getattr(args, "saved_environment", None)
+    if saved and saved != args.environment:
+        diff = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in args.environment.items() if saved.get(k) != v)
+        log.say(f"note: resumed with another environment ({diff}): the run continues, but not bit-exactly (the "
+                "arithmetic's order depends on it)")
     names = list(OBJECTIVES) if args.objective == "all" else [args.objective]
     log.say(f"lmobj train: {', '.join(names)} on {device} x{world} | data {corpus.source}: {len(corpus.train)} "
             f"train / {len(corpus.val)} val tokens\n  attention: {kernels.SOURCE['attention']}\n  corruption: "

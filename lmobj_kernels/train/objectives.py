@@ -36,7 +36,10 @@ def clm_batch(ids: Tensor, tok: ByteTokenizer, seed: int, opts: dict) -> dict:
 def mlm_batch(ids: Tensor, tok: ByteTokenizer, seed: int, opts: dict) -> dict:
     inputs, labels = kernels.mlm_corrupt(ids, mask_id=tok.mask_id, vocab_size=tok.vocab_size, seed=seed,
                                          special_ids=(tok.pad_id, tok.bos_id, tok.eos_id),
-                                         mask_prob=opts.get("mask_prob", 0.15))
+                                         mask_prob=opts.get("mask_prob", 0.15),
+                                         # random replacements are bytes: 104 of the 360 ids are pad, BOS, EOS,
+                                         # [MASK] and T5's sentinels, which BERT's text never holds
+                                         random_range=(tok.offset, tok.offset + 256))
     return {"input_ids": inputs, "labels": labels}
 
 

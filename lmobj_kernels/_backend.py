@@ -8,7 +8,6 @@ Asking for a backend that cannot run raises an error that says why.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.metadata
 import importlib.util
@@ -46,7 +45,6 @@ def _version(package: str) -> tuple[int, ...]:
     return tuple(int(p) for p in text.split(".")[:2] if p.isdigit())
 
 
-@functools.cache
 def _interpreter_error() -> str:
     """Why Triton's interpreter cannot run the kernels here, or "". Triton 3.6's interpreter turns a loaded scalar
     (a one-element array) into a loop bound with int(), which NumPy 2.4 refuses: every kernel whose loop bounds
@@ -62,6 +60,7 @@ def _interpreter_error() -> str:
 _EXT, _EXT_ERROR = _load_extension()
 _WITH_CUDA = bool(_EXT is not None and _EXT.build_info()["with_cuda"])
 _TRITON_ERROR = _triton_missing()
+_INTERPRETER_ERROR = _interpreter_error()  # whether TRITON_INTERPRET is set is read per call, the versions here
 
 
 def _C():
@@ -99,7 +98,7 @@ def why_unavailable(backend: str, device: torch.device) -> str:
         if device.type == "cuda":
             return ""
         if device.type == "cpu" and triton_interpret():
-            return _interpreter_error()
+            return _INTERPRETER_ERROR
         return f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), these are on {device}"
     return f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}"
 

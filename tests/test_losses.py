@@ -678,6 +678,19 @@ def test_autocast_casts_like_f_linear(gen):
     torch.testing.assert_close(low, L.linear_cross_entropy(h.bfloat16(), w.bfloat16(), t))
 
 
+def test_old_triton_interpreter_with_new_numpy_is_named(monkeypatch):
+    """Triton 3.6's interpreter (torch 2.11's) int()s one-element arrays, which NumPy 2.4 refuses: the triton
+    backend then says so instead of failing in every kernel with the interpreter's TypeError."""
+    from lmobj_kernels import _backend
+
+    versions = {"triton": (3, 6), "numpy": (2, 4)}
+    monkeypatch.setattr(_backend, "_version", lambda name: versions[name])
+    assert "NumPy < 2.4" in _backend._interpreter_error()
+    for v in ({"triton": (3, 7), "numpy": (2, 4)}, {"triton": (3, 6), "numpy": (2, 3)}):
+        versions.update(v)
+        assert _backend._interpreter_error() == ""
+
+
 def test_bad_backend_environment_variable_is_named(gen, monkeypatch):
     monkeypatch.setenv("LMOBJ_BACKEND", "fastest")
     with pytest.raises(ValueError, match="LMOBJ_BACKEND"):

@@ -35,6 +35,7 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INTS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 MAX_HEAD_DIM = 256
 _FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+_LOG2E = 1.4426950408889634
 _AUTOCAST_CAST = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -227,7 +228,7 @@ def attention(
     prefix_lens, doc_ids, kv_lens = _check_masks(q, k, causal, prefix_lens, doc_ids, kv_lens)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    elif not is_real(scale) or not abs(scale) <= _FLOAT32_MAX:  # the kernels scale in float32
+    elif not is_real(scale) or not abs(scale) <= _FLOAT32_MAX / _LOG2E:  # Triton scales by scale * log2(e)
         raise ValueError(f"scale must be None or a float finite in float32, got {scale!r}")
     for name, flag in (("return_lse", return_lse), ("deterministic", deterministic)):
         check_flag(name, flag)

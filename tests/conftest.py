@@ -7,10 +7,18 @@ import os
 import pytest
 import torch
 
+from lmobj_kernels import _backend
 from lmobj_kernels._backend import available_backends
 from lmobj_kernels.verify import grad_factor, lowp_bound
 
 HAS_GPU = torch.cuda.is_available()
+
+
+def pytest_configure(config):
+    # TRITON_INTERPRET=1 asks for the Triton tests: an interpreter that cannot run here stops the run with the
+    # reason, instead of skipping every Triton test as if the variable were unset
+    if os.environ.get("TRITON_INTERPRET") == "1" and _backend._INTERPRETER_ERROR:
+        raise pytest.UsageError(f"TRITON_INTERPRET=1, but {_backend._INTERPRETER_ERROR}")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -486,7 +486,9 @@ def test_narrow_int_lengths_are_compared_as_ints(gen):
 
 def test_deterministic_torch_path_is_the_plain_computation(gen):
     """deterministic=True on a GPU runs the torch backend the plain way (SDPA's memory-efficient backward adds dQ
-    with atomics): that path, run here, is the reference's float32 computation, every mask, empty rows included."""
+    with atomics). The path itself, run here: the reference's float32 computation after the key padding is zeroed,
+    every mask, empty rows included, lse as float32. That a GPU call takes it is test_gpu_torch_backend_deterministic's
+    part."""
     from lmobj_kernels.attention import _torch_attention
     B, H, S, D = 3, 2, 33, 16
     q, k, v = _qkv(gen, B, H, H, S, S, D)
@@ -540,6 +542,7 @@ def _bad_cases():
         ("docs cross", (q, kc, kc), {"doc_ids": torch.zeros(2, 8, dtype=torch.long)}, ValueError, "doc_ids"),
         ("scale", (q, k, v), {"scale": float("nan")}, ValueError, "scale"),
         ("scale past float32", (q, k, v), {"scale": 1e39}, ValueError, "scale"),
+        ("scale x log2(e) past float32", (q, k, v), {"scale": -3e38}, ValueError, "scale"),
         ("causal type", (q, k, v), {"causal": 1}, TypeError, "causal"),
         ("backend", (q, k, v), {"backend": "nope"}, ValueError, "backend"),
         ("backend cpu", (q, k, v), {"backend": "cpu"}, ValueError, "backend"),

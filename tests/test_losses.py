@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import lmobj_kernels as L
 from lmobj_kernels import _loss_ops
 from lmobj_kernels.reference import losses as ref_losses
-from lmobj_kernels.verify import grad_factor, rule_floor
+from lmobj_kernels.verify import float32_floor, grad_factor, lowp_bound, rule_floor
 from tests.conftest import assert_lowp_close, backends_here, bf16_grad_factor
 
 CPU_BACKENDS = backends_here("cpu")  # cpu (C++), triton (interpreted when TRITON_INTERPRET=1)
@@ -351,6 +351,8 @@ def test_cross_entropy_bad_input():
     for big in (1e39, 1e300):  # finite floats, inf in the kernels' float32: a NaN loss before
         with pytest.raises(ValueError, match="softcap"):
             L.cross_entropy(x, t, softcap=big)
+        with pytest.raises(ValueError, match="softcap"):
+            L.cross_entropy(x, t, softcap=1 / big)  # 0 or denormal in float32: 1 / c is inf
         with pytest.raises(ValueError, match="z_loss"):
             L.cross_entropy(x, t, z_loss=big)
     with pytest.raises(ValueError, match="reduction"):
@@ -676,6 +678,20 @@ def test_autocast_casts_like_f_linear(gen):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = L.linear_cross_entropy(h.float(), w.float(), t)
     torch.testing.assert_close(low, L.linear_cross_entropy(h.bfloat16(), w.bfloat16(), t))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["torch"])
+def test_loss_keeps_float32_accuracy_at_large_logits(backend, gen):
+    """The loss as (m - z_y) + log-sum, as log_softmax computes it: lse - z_y lost the rounding of lse at the
+    logits' magnitude (an offset of 1e4, which leaves the softmax as it is: 4.5e-4 against F.cross_entropy's 5e-7)."""
+    for off in (1e3, 1e4):
+        x = torch.randn(16, 200, generator=gen) * 3 + off
+        t = torch.randint(0, 200, (16,), generator=gen)
+        r = F.cross_entropy(x.double(), t, reduction="none")
+        plain = F.cross_entropy(x, t, reduction="none")
+        got = L.cross_entropy(x, t, reduction="none", backend=backend)
+        bound = lowp_bound(r, plain, factor=3.0, floor=float32_floor(r))
+        assert float((got.double() - r).abs().max()) <= bound, (off, backend)
 
 
 def test_old_triton_interpreter_with_new_numpy_is_named(monkeypatch):

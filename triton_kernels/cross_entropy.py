@@ -53,10 +53,13 @@ def _row_target(T, row, shift_len, ignore_index, SHIFT: tl.constexpr):
 
 
 @triton.jit
-def _row_grad_pass(X_row, G_row, V, y, lse, g, smoothing, z_loss, softcap, HAS_CAP: tl.constexpr,
+def _row_grad_pass(X_row, G_row, V, y, m, ls, g, smoothing, z_loss, softcap, HAS_CAP: tl.constexpr,
                    BLOCK: tl.constexpr):
-    """G_row[j] = g * d loss / d x_j; NaN when y is out of range, 0 when g == 0 (ignored row)."""
+    """G_row[j] = g * d loss / d x_j; NaN when y is out of range, 0 when g == 0 (ignored row). The row's lse is
+    m + ls, its max and log-sum (a stored lse: (lse, 0)): exp((z - m) - ls) keeps float32's accuracy at any
+    magnitude of the logits, where exp(z - lse) loses the rounding of lse (csrc/common/cross_entropy_row.h)."""
     valid = (y >= 0) & (y < V)
+    lse = m + ls
     coef = g * (1.0 + 2.0 * z_loss * lse)
     uni = g * smoothing / V
     hit = g * (1.0 - smoothing)
@@ -64,7 +67,7 @@ def _row_grad_pass(X_row, G_row, V, y, lse, g, smoothing, z_loss, softcap, HAS_C
         cols = off + tl.arange(0, BLOCK)
         msk = cols < V
         z = _capped(tl.load(X_row + cols, mask=msk, other=0.0).to(tl.float32), softcap, HAS_CAP)
-        d = tl.exp(z - lse) * coef - uni - tl.where(cols == y, hit, 0.0)
+        d = tl.exp((z - m) - ls) * coef - uni - tl.where(cols == y, hit, 0.0)
         if HAS_CAP:
             d = d * (1.0 - (z / softcap) * (z / softcap))
         d = tl.where(valid, d, float("nan"))
@@ -98,17 +101,18 @@ def _ce_fwd_kernel(X, stride_x, T, LOSS, LSE, V, row_offset, shift_len, ignore_i
         shift = tl.where(mn == -float("inf"), 0.0, mn)  # all -inf so far: exp(-inf - -inf) would be NaN
         s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
         m = mn
-    lse = m + tl.log(s)
-    loss = (1.0 - smoothing) * (lse - z_y) + z_loss * lse * lse
+    ls = tl.log(s)
+    lse = m + ls
+    loss = (1.0 - smoothing) * ((m - z_y) + ls) + z_loss * lse * lse  # m - z_y first: see _row_grad_pass
     # not 0 * (-inf) when -inf logits make sz -inf (F.cross_entropy's loss is finite there)
-    loss = tl.where(smoothing > 0.0, loss + smoothing * (lse - sz / V), loss)
+    loss = tl.where(smoothing > 0.0, loss + smoothing * ((m - sz / V) + ls), loss)
     loss = tl.where(valid, loss, float("nan"))
     loss = tl.where(ignored, 0.0, loss)
     tl.store(LOSS + r, loss)
     tl.store(LSE + r, lse)
     if WRITE_GRAD:
         g = tl.where(ignored, 0.0, 1.0)
-        _row_grad_pass(X_row, X_row, V, y, lse, g, smoothing, z_loss, softcap, HAS_CAP, BLOCK)
+        _row_grad_pass(X_row, X_row, V, y, m, ls, g, smoothing, z_loss, softcap, HAS_CAP, BLOCK)
 
 
 @triton.jit
@@ -118,8 +122,8 @@ def _ce_bwd_kernel(GL, X, stride_x, T, LSE, G, V, row_offset, shift_len, ignore_
     r = tl.program_id(0).to(tl.int64)
     y = _row_target(T, row_offset + r, shift_len, ignore_index, SHIFT)
     g = tl.where(y == ignore_index, 0.0, tl.load(GL + r))
-    _row_grad_pass(X + r * stride_x, G + r * V, V, y, tl.load(LSE + r), g, smoothing, z_loss, softcap, HAS_CAP,
-                   BLOCK)
+    _row_grad_pass(X + r * stride_x, G + r * V, V, y, tl.load(LSE + r), 0.0, g, smoothing, z_loss, softcap,
+                   HAS_CAP, BLOCK)
 
 
 def _config(V: int, dtype: torch.dtype) -> tuple[int, int]:

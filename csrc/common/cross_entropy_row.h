@@ -23,14 +23,24 @@ struct CEOptions {
   float softcap;    // c, <= 0: no cap
 };
 
+// A row's log-sum-exp kept as m + ls: its max, and the log of the sum of exp(z - m). Apart, the loss's
+// (m - z_y) + ls and the softmax exp((z - m) - ls) keep float32's accuracy at any magnitude of the logits, as
+// F.cross_entropy's log_softmax does; lse - z_y and exp(z - lse) lose the rounding of lse there (logits near 1e3:
+// 100x its error). A stored lse comes back as {lse, 0}.
+struct RowNorm {
+  float m, ls;
+  LMOBJ_HD float lse() const { return m + ls; }
+};
+
 // loss = (1-e)(lse - z_y) + e(lse - mean z) + a lse^2; NaN for a target outside [0, V) (never read out of bounds).
 // The smoothing term only when e > 0: with -inf logits (or a few at finfo.min, whose float sum overflows) sum_z is
 // -inf, and 0 * inf would make the loss NaN where F.cross_entropy gives a finite one.
-LMOBJ_HD float ce_row_loss(float lse, float z_target, float sum_z, int64_t V, int64_t y, const CEOptions& o) {
+LMOBJ_HD float ce_row_loss(RowNorm n, float z_target, float sum_z, int64_t V, int64_t y, const CEOptions& o) {
   if (y == o.ignore_index) return 0.0f;
   if (y < 0 || y >= V) return NAN;
-  float loss = (1.0f - o.smoothing) * (lse - z_target) + o.z_loss * lse * lse;
-  if (o.smoothing > 0.0f) loss += o.smoothing * (lse - sum_z / static_cast<float>(V));
+  const float lse = n.lse();
+  float loss = (1.0f - o.smoothing) * ((n.m - z_target) + n.ls) + o.z_loss * lse * lse;
+  if (o.smoothing > 0.0f) loss += o.smoothing * ((n.m - sum_z / static_cast<float>(V)) + n.ls);
   return loss;
 }
 

@@ -25,19 +25,19 @@ LMOBJ_HD float soft_cap(float raw, float c, float inv_c, bool capped) {
 }
 
 // The gradient of ALGORITHMS.md at one logit z (capped when a cap is set), one statement for every CPU loop:
-// (exp(z - lse) coef - uni) d cap / dz, with coef = g (1 + 2 a lse) and uni = g e / V; at the target also
-// - g (1 - e) inside the bracket (target_grad).
+// (exp((z - m) - ls) coef - uni) d cap / dz, with coef = g (1 + 2 a lse) and uni = g e / V; at the target also
+// - g (1 - e) inside the bracket (target_grad). lse = m + ls (RowNorm).
 struct GradCoef {
   float coef, uni;
 };
-inline GradCoef grad_coef(float g, float lse, float smoothing, float z_loss, int64_t V) {
-  return {g * (1.0f + 2.0f * z_loss * lse), g * smoothing / static_cast<float>(V)};
+inline GradCoef grad_coef(float g, RowNorm n, float smoothing, float z_loss, int64_t V) {
+  return {g * (1.0f + 2.0f * z_loss * n.lse()), g * smoothing / static_cast<float>(V)};
 }
-LMOBJ_HD float logit_grad(float z, float lse, GradCoef k, float inv_c, bool capped) {
-  return (fast_expf(z - lse) * k.coef - k.uni) * cap_factor(z, inv_c, capped);
+LMOBJ_HD float logit_grad(float z, RowNorm n, GradCoef k, float inv_c, bool capped) {
+  return (fast_expf((z - n.m) - n.ls) * k.coef - k.uni) * cap_factor(z, inv_c, capped);
 }
-inline float target_grad(float zy, float lse, GradCoef k, float g, float smoothing, float inv_c, bool capped) {
-  return (fast_expf(zy - lse) * k.coef - k.uni - g * (1.0f - smoothing)) * cap_factor(zy, inv_c, capped);
+inline float target_grad(float zy, RowNorm n, GradCoef k, float g, float smoothing, float inv_c, bool capped) {
+  return (fast_expf((zy - n.m) - n.ls) * k.coef - k.uni - g * (1.0f - smoothing)) * cap_factor(zy, inv_c, capped);
 }
 
 // z (capped if asked) of one row as float: a view of the input when no conversion is needed, else the scratch.
@@ -58,10 +58,10 @@ const float* row_as_float(const T* x, int64_t V, const CEOptions& o, std::vector
   return z;
 }
 
-// lse, sum of z, of one row of floats. Float sums over blocks of 1024 columns (8 lanes of 128 adds each, the exps
+// (m, ls) and sum of z of one row of floats. Float sums over blocks of 1024 columns (8 lanes of 128 adds each, the exps
 // vectorised), blocks added in double. One float sum per lane over the whole row (V / 8 adds in sequence) lost up
 // to 7 ulps of lse at V = 4097, and the gradient then missed the 3x-of-plain-PyTorch rule for some seeds.
-inline void row_stats(const float* z, int64_t V, float& lse, float& sum_z) {
+inline void row_stats(const float* z, int64_t V, RowNorm& n, float& sum_z) {
   float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < V; ++j) m = z[j] > m ? z[j] : m;
@@ -81,28 +81,28 @@ inline void row_stats(const float* z, int64_t V, float& lse, float& sum_z) {
     sz += bz;
     nans += bn;
   }
-  lse = m + static_cast<float>(std::log(s));
+  n = {m, static_cast<float>(std::log(s))};
   sum_z = static_cast<float>(sz);
   // the max skips NaN and fast_expf clamps it to a tiny value: without this a NaN logit would vanish from the row
   // (F.cross_entropy gives NaN, and a NaN loss is how training finds out it diverged). Counted, not read off the
   // sum of z: finite logits near the float maximum overflow partial sums to +inf and -inf, whose sum is NaN too.
-  if (nans > 0.0f) lse = NAN;
+  if (nans > 0.0f) n = {NAN, 0.0f};
 }
 
 // d loss_row / d z_raw, times g, written as T. z holds the capped values when a cap is set; it may alias `out`
 // (in-place gradient), so the target's entry is computed before the loop overwrites it.
 template <typename T>
-void row_grad(const float* z, int64_t V, int64_t y, float lse, float g, const CEOptions& o, T* out) {
+void row_grad(const float* z, int64_t V, int64_t y, RowNorm n, float g, const CEOptions& o, T* out) {
   if (g == 0.0f) {  // a zero weight is a zero gradient, even where lse = -inf (a row of -inf logits) makes NaN
     for (int64_t j = 0; j < V; ++j) out[j] = static_cast<T>(0.0f);
     return;
   }
-  const GradCoef k = grad_coef(g, lse, o.smoothing, o.z_loss, V);
+  const GradCoef k = grad_coef(g, n, o.smoothing, o.z_loss, V);
   const bool capped = o.softcap > 0.0f, valid = y >= 0 && y < V;
   const float inv_c = capped ? 1.0f / o.softcap : 0.0f;
-  const float dy = target_grad(valid ? z[y] : 0.0f, lse, k, g, o.smoothing, inv_c, capped);
+  const float dy = target_grad(valid ? z[y] : 0.0f, n, k, g, o.smoothing, inv_c, capped);
 #pragma omp simd
-  for (int64_t j = 0; j < V; ++j) out[j] = static_cast<T>(logit_grad(z[j], lse, k, inv_c, capped));
+  for (int64_t j = 0; j < V; ++j) out[j] = static_cast<T>(logit_grad(z[j], n, k, inv_c, capped));
   if (valid) {
     out[y] = static_cast<T>(dy);
   } else {
@@ -118,18 +118,19 @@ void ce_forward_rows(const T* x, const int64_t* target, int64_t N, int64_t V, in
     for (int64_t r = b; r < e; ++r) {
       const T* row = x + r * ld;
       const float* z = row_as_float(row, V, o, scratch);
-      float lse, sum_z;
-      row_stats(z, V, lse, sum_z);
+      RowNorm n;
+      float sum_z;
+      row_stats(z, V, n, sum_z);
       const int64_t y = row_target(target, o.row_offset + r, o.shift_len, o.ignore_index);
       const bool valid = y >= 0 && y < V;
-      loss[r] = ce_row_loss(lse, valid ? z[y] : 0.0f, sum_z, V, y, o);
-      lse_out[r] = lse;
+      loss[r] = ce_row_loss(n, valid ? z[y] : 0.0f, sum_z, V, y, o);
+      lse_out[r] = n.lse();
       if (grad_inplace != nullptr) {
         T* out = grad_inplace + r * ld;
         if (y == o.ignore_index) {
           for (int64_t j = 0; j < V; ++j) out[j] = static_cast<T>(0.0f);
         } else {
-          row_grad(z, V, y, lse, 1.0f, o, out);
+          row_grad(z, V, y, n, 1.0f, o, out);
         }
       }
     }
@@ -149,7 +150,7 @@ void ce_backward_rows(const float* grad_loss, const T* x, const int64_t* target,
         continue;
       }
       const float* z = row_as_float(x + r * ld, V, o, scratch);
-      row_grad(z, V, y, lse[r], grad_loss[r], o, orow);
+      row_grad(z, V, y, RowNorm{lse[r], 0.0f}, grad_loss[r], o, orow);
     }
   });
 }
@@ -267,10 +268,10 @@ void for_tiles(int64_t N, int64_t V, const F& f) {
   }
 }
 
-// lse and sum of z of a tile's nl columns, the lines split in `parts` ranges between the threads.
+// (m, ls) and sum of z of a tile's nl columns, the lines split in `parts` ranges between the threads.
 template <typename T, bool Capped>
-void col_stats(const T* x, int64_t ld, int64_t nl, int64_t V, int64_t parts, float c, float inv_c, float* lse,
-               float* sum_z) {
+void col_stats(const T* x, int64_t ld, int64_t nl, int64_t V, int64_t parts, float c, float inv_c, float* m,
+               float* ls, float* sum_z) {
   std::vector<ColStats> st(parts);
   at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
     for (int64_t p = b; p < e; ++p)
@@ -279,31 +280,35 @@ void col_stats(const T* x, int64_t ld, int64_t nl, int64_t V, int64_t parts, flo
   for (int64_t p = 1; p < parts; ++p) col_stats_merge(st[0], st[p], nl);
   for (int64_t l = 0; l < nl; ++l) {
     const ColStats& s = st[0];
-    lse[l] = s.m[l] == -INFINITY ? -INFINITY : s.m[l] + static_cast<float>(std::log(s.s[l]));
+    m[l] = s.m[l];
+    ls[l] = s.m[l] == -INFINITY ? 0.0f : static_cast<float>(std::log(s.s[l]));
     sum_z[l] = static_cast<float>(s.sz[l]);
-    if (s.nans[l] > 0.0f) lse[l] = NAN;  // a NaN logit makes the row's loss NaN (row_stats)
+    if (s.nans[l] > 0.0f) m[l] = NAN, ls[l] = 0.0f;  // a NaN logit makes the row's loss NaN (row_stats)
   }
 }
 
 // Gradient of a tile's nl columns, column l times g[l] (0: zeros, even where lse = -inf), written at out (ldo), the
 // lines split in `parts` ranges between the threads; out may be x (in place): the targets' entries are computed
 // before the lines are overwritten. A target outside [0, V) (and not ignored) gives a NaN column, as row_grad.
+// Each column's normaliser is (m[l], ls[l]) (RowNorm); ls = nullptr: m holds stored lse values, ls = 0.
 template <typename T, bool Capped>
 void col_grad(const T* x, int64_t ld, T* out, int64_t ldo, int64_t nl, int64_t V, int64_t parts, const int64_t* y,
-              const float* lse, const float* g, const CEOptions& o) {
+              const float* m, const float* ls, const float* g, const CEOptions& o) {
   const float c = o.softcap, inv_c = Capped ? 1.0f / o.softcap : 0.0f;
-  float coef[kLanes], uni[kLanes], lz[kLanes], keep[kLanes], dy[kLanes];
+  float coef[kLanes], uni[kLanes], lm[kLanes], lls[kLanes], keep[kLanes], dy[kLanes];
   for (int64_t l = 0; l < nl; ++l) {
     const bool zero = g[l] == 0.0f, bad = !zero && (y[l] < 0 || y[l] >= V);
-    const GradCoef k = grad_coef(g[l], lse[l], o.smoothing, o.z_loss, V);
+    const RowNorm n{m[l], ls != nullptr ? ls[l] : 0.0f};
+    const GradCoef k = grad_coef(g[l], n, o.smoothing, o.z_loss, V);
     keep[l] = zero ? 0.0f : 1.0f;
     coef[l] = zero ? 0.0f : bad ? NAN : k.coef;
     uni[l] = zero ? 0.0f : k.uni;
-    lz[l] = zero ? 0.0f : lse[l];
+    lm[l] = zero ? 0.0f : n.m;
+    lls[l] = zero ? 0.0f : n.ls;
     dy[l] = 0.0f;
     if (!zero && !bad) {
       const float zy = soft_cap(static_cast<float>(x[y[l] * ld + l]), c, inv_c, Capped);
-      dy[l] = target_grad(zy, lse[l], k, g[l], o.smoothing, inv_c, Capped);
+      dy[l] = target_grad(zy, n, k, g[l], o.smoothing, inv_c, Capped);
     }
   }
   at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
@@ -313,7 +318,7 @@ void col_grad(const T* x, int64_t ld, T* out, int64_t ldo, int64_t nl, int64_t V
       T* oline = out + j * ldo;
 #pragma omp simd
       for (int64_t l = 0; l < nl; ++l) {
-        const float v = logit_grad(z[l], lz[l], GradCoef{coef[l], uni[l]}, inv_c, Capped);
+        const float v = logit_grad(z[l], RowNorm{lm[l], lls[l]}, GradCoef{coef[l], uni[l]}, inv_c, Capped);
         z[l] = keep[l] != 0.0f ? v : 0.0f;  // a NaN logit of an ignored row is a zero too
       }
       for (int64_t l = 0; l < nl; ++l) oline[l] = static_cast<T>(z[l]);
@@ -331,20 +336,22 @@ void ce_forward_cols(const T* x, const int64_t* target, int64_t N, int64_t V, in
   const float c = o.softcap, inv_c = Capped ? 1.0f / o.softcap : 0.0f;
   for_tiles(N, V, [&](int64_t tb, int64_t te, int64_t parts) {
     int64_t y[kLanes];
-    float sum_z[kLanes], g[kLanes];
+    float m[kLanes], ls[kLanes], sum_z[kLanes], g[kLanes];
     for (int64_t r0 = tb * kLanes; r0 < std::min(N, te * kLanes); r0 += kLanes) {
       const int64_t nl = std::min(kLanes, N - r0);
       const T* xt = x + r0;
-      col_stats<T, Capped>(xt, ld, nl, V, parts, c, inv_c, lse_out + r0, sum_z);
+      col_stats<T, Capped>(xt, ld, nl, V, parts, c, inv_c, m, ls, sum_z);
       for (int64_t l = 0; l < nl; ++l) {
         y[l] = row_target(target, o.row_offset + r0 + l, o.shift_len, o.ignore_index);
         const bool valid = y[l] >= 0 && y[l] < V;
         const float zy = soft_cap(valid ? static_cast<float>(xt[y[l] * ld + l]) : 0.0f, c, inv_c, Capped);
-        loss[r0 + l] = ce_row_loss(lse_out[r0 + l], zy, sum_z[l], V, y[l], o);
+        const RowNorm n{m[l], ls[l]};
+        loss[r0 + l] = ce_row_loss(n, zy, sum_z[l], V, y[l], o);
+        lse_out[r0 + l] = n.lse();
         g[l] = y[l] == o.ignore_index ? 0.0f : 1.0f;
       }
       if (grad_inplace != nullptr)
-        col_grad<T, Capped>(xt, ld, grad_inplace + r0, ld, nl, V, parts, y, lse_out + r0, g, o);
+        col_grad<T, Capped>(xt, ld, grad_inplace + r0, ld, nl, V, parts, y, m, ls, g, o);
     }
   });
 }
@@ -362,7 +369,7 @@ void ce_backward_cols(const float* grad_loss, const T* x, const int64_t* target,
         y[l] = row_target(target, o.row_offset + r0 + l, o.shift_len, o.ignore_index);
         g[l] = y[l] == o.ignore_index ? 0.0f : grad_loss[r0 + l];
       }
-      col_grad<T, Capped>(x + r0, ld, out + r0, ldo, nl, V, parts, y, lse + r0, g, o);
+      col_grad<T, Capped>(x + r0, ld, out + r0, ldo, nl, V, parts, y, lse + r0, nullptr, g, o);
     }
   });
 }
@@ -454,7 +461,7 @@ void grad_cols_rows(T* x, int64_t ld, int64_t N, int64_t C, const int64_t* targe
         for (int64_t j = 0; j < C; ++j) row[j] = static_cast<T>(0.0f);
         continue;
       }
-      const float l = lse[r];
+      const RowNorm l{lse[r], 0.0f};
       const GradCoef k = grad_coef(w[r], l, smoothing, z_loss, V);
       const int64_t y = target[r] - col0;
       // the target's entry first: the loop below overwrites the row

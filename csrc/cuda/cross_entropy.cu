@@ -65,15 +65,15 @@ __device__ __forceinline__ void block_reduce(float& m, float& s, float& sz, floa
 // The gradient pass of one row (both kernels): g * d loss / d z_j for every j, written to orow. A row with an
 // ignored target gets zeros; a target outside [0, V) gets NaN (the loss is NaN too; never an out-of-bounds read).
 template <typename T, int VEC, bool CAP>
-__device__ __forceinline__ void write_grad_row(const T* row, T* orow, int64_t V, int64_t y, float lse, float g,
+__device__ __forceinline__ void write_grad_row(const T* row, T* orow, int64_t V, int64_t y, RowNorm n, float g,
                                                const CEOptions& o) {
   const bool ignored = y == o.ignore_index, valid = y >= 0 && y < V;
   const float c = o.softcap, inv_c = CAP ? 1.0f / o.softcap : 0.0f;
-  const float coef = g * (1.0f + 2.0f * o.z_loss * lse), uni = g * o.smoothing / static_cast<float>(V);
+  const float coef = g * (1.0f + 2.0f * o.z_loss * n.lse()), uni = g * o.smoothing / static_cast<float>(V);
   const float hit = g * (1.0f - o.smoothing);
   auto grad = [&](float x, int64_t j) {
     const float z = cap<CAP>(x, c, inv_c);
-    float d = __expf(z - lse) * coef - uni - (j == y ? hit : 0.0f);
+    float d = __expf((z - n.m) - n.ls) * coef - uni - (j == y ? hit : 0.0f);
     if constexpr (CAP) d *= 1.0f - (z * inv_c) * (z * inv_c);
     return from_f<T>((ignored || g == 0.0f) ? 0.0f : (valid ? d : NAN));  // 0 weight: 0, not NaN at lse = -inf
   };
@@ -122,17 +122,17 @@ __global__ void ce_fwd_kernel(const T* x, int64_t ld, const int64_t* __restrict_
     sz += z;
   }
   block_reduce(m, s, sz, smem);
-  const float lse = m + logf(s);  // one per row: the accurate log (__logf is ~3 ulp for s >= 2)
+  const RowNorm n{m, logf(s)};  // one per row: the accurate log (__logf is ~3 ulp for s >= 2)
   const int64_t y = row_target(target, o.row_offset + r, o.shift_len, o.ignore_index);
   const bool valid = y >= 0 && y < V;
   if (threadIdx.x == 0) {
     const float zy = valid ? cap<CAP>(to_f(row[y]), c, inv_c) : 0.0f;
-    loss[r] = ce_row_loss(lse, zy, sz, V, y, o);
-    lse_out[r] = lse;
+    loss[r] = ce_row_loss(n, zy, sz, V, y, o);
+    lse_out[r] = n.lse();
   }
   if (grad == nullptr) return;
   __syncthreads();  // thread 0 has read row[y] before any thread overwrites the row
-  write_grad_row<T, VEC, CAP>(row, grad + r * ld, V, y, lse, 1.0f, o);
+  write_grad_row<T, VEC, CAP>(row, grad + r * ld, V, y, n, 1.0f, o);
 }
 
 template <typename T, int VEC, bool CAP>
@@ -142,7 +142,7 @@ __global__ void ce_bwd_kernel(const float* __restrict__ grad_loss, const T* __re
   const int64_t r = blockIdx.x;
   const int64_t y = row_target(target, o.row_offset + r, o.shift_len, o.ignore_index);
   const float g = y == o.ignore_index ? 0.0f : grad_loss[r];
-  write_grad_row<T, VEC, CAP>(x + r * ld, out + r * V, V, y, lse_in[r], g, o);
+  write_grad_row<T, VEC, CAP>(x + r * ld, out + r * V, V, y, RowNorm{lse_in[r], 0.0f}, g, o);
 }
 
 // One block per row, a grid-stride over the block's columns: every element is independent.

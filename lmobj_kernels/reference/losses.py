@@ -29,13 +29,19 @@ def cross_entropy_rows(
         z = torch.where(valid.unsqueeze(-1), z, z.detach())
     if softcap:
         z = softcap * torch.tanh(z / softcap)
-    lse = torch.logsumexp(z, dim=-1)
+    # lse = m + ls, kept apart as log_softmax does: (m - z_y) + ls and the softmax of its gradient keep float32's
+    # accuracy at any magnitude of the logits, where lse - z_y loses the rounding of lse (csrc/common/
+    # cross_entropy_row.h); m is a constant shift (no gradient), -inf rows shifted by 0
+    m = z.detach().amax(dim=-1)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    ls = torch.logsumexp(z - m.unsqueeze(-1), dim=-1)
+    lse = m + ls
     safe = torch.where(valid, target, torch.zeros_like(target))
     z_y = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     e = label_smoothing
-    loss = (1 - e) * (lse - z_y) + z_loss * lse * lse
+    loss = (1 - e) * ((m - z_y) + ls) + z_loss * lse * lse
     if e > 0:  # not 0 * (-inf) for -inf logits (F.cross_entropy gives a finite loss there)
-        loss = loss + e * (lse - z.mean(dim=-1))
+        loss = loss + e * ((m - z.mean(dim=-1)) + ls)
     return torch.where(valid, loss, torch.zeros_like(loss)), lse
 
 

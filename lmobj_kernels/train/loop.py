@@ -218,7 +218,7 @@ def check_args(args, p: argparse.ArgumentParser) -> None:
     if world > 1 and args.device.startswith("cuda") and ":" in args.device:
         p.error(f"--device {args.device}: under torchrun each process takes the GPU of its LOCAL_RANK; use "
                 "--device cuda (or auto)")
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))  # as setup() reads it
     if world > 1 and args.device in ("auto", "cuda") and torch.cuda.is_available() and \
             local >= torch.cuda.device_count():
         p.error(f"this process (LOCAL_RANK {local}) has no GPU of its own: {torch.cuda.device_count()} are visible; "

@@ -75,8 +75,13 @@ def _sweep(kernel: str, D: int, device: torch.device, quick: bool) -> list[dict]
     rows, want = [], None
     for cand in cands:
         A.config = lambda kern, d, dev, cand=cand: cand if kern == kernel else orig(kern, d, dev)
+        A._FITTED.clear()  # else the launcher reuses the config that ran first, whatever config() now says
         try:
             got = run(True)
+            ran = {k[0]: v for k, v in A._FITTED.items()}.get(kernel, cand)
+            if ran != cand:  # the card refused it: the launcher fell back (triton_kernels/attention.py)
+                print(f"  {kernel} D={D} {cand}: n/a (does not fit; the launcher fell back to {ran})")
+                continue
             ref = want if want is not None else got
             err = max(float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-6))
                       for a, b in zip(got, ref))
@@ -95,6 +100,7 @@ def _sweep(kernel: str, D: int, device: torch.device, quick: bool) -> list[dict]
             continue
         finally:
             A.config = orig
+            A._FITTED.clear()
         tag = " (table)" if cand == default else ""
         print(f"  {kernel:5s} D={D:3d} {str(cand):18s} {t * 1e3:8.3f} ms {flops / t / 1e12:7.1f} TFLOP/s{tag}",
               flush=True)

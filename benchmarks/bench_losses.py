@@ -223,11 +223,12 @@ def measure_gpu(bench: str, impl: str, size: dict, dtype: torch.dtype) -> dict |
     return {"seconds": secs, "peak_mb": peak / 2**20}
 
 
-def run_gpu(quick: bool, full: bool = False) -> list[dict]:
+def run_gpu(quick: bool, full: bool = False, rows: list[dict] | None = None) -> list[dict]:
+    """The GPU cases; each case's rows are appended to `rows` as soon as it is measured."""
     from lmobj_kernels import _loss_ops
 
     print(f"  dW accumulation through cuBLAS addmm(out_dtype=float32): {_loss_ops._addmm_out_dtype_works()}")
-    rows = []
+    rows = [] if rows is None else rows
     plan = [
         ("cross_entropy", dict(N=8192, V=128256), torch.bfloat16, ["lmobj-cuda", "lmobj-triton", "torch"]),
         ("cross_entropy", dict(N=8192, V=32000), torch.bfloat16, ["lmobj-cuda", "lmobj-triton", "torch"]),
@@ -310,11 +311,16 @@ def main() -> int:
         return 0
     if a.gpu and not torch.cuda.is_available():
         p.error("--gpu: no CUDA GPU visible")
-    rows = run_gpu(a.quick, a.full) if a.gpu else run_cpu(a.quick)
+    name = "losses-quick" if a.quick else "losses"
+    rows: list[dict] = []
+    if a.gpu:
+        common.write_on_term(name, rows, a.out)
+        run_gpu(a.quick, a.full, rows)
+    else:
+        rows = run_cpu(a.quick)
     table = pivot(rows)
     cols = ["bench", "shape", "backend"] + sorted({k for r in table for k in r} - {"bench", "shape", "backend"})
     print(common.table(table, cols))
-    name = "losses-quick" if a.quick else "losses"
     path = common.write_results(name, rows, a.out)
     print(f"wrote {path}")
     if a.gpu:

@@ -49,6 +49,7 @@ def main() -> int:
     a = p.parse_args()
     size = SIZES["quick" if a.quick else ("gpu" if a.gpu else "cpu")]
     rows, table = [], []
+    common.write_on_term("train-quick" if a.quick else "train", rows, a.out)
     for objective in ("clm", "mlm", "t5"):
         ours, base = run(objective, False, size), run(objective, True, size)
         shape = " ".join(size)

@@ -7,7 +7,9 @@ import json
 import os
 import platform
 import resource
+import signal
 import subprocess
+import sys
 import time
 
 import torch
@@ -32,9 +34,14 @@ def machine() -> dict:
 
 
 def commit() -> str:
+    """The commit measured: LMOBJ_COMMIT when set (a copy of the tree without its history, as a GPU machine
+    gets), else git's HEAD."""
+    if os.environ.get("LMOBJ_COMMIT"):
+        return os.environ["LMOBJ_COMMIT"]
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       cwd=os.path.dirname(os.path.abspath(__file__))).strip()
+        return subprocess.check_output(["git", "rev-parse", "--verify", "-q", "--short", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL,
+                                       cwd=os.path.dirname(os.path.abspath(__file__))).strip() or "unknown"
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -87,11 +94,25 @@ def table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(x) for x in cells])
 
 
+def write_on_term(name: str, rows: list[dict], where: str | None = None) -> None:
+    """If the run is stopped by SIGTERM (gpu_check's per-stage `timeout`), write the rows measured so far (the list
+    the benchmark fills as cases finish) as <name>-partial, then exit 124: a cut run keeps its figures."""
+    def handler(signum, frame):
+        if rows:
+            print("\ncut: wrote", write_results(name + "-partial", rows, where), flush=True)
+        sys.exit(124)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def write_results(name: str, rows: list[dict], where: str | None = None) -> str:
     """benchmarks/results/<name>-<machine>-<date>.json with rows {bench, backend, shape, metric, value, unit}."""
     where = where or RESULTS
     os.makedirs(where, exist_ok=True)
-    kind = "gpu-" + torch.cuda.get_device_name().split()[-1].replace("/", "_") if torch.cuda.is_available() else "cpu"
+    # "NVIDIA H100 80GB HBM3" -> H100 (the model, not the memory's name)
+    model = next((w for w in torch.cuda.get_device_name().split() if any(c.isdigit() for c in w)), "gpu") \
+        if torch.cuda.is_available() else ""
+    kind = "gpu-" + model.replace("/", "_") if torch.cuda.is_available() else "cpu"
     now = datetime.datetime.now(datetime.timezone.utc)
     date = now.date().isoformat()
     path = os.path.join(where, f"{name}-{kind}-{date}.json")

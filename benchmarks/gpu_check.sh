@@ -29,7 +29,7 @@ export PYTHONUNBUFFERED=1
 echo "# gpu_check report"
 echo
 echo "- date: $(date -u +%FT%TZ)"
-echo "- commit: ${LMOBJ_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+echo "- commit: ${LMOBJ_COMMIT:-$(git rev-parse --verify -q HEAD 2>/dev/null || echo unknown)}"
 echo "- card: $(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader)"
 echo "- nvcc: $(nvcc --version | tail -1)"
 echo "- families: $FAMILIES (benchmarks: ${BENCH_FAMILIES:-none}); budget ${BUDGET}s"
@@ -40,13 +40,26 @@ CAP=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())"
 export TORCH_CUDA_ARCH_LIST=$CAP FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
 echo "TORCH_CUDA_ARCH_LIST=$CAP"
 LMOBJ_SKIP_EXT=1 $PY -m pip install --quiet --no-build-isolation --no-deps -e . 2>&1 | tail -3
-$PY setup.py --quiet build_ext --inplace 2>&1 | grep -E "error|warning: " | head -20
+BUILD_LOG=${TMPDIR:-/tmp}/lmobj-build.log  # not in OUT: a GPU machine returns few files
+$PY setup.py --quiet build_ext --inplace > "$BUILD_LOG" 2>&1
+BUILD_RC=$?
+grep -E "error|warning: " "$BUILD_LOG" | head -20
+if (( BUILD_RC != 0 )); then  # no extension: every stage would fail on it; the report says why instead
+  echo "!! build failed (exit $BUILD_RC): no tests or benchmarks run"; tail -30 "$BUILD_LOG"
+  FAMILIES="" BENCH_FAMILIES=""
+fi
 if ls .wheels/*.whl >/dev/null 2>&1; then $PY -m pip install --quiet --no-deps .wheels/*.whl 2>&1 | tail -2; fi
 $PY -m lmobj_kernels.cli info | tr -d '\n ' | head -c 1500; echo
 
-# Per-family caps (seconds) for the tests and the benchmarks: one slow family cannot starve the others.
-declare -A TEST_CAP=([losses]=110 [corruption]=60 [attention]=170 [train]=40)
+# Per-family caps (seconds) for the tests and the benchmarks: one slow family cannot starve the others. They add
+# up to more than one budget: a run of every family spends it on the tests and cuts the benchmarks (each stage gets
+# what is left, at least 5 s). Split a short device budget into calls, e.g. the tests of some families with
+# GPU_CHECK_BENCH="", then the benchmarks alone with families "none"; GPU_CHECK_CAP_<family> (tests) and
+# GPU_CHECK_BENCH_CAP_<family> override a cap.
+declare -A TEST_CAP=([losses]=110 [corruption]=60 [attention]=200 [train]=90)
 declare -A BENCH_CAP=([losses]=150 [corruption]=45 [attention]=110 [train]=150 [attention_tune]=240)
+for f in "${!TEST_CAP[@]}"; do v="GPU_CHECK_CAP_$f"; TEST_CAP[$f]=${!v:-${TEST_CAP[$f]}}; done
+for f in "${!BENCH_CAP[@]}"; do v="GPU_CHECK_BENCH_CAP_$f"; BENCH_CAP[$f]=${!v:-${BENCH_CAP[$f]}}; done
 # GPU_CHECK_LOSSES_FULL=1: bench_losses --full (the torch.compile peers too, +~80 s)
 declare -A BENCH_ARGS=([losses]="$([ "${GPU_CHECK_LOSSES_FULL:-0}" = 1 ] && echo --full)")
 
@@ -59,7 +72,9 @@ for f in $FAMILIES; do
 done
 
 step "compute-sanitizer (memcheck) on small cases"
-if command -v compute-sanitizer >/dev/null; then
+if [ -z "$FAMILIES" ]; then
+  echo "no families"
+elif command -v compute-sanitizer >/dev/null; then
   run_capped 40 compute-sanitizer --tool memcheck --error-exitcode 3 $PY benchmarks/sanitize_cases.py $FAMILIES 2>&1 \
     | grep -v "^========= COMPUTE-SANITIZER" | tail -15
   echo "compute-sanitizer exit: ${PIPESTATUS[0]}"

@@ -636,18 +636,6 @@ def test_gpu_triton_other_head_dims(gen, D):
 
 
 @pytest.mark.gpu
-def test_gpu_triton_cross_attention_and_float32(gen):
-    _check(gen, "triton", 2, 8, 2, 333, 1031, 128, _mask(gen, 2, 333, 1031, kv=True, device="cuda"),
-           dtype=torch.bfloat16, device="cuda")
-    _check(gen, "triton", 2, 4, 4, 257, 257, 64, _mask(gen, 2, 257, 257, causal=True, device="cuda"),
-           dtype=torch.float32, device="cuda")
-    # float32 tiles at head dim 256 exceed every card's shared memory: the launch falls back; no TF32 (the float32
-    # rule's bound is plain float32's error, TF32's would be ~1e3 times larger)
-    _check(gen, "triton", 1, 2, 2, 200, 200, 256, _mask(gen, 1, 200, 200, causal=True, docs=True, device="cuda"),
-           dtype=torch.float32, device="cuda")
-
-
-@pytest.mark.gpu
 def test_gpu_triton_falls_back_from_a_config_too_big(gen, monkeypatch):
     """A config the card cannot hold (128 x 128 tiles at head dim 128 in 4 stages: over the A100's and the H100's
     shared memory for all three kernels, by benchmarks/triton_resources.py) is refused by Triton's loader before it
@@ -695,3 +683,16 @@ def test_gpu_auto_is_triton_and_compiles(gen):
     torch.testing.assert_close(out, L.attention(q, k, v, causal=True, prefix_lens=prefix, backend="triton"))
     out.float().sum().backward()
     assert torch.isfinite(q.grad).all()
+
+
+# last of the GPU tests: its float32 kernels take ~35 s each to compile (and spill), the cheap checks run first
+@pytest.mark.gpu
+def test_gpu_triton_cross_attention_and_float32(gen):
+    _check(gen, "triton", 2, 8, 2, 333, 1031, 128, _mask(gen, 2, 333, 1031, kv=True, device="cuda"),
+           dtype=torch.bfloat16, device="cuda")
+    _check(gen, "triton", 2, 4, 4, 257, 257, 64, _mask(gen, 2, 257, 257, causal=True, device="cuda"),
+           dtype=torch.float32, device="cuda")
+    # float32 tiles at head dim 256 exceed every card's shared memory: the launch falls back; no TF32 (the float32
+    # rule's bound is plain float32's error, TF32's would be ~1e3 times larger)
+    _check(gen, "triton", 1, 2, 2, 200, 200, 256, _mask(gen, 1, 200, 200, causal=True, docs=True, device="cuda"),
+           dtype=torch.float32, device="cuda")

@@ -32,3 +32,20 @@ def test_micro_cpu_benchmarks_run():
                           os.path.join(BENCH, "micro_cpu.py")], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert "passed" in res.stdout
+
+
+def test_a_benchmark_cut_by_its_time_cap_keeps_its_figures(tmp_path):
+    """gpu_check.sh stops each stage with `timeout` (SIGTERM): the rows measured so far are written as
+    <name>-partial (the GPU loss and train benchmarks wrote their results only at the end, so a cut lost them)."""
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); import common\n"
+            "rows = []\n"
+            "common.write_on_term('bench', rows, sys.argv[2])\n"
+            "rows.append({'bench': 'b', 'backend': 'x', 'shape': 's', 'metric': 'time', 'value': 1.5, 'unit': 'ms'})\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, "-c", code, BENCH, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "ready"
+    p.terminate()
+    assert p.wait(timeout=30) == 124
+    files = list(tmp_path.glob("bench-partial-*.json"))
+    assert len(files) == 1 and json.load(open(files[0]))["rows"][0]["value"] == 1.5

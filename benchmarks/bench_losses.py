@@ -93,23 +93,26 @@ def ce_case(impl: str, x, t):
 
 
 def make_inputs(bench: str, size: dict, device: str, dtype: torch.dtype, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
+    """Inputs drawn on `device` itself: on the CPU, the ~1e9 normals of a GPU case took ~7 s each, about half the
+    losses benchmark's time cap in gpu_check.sh."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g, device=device)  # noqa: E731
+    ints = lambda v, shape: torch.randint(0, v, shape, generator=g, device=device)  # noqa: E731
     if bench in ("linear_ce", "head"):
         n, d, v = size["N"], size["D"], size["V"]
-        h = torch.randn(n, d, generator=g).to(device, dtype).requires_grad_()
-        w = torch.randn(v, d, generator=g).div_(d**0.5).to(device, dtype).requires_grad_()
-        t = torch.randint(0, v, (n,), generator=g).to(device)
-        return h, w, t
+        h = rand(n, d).to(dtype).requires_grad_()
+        w = rand(v, d).div_(d**0.5).to(dtype).requires_grad_()
+        return h, w, ints(v, (n,))
     if bench == "masked_lm":
         b, s, d, v = size["B"], size["S"], size["D"], size["V"]
-        h = torch.randn(b, s, d, generator=g).to(device, dtype).requires_grad_()
-        w = torch.randn(v, d, generator=g).div_(d**0.5).to(device, dtype).requires_grad_()
-        labels = torch.randint(0, v, (b, s), generator=g)
-        labels[torch.rand(b, s, generator=g) >= 0.15] = -100
-        return h, w, labels.to(device)
+        h = rand(b, s, d).to(dtype).requires_grad_()
+        w = rand(v, d).div_(d**0.5).to(dtype).requires_grad_()
+        labels = ints(v, (b, s))
+        labels[torch.rand(b, s, generator=g, device=device) >= 0.15] = -100
+        return h, w, labels
     n, v = size["N"], size["V"]
-    x = torch.randn(n, v, generator=g).mul_(2).to(device, dtype).requires_grad_()
-    return x, torch.randint(0, v, (n,), generator=g).to(device)
+    x = rand(n, v).mul_(2).to(dtype).requires_grad_()
+    return x, ints(v, (n,))
 
 
 def closure(bench: str, impl: str, inputs):

@@ -276,7 +276,7 @@ def main(argv=None) -> int:
     out = [{"bench": f"{r['family']}/{r['kernel']}", "backend": f"triton-{r['arch']}", "shape": r["case"],
             "metric": m, "value": r[m], "unit": u} for r in rows if "regs" in r
            for m, u in (("regs", "registers"), ("stack", "bytes"), ("shared", "bytes"))]
-    print("wrote", common.write_results("triton-resources", out, args.out))
+    print("wrote", common.write_results("triton-resources-quick" if args.quick else "triton-resources", out, args.out))
     return 1 if bad else 0
 
 

@@ -7,7 +7,7 @@
 - `kv_lens` (B,): key padding (BERT); non-causal with Sq != Sk: cross attention (encoder-decoder);
 - `doc_ids` (B, S) ints: packed documents, a query attends only to keys of its own document (build them with
   `doc_ids_from_cu_seqlens` or `doc_ids_from_eos`).
-A query row with no allowed key returns zeros (and lse = -inf) with zero gradients, never NaN (SDPA gives NaN).
+A query row with no allowed key returns zeros (and lse = -inf) with zero gradients, never NaN (as SDPA did).
 
 Backends: `triton` (GPU, or interpreted with TRITON_INTERPRET=1) skips the blocks the mask empties, forward and
 backward; `torch` serves every mask on any device through `F.scaled_dot_product_attention` with an explicit

@@ -9,7 +9,6 @@ No autograd: the outputs are integer ids.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
@@ -64,7 +63,6 @@ span_corrupt_triton.register_fake(_span_fake)
 mlm_mask_triton.register_fake(_mlm_fake)
 
 
-@functools.cache
 def ops(backend: str):
     """(span_corrupt, mlm_mask) ops of a kernel backend (cpu and cuda share the dispatcher ops)."""
     if backend == "triton":

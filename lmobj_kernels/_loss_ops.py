@@ -78,7 +78,6 @@ def _(grad_loss, logits, *args):
     return logits.new_empty(logits.shape)
 
 
-@functools.cache
 def row_ops(backend: str):
     """(forward, backward, fused forward + in-place gradient) row kernels of a backend."""
     if backend == "triton":

@@ -511,6 +511,11 @@ class _Collator:
         self._worker: tuple | None = None
         self.rows = 0
 
+    def __repr__(self) -> str:
+        opts = {**self.kw, "seed": self.seed, "device": self.device}
+        shown = ", ".join(f"{k}={v!r}" for k, v in opts.items() if v is not None and (k, v) != ("backend", "auto"))
+        return f"{type(self).__name__}({shown})"
+
     def _next(self, batch: int) -> tuple[int, int]:
         info = torch.utils.data.get_worker_info()
         worker = None if info is None else (info.id, info.seed)

@@ -712,6 +712,14 @@ def test_mlm_collator_keeps_segments_and_honours_special_tokens_mask():
         col([ex[0], {"input_ids": [5, 6]}])
 
 
+def test_collators_show_their_options():
+    assert repr(C.MLMCollator(mask_id=3, vocab_size=V, seed=1)) == (
+        f"MLMCollator(mask_id=3, vocab_size={V}, mask_prob=0.15, mask_replace_prob=0.8, random_replace_prob=0.1, "
+        "special_ids=(), pad_id=0, exact=False, ignore_index=-100, seed=1)")
+    assert repr(C.SpanCorruptionCollator(eos_id=EOS, vocab_size=V)).startswith(
+        f"SpanCorruptionCollator(noise_density=0.15, mean_span_length=3.0, vocab_size={V}, eos_id={EOS}")
+
+
 def test_collators_check_options_and_rows_early():
     """Options are checked when the collator is built (not in the first batch, inside a worker); special_ids may be
     a tensor, as mlm_mask takes it; a row's word_ids must be as long as its ids even where a longer row hides it;

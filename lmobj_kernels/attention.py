@@ -28,15 +28,13 @@ from torch import Tensor, nn
 
 from lmobj_kernels import _attention_ops  # noqa: F401  (registers lmobj::attn_*_triton)
 from lmobj_kernels._backend import resolve, why_unavailable
-from lmobj_kernels._checks import check_flag, fits_int64, is_int, is_real
+from lmobj_kernels._checks import FLOAT32_MAX, autocast_inputs, check_flag, fits_int64, is_int, is_real
 from lmobj_kernels.reference import attention as ref
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INTS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 MAX_HEAD_DIM = 256
-_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 _LOG2E = 1.4426950408889634
-_AUTOCAST_CAST = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # ---- argument checks: ValueError / TypeError naming the argument ----
@@ -221,14 +219,13 @@ def attention(
     memory-efficient backward accumulates dQ with atomics. On the CPU both always are.
     Under autocast q, k and v are cast to the autocast dtype first (float64 excepted), as SDPA's are.
     """
-    if isinstance(q, Tensor) and torch.is_autocast_enabled(q.device.type):  # like SDPA: float16/32, not float64
-        dt = torch.get_autocast_dtype(q.device.type)
-        q, k, v = (t.to(dt) if isinstance(t, Tensor) and t.dtype in _AUTOCAST_CAST else t for t in (q, k, v))
+    if isinstance(q, Tensor):  # like SDPA under autocast
+        q, k, v = autocast_inputs(q.device.type, q, k, v)
     _check_qkv(q, k, v)
     prefix_lens, doc_ids, kv_lens = _check_masks(q, k, causal, prefix_lens, doc_ids, kv_lens)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    elif not is_real(scale) or not abs(scale) <= _FLOAT32_MAX / _LOG2E:  # Triton scales by scale * log2(e)
+    elif not is_real(scale) or not abs(scale) <= FLOAT32_MAX / _LOG2E:  # Triton scales by scale * log2(e)
         raise ValueError(f"scale must be None or a float finite in float32, got {scale!r}")
     for name, flag in (("return_lse", return_lse), ("deterministic", deterministic)):
         check_flag(name, flag)

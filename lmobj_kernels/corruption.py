@@ -24,7 +24,7 @@ from torch import Tensor
 
 from lmobj_kernels import _corruption_ops
 from lmobj_kernels._backend import _C, check_backend_name, resolve, why_unavailable
-from lmobj_kernels._checks import check_flag, fits_int64, is_int, is_real
+from lmobj_kernels._checks import FLOAT32_MAX, check_flag, fits_int64, is_int, is_real
 from lmobj_kernels.reference import corruption as ref
 
 T5_EXTRA_IDS = 100  # sentinels T5's vocabulary has (<extra_id_0> .. <extra_id_99>)
@@ -216,16 +216,13 @@ def _as_float32(v) -> float:
     return float(np.float32(v))
 
 
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
 def _span_params(noise_density, mean_span_length) -> tuple[float, float]:
     """The checked float32 (noise_density, mean_span_length). Valid float64 values can leave the range in float32
     (0.99999999 rounds to 1, 1e39 to inf), where the kernels would refuse them and the reference not: a ValueError
     for every backend instead."""
     _check_prob("noise_density", noise_density, hi_open=True)
     _check_mean_span(mean_span_length)
-    if mean_span_length > _FLOAT32_MAX:
+    if mean_span_length > FLOAT32_MAX:
         raise ValueError(f"mean_span_length must be finite in float32 (T5's arithmetic), got {mean_span_length!r}")
     nd, m = _as_float32(noise_density), _as_float32(mean_span_length)
     if nd >= 1.0:
@@ -511,6 +508,12 @@ class _Collator:
         self._worker: tuple | None = None
         self.rows = 0
 
+    def _check_options(self, op) -> None:
+        """Every option checked at construction (not in the first batch, inside a worker): `op` (span_corrupt or
+        mlm_mask) run with them on a one-row batch by the reference, which runs anywhere."""
+        check_backend_name(self.backend)
+        op(torch.zeros((1, 2), dtype=torch.int64), seed=0, **{**self.kw, "backend": "torch"})
+
     def __repr__(self) -> str:
         opts = {**self.kw, "seed": self.seed, "device": self.device}
         shown = ", ".join(f"{k}={v!r}" for k, v in opts.items() if v is not None and (k, v) != ("backend", "auto"))
@@ -625,8 +628,7 @@ class SpanCorruptionCollator(_Collator):
         if input_length is not None:
             _check_int("input_length", input_length, 2)
             self.raw_length, self.target_length = t5_input_length(input_length, noise_density, mean_span_length)
-        check_backend_name(backend)
-        span_corrupt(torch.zeros((1, 2), dtype=torch.int64), seed=0, **{**self.kw, "backend": "torch"})
+        self._check_options(span_corrupt)
 
     def __call__(self, examples) -> dict:
         ids, lens = _pad("input_ids", [r["input_ids"] for r in _example_rows(examples, ())], self.pad_id,
@@ -660,8 +662,7 @@ class MLMCollator(_Collator):
                        exact=exact, ignore_index=ignore_index, backend=backend)
         _check_int("pad_id", pad_id, 0)  # it pads the batch (mlm_mask's pad_id=None has no meaning here)
         check_flag("whole_word", whole_word)
-        check_backend_name(backend)
-        mlm_mask(torch.zeros((1, 2), dtype=torch.int64), seed=0, **{**self.kw, "backend": "torch"})
+        self._check_options(mlm_mask)
         self.pad_id, self.whole_word = pad_id, whole_word
 
     def __call__(self, examples) -> dict:

@@ -16,13 +16,11 @@ from torch import Tensor, nn
 
 from lmobj_kernels import _loss_ops
 from lmobj_kernels._backend import check_backend_name, resolve
-from lmobj_kernels._checks import INT64_MAX, check_flag, fits_int64, is_int, is_real
+from lmobj_kernels._checks import FLOAT32_MAX, INT64_MAX, autocast_inputs, check_flag, fits_int64, is_int, is_real
 from lmobj_kernels.reference import losses as ref
 
 _REDUCTIONS = ("none", "sum", "mean")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-_AUTOCAST_CAST = _FLOATS  # what autocast casts (float64 stays)
-_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 _FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)  # a smaller cap's 1 / c is inf in float32: NaN at z = 0
 
 
@@ -41,9 +39,9 @@ def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap, ch
     if not is_real(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
     # finite in float32, where the kernels compute (a cap of 1e39 is inf there, and inf * tanh(0) NaN)
-    if not is_real(z_loss) or not 0.0 <= z_loss <= _FLOAT32_MAX:
+    if not is_real(z_loss) or not 0.0 <= z_loss <= FLOAT32_MAX:
         raise ValueError(f"z_loss must be a float >= 0, finite in float32, got {z_loss!r}")
-    if softcap is not None and (not is_real(softcap) or not _FLOAT32_TINY <= softcap <= _FLOAT32_MAX):
+    if softcap is not None and (not is_real(softcap) or not _FLOAT32_TINY <= softcap <= FLOAT32_MAX):
         raise ValueError(f"softcap must be None or a float > 0, a normal float32 (1.2e-38 to 3.4e38), got "
                          f"{softcap!r}")
     if chunk_size is not None and (not is_int(chunk_size) or not 1 <= chunk_size <= INT64_MAX):
@@ -51,7 +49,7 @@ def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap, ch
 
 
 def _check_hidden_scale(hidden_scale) -> None:
-    if hidden_scale is not None and (not is_real(hidden_scale) or not abs(hidden_scale) <= _FLOAT32_MAX):
+    if hidden_scale is not None and (not is_real(hidden_scale) or not abs(hidden_scale) <= FLOAT32_MAX):
         raise ValueError(f"hidden_scale must be a float finite in float32, got {hidden_scale!r}")
 
 
@@ -275,10 +273,7 @@ def _linear_ce(hidden, weight, target, target_name, bias, shift, ignore_index, r
         _check_tensor("bias", bias)
         if tuple(bias.shape) != (weight.shape[0],) or bias.device != hidden.device:
             raise ValueError(f"bias must have shape ({weight.shape[0]},) on {hidden.device}")
-    if torch.is_autocast_enabled(hidden.device.type):  # like F.linear under autocast: float16/32, not float64
-        dt = torch.get_autocast_dtype(hidden.device.type)
-        cast = lambda t: t.to(dt) if t is not None and t.dtype in _AUTOCAST_CAST else t  # noqa: E731
-        hidden, weight, bias = cast(hidden), cast(weight), cast(bias)
+    hidden, weight, bias = autocast_inputs(hidden.device.type, hidden, weight, bias)  # like F.linear
     if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
         raise TypeError(f"hidden, weight and bias must share one dtype, got {hidden.dtype}, {weight.dtype}"
                         f"{', ' + str(bias.dtype) if bias is not None else ''}")

@@ -214,11 +214,10 @@ def check_args(args, p: argparse.ArgumentParser) -> None:
                     f"--mean-span-length {args.mean_span_length} get {k} noise spans, but the tokenizer has "
                     f"{n_sentinels} sentinels; use --seq-len {int(fits[-1])} or less, a lower --noise-density or a "
                     "longer --mean-span-length")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world, local = _launch()
     if world > 1 and args.device.startswith("cuda") and ":" in args.device:
         p.error(f"--device {args.device}: under torchrun each process takes the GPU of its LOCAL_RANK; use "
                 "--device cuda (or auto)")
-    local = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))  # as setup() reads it
     if world > 1 and args.device in ("auto", "cuda") and torch.cuda.is_available() and \
             local >= torch.cuda.device_count():
         p.error(f"this process (LOCAL_RANK {local}) has no GPU of its own: {torch.cuda.device_count()} are visible; "
@@ -239,9 +238,13 @@ def check_data(args, corpus: Corpus, p: argparse.ArgumentParser) -> None:
 
 
 # ---- distributed set-up (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK) ----
+def _launch() -> tuple[int, int]:
+    """(processes, this process's local rank) as torchrun's environment says; (1, 0) without it."""
+    return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+
+
 def setup(args) -> tuple[torch.device, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+    world, local = _launch()
     if args.device == "auto":
         device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     else:

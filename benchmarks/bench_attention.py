@@ -3,10 +3,10 @@
   python benchmarks/bench_attention.py           CPU: the torch backend vs SDPA with an explicit mask (prebuilt, and
                                                  built on each call from the same metadata), S=2048
   python benchmarks/bench_attention.py --quick   tiny CPU run (seconds; the smoke test runs it)
-  python benchmarks/bench_attention.py --gpu     GPU, ~2.5 min: TFLOP/s forward and forward+backward, D=128 at
-                                                 S=2k/8k and D=64 at 8k, masks causal / prefix-LM / documents,
-                                                 vs SDPA (flash, efficient, cudnn), FlexAttention (at 8k only:
-                                                 it compiles per mask), FlashAttention
+  python benchmarks/bench_attention.py --gpu     GPU, ~3 min: TFLOP/s forward and forward+backward, D=128 at
+                                                 S=2k/8k and D=64 at 8k, masks causal / prefix-LM / documents /
+                                                 sliding window (1024 keys), vs SDPA (flash, efficient, cudnn),
+                                                 FlexAttention (at 8k only: it compiles per mask), FlashAttention
   python benchmarks/bench_attention.py --gpu --full   D 64/128, S 1k..16k, plus key padding (a longer run)
 
 FLOPs (ALGORITHMS.md): forward 4 * B * Hq * Sq * Sk * D * (fraction of allowed pairs); backward 2.5x forward,
@@ -44,12 +44,18 @@ def make_mask(name: str, B: int, S: int, device, gen: torch.Generator) -> dict:
         return {"causal": True, "doc_ids": L.doc_ids_from_cu_seqlens(cu, S).to(device)}
     if name == "padding":
         return {"kv_lens": torch.randint(S // 2, S + 1, (B,), generator=gen).to(device)}
+    if name == "window":  # Mistral-style sliding window: each query sees itself and the WINDOW - 1 keys before it
+        return {"causal": True, "window": (WINDOW - 1, None)}
     raise ValueError(name)
+
+
+WINDOW = 1024
 
 
 def bool_mask(opts: dict, B: int, S: int, device) -> torch.Tensor:
     return ref.attention_mask(B, S, S, causal=opts.get("causal", False), prefix_lens=opts.get("prefix_lens"),
-                              doc_ids=opts.get("doc_ids"), kv_lens=opts.get("kv_lens"), device=device)
+                              doc_ids=opts.get("doc_ids"), kv_lens=opts.get("kv_lens"), window=opts.get("window"),
+                              device=device)
 
 
 def allowed_fraction(opts: dict, B: int, S: int, device) -> float:
@@ -101,7 +107,7 @@ def _peak_mem_mib(mname: str, name: str, quick: bool) -> float | None:
 
 
 def run_cpu(quick: bool) -> list[dict]:
-    masks = ["causal", "prefix"] if quick else ["causal", "prefix", "docs", "padding"]
+    masks = ["causal", "prefix"] if quick else ["causal", "prefix", "docs", "padding", "window"]
     rows = []
     for mname in masks:
         (B, H, S, D), cands, flops = _cpu_case(mname, quick)
@@ -150,7 +156,7 @@ def _flex(opts, B, H, S, device):
     except ImportError:
         return None
     prefix, docs, kvl = opts.get("prefix_lens"), opts.get("doc_ids"), opts.get("kv_lens")
-    causal = opts.get("causal", False)
+    causal, window = opts.get("causal", False), opts.get("window")
 
     def mask_mod(b, h, qi, kj):
         ok = kj >= 0
@@ -163,6 +169,10 @@ def _flex(opts, B, H, S, device):
             ok = ok & (docs[b, qi] == docs[b, kj])
         if kvl is not None:
             ok = ok & (kj < kvl[b])
+        if window is not None and window[0] is not None:
+            ok = ok & (kj >= qi - window[0])
+        if window is not None and window[1] is not None:
+            ok = ok & (kj <= qi + window[1])
         return ok
 
     build = lambda: create_block_mask(mask_mod, B, None, S, S, device=device)  # noqa: E731
@@ -180,6 +190,10 @@ def _flash_attn(opts, B, S):
     if set(opts) == {"causal"}:
         return lambda q, k, v: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                causal=True).transpose(1, 2)
+    if set(opts) == {"causal", "window"}:
+        left = opts["window"][0]
+        return lambda q, k, v: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               causal=True, window_size=(left, 0)).transpose(1, 2)
     if set(opts) == {"causal", "doc_ids"}:
         docs = opts["doc_ids"]
         lens = torch.stack([torch.bincount(d, minlength=int(docs.max()) + 1) for d in docs.long()]).flatten()
@@ -208,10 +222,11 @@ def run_gpu(full: bool) -> list[dict]:
     dtype = torch.bfloat16
     if full:
         configs = [(d, s, m) for d in (64, 128) for s in (1024, 2048, 4096, 8192, 16384)
-                   for m in ("causal", "prefix", "docs", "padding")]
+                   for m in ("causal", "prefix", "docs", "padding", "window")]
     else:
         # most important first (gpu_check may cut the tail): the 8k masks at D=128, then D=64 and a short sequence
-        configs = [(128, 8192, m) for m in ("causal", "prefix", "docs")] + [(64, 8192, "causal"), (128, 2048, "causal")]
+        configs = [(128, 8192, m) for m in ("causal", "prefix", "docs")] + [(64, 8192, "causal"), (128, 2048, "causal"),
+                                                                             (128, 8192, "window")]
     rows = []
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # one graph per mask
     sdpa = _sdpa_backends()
@@ -236,7 +251,7 @@ def run_gpu(full: bool) -> list[dict]:
                     return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
             cands[f"sdpa.{name}"] = f
         # each mask compiles (~30 s): in the short run only the masks FlashAttention cannot express
-        flex = _flex(opts, B, H, S, dev) if (full or (S >= 8192 and mname in ("prefix", "docs"))) else None
+        flex = _flex(opts, B, H, S, dev) if (full or (S >= 8192 and mname in ("prefix", "docs", "window"))) else None
         if flex is not None:
             cands["flex"] = flex[0]
             rows.append({"bench": "attention_block_mask", "backend": "flex", "shape": shape, "metric": "time",

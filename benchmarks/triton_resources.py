@@ -128,7 +128,7 @@ def _attention_cases(size: str):
     dims = {"quick": (64, 128, 256), "default": (64, 96, 128, 256), "full": (64, 80, 96, 128, 200, 256)}[size]
     dtypes = (torch.bfloat16, torch.float32) + ((torch.float16,) if size == "full" else ())
     masks = {"causal": dict(causal=True), "all": dict(causal=True, prefix=True, kv=True, docs=True),
-             "padding": dict(kv=True)}
+             "window": dict(causal=True, kv=True, window=(1023, 64)), "padding": dict(kv=True)}
     for d in dims:
         for dt in dtypes:
             # float32 tiles are slow to compile (~1 min each on 2 cores: ptxas spills, and a card that refuses a
@@ -152,8 +152,9 @@ def _attention(B, H, S, D, dtype, m):
         ints = lambda *shape: torch.empty(*shape, dtype=torch.int64, device="cuda")  # noqa: E731
         prefix, kv, docs = (ints(B) if m.get("prefix") else None, ints(B) if m.get("kv") else None,
                             ints(B, S) if m.get("docs") else None)
-        A.attention_forward(q, k, v, prefix, docs, kv, m.get("causal", False), D ** -0.5)
-        A.attention_backward(do, q, k, v, o, lse, prefix, docs, kv, m.get("causal", False), D ** -0.5)
+        wl, wr = m.get("window", (-1, -1))
+        A.attention_forward(q, k, v, prefix, docs, kv, m.get("causal", False), wl, wr, D ** -0.5)
+        A.attention_backward(do, q, k, v, o, lse, prefix, docs, kv, m.get("causal", False), wl, wr, D ** -0.5)
     return launch
 
 

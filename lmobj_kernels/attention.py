@@ -6,7 +6,9 @@
   prefix, causal after it);
 - `kv_lens` (B,): key padding (BERT); non-causal with Sq != Sk: cross attention (encoder-decoder);
 - `doc_ids` (B, S) ints: packed documents, a query attends only to keys of its own document (build them with
-  `doc_ids_from_cu_seqlens` or `doc_ids_from_eos`).
+  `doc_ids_from_cu_seqlens` or `doc_ids_from_eos`);
+- `window=(left, right)`: sliding-window (local) attention, query i sees keys i - left .. i + right (None: that
+  side unbounded), as FlashAttention's `window_size`; with causal=True, `(w - 1, None)` is Mistral's window of w.
 A query row with no allowed key returns zeros (and lse = -inf) with zero gradients, never NaN (as SDPA did).
 
 Backends: `triton` (GPU, or interpreted with TRITON_INTERPRET=1) skips the blocks the mask empties, forward and
@@ -121,6 +123,29 @@ def _check_masks(q, k, causal, prefix_lens, doc_ids, kv_lens):
     return prefix_lens, doc_ids, kv_lens
 
 
+def _check_window(window, Sq: int, Sk: int) -> tuple[int | None, int | None] | None:
+    """window as (left, right), each an int >= 0 or None (unbounded); a bound that reaches past the sequence is
+    None, and (None, None) is no window at all."""
+    if window is None:
+        return None
+    if isinstance(window, (str, bytes)) or not isinstance(window, Sequence) or len(window) != 2:
+        raise TypeError(f"window must be a (left, right) pair of ints or None, got {window!r}"[:200])
+    out = []
+    for side, v in zip(("left", "right"), window):
+        v = _plain_int(v)
+        if v is None:
+            out.append(None)
+            continue
+        if not is_int(v):
+            raise TypeError(f"window's {side} bound must be an int or None (unbounded), got {v!r}"[:200])
+        if v < 0:
+            raise ValueError(f"window's {side} bound must be >= 0 (None: unbounded), got {v}")
+        if Sq != Sk:
+            raise ValueError(f"window needs as many queries as keys (self-attention), got Sq={Sq}, Sk={Sk}")
+        out.append(int(v) if v < Sk else None)  # int(): a NumPy int would not fit the op's schema
+    return None if out == [None, None] else (out[0], out[1])
+
+
 def _resolve(backend: str, q: Tensor) -> str:
     if backend in ("cpu", "cuda"):
         raise ValueError(f"backend {backend!r} has no attention kernel (yet); use 'triton', 'torch' or 'auto'")
@@ -135,45 +160,44 @@ def _resolve(backend: str, q: Tensor) -> str:
 
 
 # ---- the torch backend ----
-def _nonempty_rows(allowed: Tensor, kv_lens: Tensor, doc_ids: Tensor | None) -> Tensor:
+def _nonempty_rows(allowed: Tensor, kv_lens: Tensor, doc_ids: Tensor | None, window) -> Tensor:
     """Which query rows of the (B, 1, Sq, Sk) mask have an allowed key, broadcastable to (B, 1, Sq, 1). Without
-    documents key 0 is allowed to every row of a batch row whose kv_len > 0 (causal or not, any prefix), so the
-    metadata says it without a pass over the mask (a bool reduction of 4M entries took ~3 ms at S=2048)."""
-    if doc_ids is None:
+    documents or a window key 0 is allowed to every row of a batch row whose kv_len > 0 (causal or not, any
+    prefix), so the metadata says it without a pass over the mask (a bool reduction of 4M entries took ~3 ms at
+    S=2048)."""
+    if doc_ids is None and window is None:
         return (kv_lens > 0).view(-1, 1, 1, 1)
     return allowed.any(-1, keepdim=True)
 
 
-def _torch_attention(q, k, v, causal, prefix_lens, doc_ids, kv_lens, scale, return_lse, plain=False):
+def _torch_attention(q, k, v, causal, prefix_lens, doc_ids, kv_lens, window, scale, return_lse, plain=False):
     """plain: the reference's computation in float32 (deterministic on a GPU, where SDPA's backward need not be)."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     gqa = Hq != Hkv
-    only_causal = causal and prefix_lens is None and doc_ids is None and kv_lens is None
+    only_causal = causal and prefix_lens is None and doc_ids is None and kv_lens is None and window is None
+    masks = dict(causal=causal, prefix_lens=prefix_lens, doc_ids=doc_ids, kv_lens=kv_lens, window=window)
     lse = None
     if kv_lens is not None and Sk:  # padding keys hold anything: a NaN there would pass a 0 weight (0 * NaN)
         valid = (torch.arange(Sk, device=k.device) < kv_lens.view(B, 1, 1, 1).to(k.device)).view(B, 1, Sk, 1)
         zero = torch.zeros((), dtype=k.dtype, device=k.device)
         k, v = torch.where(valid, k, zero), torch.where(valid, v, zero)
     if plain:
-        out, lse = ref.attention(q, k, v, causal=causal, prefix_lens=prefix_lens, doc_ids=doc_ids, kv_lens=kv_lens,
-                                 scale=scale)
+        out, lse = ref.attention(q, k, v, scale=scale, **masks)
         return out, lse.detach().to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     if Sk == 0:
         # keeps the graph: zero gradients for q, and for k and v (empty, but present, as Triton returns them)
         out = q.new_zeros(q.shape) + 0 * q + 0 * (k.sum() + v.sum())
     # is_causal only with a positive scale: SDPA's CPU kernel gives NaN rows for scale <= 0 (its -inf mask is
     # scaled with the scores); the explicit mask below is right for any scale
-    elif (only_causal and scale > 0) or not (causal or prefix_lens is not None or doc_ids is not None
-                                            or kv_lens is not None):
+    elif (only_causal and scale > 0) or not (causal or any(m is not None for m in masks.values())):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
     else:
-        allowed = ref.attention_mask(B, Sq, Sk, causal=causal, prefix_lens=prefix_lens, doc_ids=doc_ids,
-                                     kv_lens=kv_lens, device=q.device).unsqueeze(1)
-        if kv_lens is None:  # every query sees at least itself (causal diagonal, its own document)
+        allowed = ref.attention_mask(B, Sq, Sk, device=q.device, **masks).unsqueeze(1)
+        if kv_lens is None:  # every query sees at least itself (causal diagonal, its own document, its window)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
         else:
-            nonempty = _nonempty_rows(allowed, kv_lens, doc_ids)
+            nonempty = _nonempty_rows(allowed, kv_lens, doc_ids, window)
             if q.device.type == "cpu" and not torch.compiler.is_compiling() and bool(nonempty.all()):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
             else:
@@ -184,8 +208,7 @@ def _torch_attention(q, k, v, causal, prefix_lens, doc_ids, kv_lens, scale, retu
                 out = torch.where(nonempty, out, torch.zeros((), dtype=out.dtype, device=out.device))
     if return_lse:
         with torch.no_grad():
-            _, lse = ref.attention(q, k, v, causal=causal, prefix_lens=prefix_lens, doc_ids=doc_ids,
-                                   kv_lens=kv_lens, scale=scale)
+            _, lse = ref.attention(q, k, v, scale=scale, **masks)
         lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     return out, lse
 
@@ -200,6 +223,7 @@ def attention(
     prefix_lens: Tensor | Sequence[int] | None = None,
     doc_ids: Tensor | None = None,
     kv_lens: Tensor | Sequence[int] | None = None,
+    window: tuple[int | None, int | None] | None = None,
     scale: float | None = None,
     return_lse: bool = False,
     deterministic: bool = False,
@@ -209,7 +233,9 @@ def attention(
 
     q (B, Hq, Sq, D); k, v (B, Hkv, Sk, D) with Hq % Hkv == 0; head dim up to 256 (64 and 128 are the fast
     ones on a GPU). Query i attends key j when j < kv_lens[b], doc_ids[b, i] == doc_ids[b, j], and (causal only)
-    j <= i or j < prefix_lens[b]. causal needs Sq == Sk; so do doc_ids. scale defaults to D ** -0.5.
+    j <= i or j < prefix_lens[b], and (with a window (left, right)) i - left <= j <= i + right, None meaning that
+    side unbounded (causal with (w - 1, None): each query sees itself and the w - 1 keys before it). causal needs
+    Sq == Sk; so do doc_ids and a window. scale defaults to D ** -0.5.
     Rows with no allowed key output zeros with zero gradient (SDPA returns NaN there).
     return_lse: also the log-sum-exp of each row's scaled scores (B, Hq, Sq), float32 (float64 for float64
     inputs), detached; -inf on empty rows (the torch backend computes it in a second pass that materialises the
@@ -223,6 +249,7 @@ def attention(
         q, k, v = autocast_inputs(q.device.type, q, k, v)
     _check_qkv(q, k, v)
     prefix_lens, doc_ids, kv_lens = _check_masks(q, k, causal, prefix_lens, doc_ids, kv_lens)
+    window = _check_window(window, q.shape[2], k.shape[2])
     if scale is None:
         scale = q.shape[-1] ** -0.5
     elif not is_real(scale) or not abs(scale) <= FLOAT32_MAX / _LOG2E:  # Triton scales by scale * log2(e)
@@ -233,10 +260,12 @@ def attention(
     if name == "triton" and doc_ids is not None and doc_ids.dtype == torch.int64:
         _check_range("doc_ids", doc_ids, 2**31 - 1, "the triton kernels compare ids as int32", low=-(2**31))
     if name == "torch":
-        out, lse = _torch_attention(q, k, v, causal, prefix_lens, doc_ids, kv_lens, float(scale), return_lse,
-                                    plain=deterministic and q.is_cuda)
+        out, lse = _torch_attention(q, k, v, causal, prefix_lens, doc_ids, kv_lens, window, float(scale),
+                                    return_lse, plain=deterministic and q.is_cuda)
     else:
-        out, lse = torch.ops.lmobj.attn_fwd_triton(q, k, v, prefix_lens, doc_ids, kv_lens, causal, float(scale))
+        left, right = (-1 if w is None else w for w in (window or (None, None)))  # -1: unbounded
+        out, lse = torch.ops.lmobj.attn_fwd_triton(q, k, v, prefix_lens, doc_ids, kv_lens, causal, left, right,
+                                                   float(scale))
     if return_lse:
         return out, lse.detach()
     return out
@@ -291,17 +320,20 @@ def doc_ids_from_eos(tokens: Tensor, eos_id: int) -> Tensor:
 
 
 class MaskedAttention(nn.Module):
-    """Module form of `attention`: options fixed at construction (causal, scale, deterministic, backend),
-    per-batch masks at call time: forward(q, k, v, prefix_lens=None, doc_ids=None, kv_lens=None)."""
+    """Module form of `attention`: options fixed at construction (causal, window, scale, deterministic,
+    backend), per-batch masks at call time: forward(q, k, v, prefix_lens=None, doc_ids=None, kv_lens=None)."""
 
-    def __init__(self, *, causal: bool = False, scale: float | None = None, deterministic: bool = False,
-                 backend: str = "auto"):
+    def __init__(self, *, causal: bool = False, window: tuple[int | None, int | None] | None = None,
+                 scale: float | None = None, deterministic: bool = False, backend: str = "auto"):
         super().__init__()
-        self.causal, self.scale, self.deterministic, self.backend = causal, scale, deterministic, backend
+        self.causal, self.window, self.scale = causal, window, scale
+        self.deterministic, self.backend = deterministic, backend
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, prefix_lens=None, doc_ids=None, kv_lens=None) -> Tensor:
         return attention(q, k, v, causal=self.causal, prefix_lens=prefix_lens, doc_ids=doc_ids, kv_lens=kv_lens,
-                         scale=self.scale, deterministic=self.deterministic, backend=self.backend)
+                         window=self.window, scale=self.scale, deterministic=self.deterministic,
+                         backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"causal={self.causal}, scale={self.scale}, backend={self.backend!r}"
+        w = "" if self.window is None else f", window={tuple(self.window)}"
+        return f"causal={self.causal}{w}, scale={self.scale}, backend={self.backend!r}"

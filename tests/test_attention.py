@@ -300,8 +300,12 @@ def test_nonempty_rows_from_metadata(gen, causal, prefix, docs):
     pre = torch.randint(0, S + 1, (B,), generator=gen) if prefix else None
     doc = torch.sort(torch.randint(0, 4, (B, S), generator=gen), dim=1).values if docs else None
     allowed = ref.attention_mask(B, S, S, causal=causal, prefix_lens=pre, doc_ids=doc, kv_lens=kv).unsqueeze(1)
-    got = _nonempty_rows(allowed, kv, doc).expand(B, 1, S, 1)
+    got = _nonempty_rows(allowed, kv, doc, None).expand(B, 1, S, 1)
     assert torch.equal(got, allowed.any(-1, keepdim=True))
+    # a window: row i may see nothing although kv_len > 0 (key 0 is out of its window)
+    win = ref.attention_mask(B, S, S, causal=causal, prefix_lens=pre, doc_ids=doc, kv_lens=kv,
+                             window=(3, 2)).unsqueeze(1)
+    assert torch.equal(_nonempty_rows(win, kv, doc, (3, 2)).expand(B, 1, S, 1), win.any(-1, keepdim=True))
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
@@ -396,6 +400,98 @@ def test_triton_long_documents(gen, causal):
     _check(gen, "triton", 2, 1, 1, S, S, 16, {"causal": causal, "doc_ids": docs})
 
 
+# ---- sliding window: query i sees keys i - left .. i + right ----
+# GPT-style causal windows (w - 1, None), the diagonal alone (0, 0), symmetric and lopsided local windows, windows
+# narrower and wider than a block (the interpreter's blocks are 16 and 32), one past the sequence (= no window)
+WINDOWS = [(7, None), (40, None), (0, 0), (5, 5), (None, 3), (20, 45), (500, None)]
+WINDOW_MASKS = [(False, False, False, False, False), (True, False, False, False, False),
+                (False, False, True, True, True), (True, True, True, True, True)]
+
+
+@pytest.mark.parametrize("length", [1, 17, 128])
+@pytest.mark.parametrize("combo", WINDOW_MASKS, ids=_combo_id)
+@pytest.mark.parametrize("window", WINDOWS, ids=str)
+def test_torch_backend_window(gen, window, combo, length):
+    causal, prefix, docs, kv, gqa = combo
+    B, Hq, Hkv, Sq, Sk = _shape(length, gqa, False)
+    opts = dict(_mask(gen, B, Sq, Sk, causal, prefix, docs, kv), window=window)
+    _check(gen, "torch", B, Hq, Hkv, Sq, Sk, 32, opts)
+
+
+@needs_triton
+@pytest.mark.parametrize("combo", WINDOW_MASKS, ids=_combo_id)
+@pytest.mark.parametrize("window", WINDOWS, ids=str)
+def test_triton_window(gen, window, combo):
+    causal, prefix, docs, kv, gqa = combo
+    B, Hq, Hkv, Sq, Sk = _shape(100, gqa, False)
+    opts = dict(_mask(gen, B, Sq, Sk, causal, prefix, docs, kv), window=window)
+    _check(gen, "triton", B, Hq, Hkv, Sq, Sk, 16, opts)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_window_edge_cases(gen, backend):
+    """A window reaching past the sequence is no window; (S - 1, S - 1) is every key; a window with key padding
+    can leave a row nothing (zeros, no NaN): rows 10.. see keys >= 8 only, kv_len is 5."""
+    S = 40
+    q, k, v = (t.detach() for t in _qkv(gen, 1, 2, 2, S, S, 16))
+    plain = L.attention(q, k, v, causal=True, backend=backend)
+    for w in ((S, None), (10**12, None), (S - 1, S - 1), (None, None)):
+        torch.testing.assert_close(L.attention(q, k, v, causal=True, window=w, backend=backend), plain)
+    q, k, v = _qkv(gen, 1, 2, 2, S, S, 16)
+    out = L.attention(q, k, v, window=(2, 0), kv_lens=[5], backend=backend)
+    r, _ = ref.attention(q.double(), k.double(), v.double(), window=(2, 0), kv_lens=torch.tensor([5]))
+    assert (out[:, :, 7:] == 0).all() and torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), r, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v)) and (q.grad[:, :, 7:] == 0).all()
+
+
+@needs_triton
+@pytest.mark.parametrize("window", [None, (7, None), (0, 0), (5, 40), (None, 3), (33, 33)], ids=str)
+@pytest.mark.parametrize("causal,prefix,docs,kv", [(False, False, False, False), (True, False, False, False),
+                                                   (True, True, False, True), (True, True, True, True),
+                                                   (False, False, True, True), (False, False, False, True)],
+                         ids=lambda *a: None)
+def test_block_ranges_are_exact(gen, window, causal, prefix, docs, kv):
+    """The blocks each program loops over, as the kernels compute them (forward / dQ: key blocks per query block;
+    dK/dV: query blocks per key block), against a scan of the mask: the loops' blocks are disjoint and hold every
+    allowed pair (nothing skipped wrongly); the first and last hold an allowed pair, and no pair means no block
+    (nothing loaded for nothing; the doc ids here are packed); every pair of the mask-free blocks is allowed."""
+    import attention_range_probe as probe
+
+    B, S = 3, 150
+    for bm, bn in ((32, 16), (16, 32), (64, 64)):
+        opts = _mask(gen, B, S, S, causal, prefix, docs, kv)
+        mask = ref.attention_mask(B, S, S, window=window, **opts)
+        for keys in (True, False):
+            rng = probe.ranges(keys, B, S, S, bm, bn, causal, opts.get("prefix_lens"), opts.get("doc_ids"),
+                               opts.get("kv_lens"), window)
+            outer, inner = (bm, bn) if keys else (bn, bm)
+            m = mask if keys else mask.transpose(1, 2)  # rows: the program's own block; columns: what it loops over
+            for b in range(B):
+                for o in range(rng.shape[1]):
+                    lo, c_lo, c_hi, hi = rng[b, o].tolist()
+                    rows = m[b, o * outer:(o + 1) * outer]
+                    starts = [(st, False) for st in range(c_lo, c_hi, inner)]
+                    starts += [(st, True) for st in [*range(lo, c_lo, inner), *range(c_hi, hi, inner)]]
+                    seen = torch.zeros(S, dtype=torch.int64)
+                    for st, masked in starts:
+                        seen[st:st + inner] += 1
+                        if not masked:  # the mask-free loop: every pair allowed (keys past the end never are)
+                            assert st + inner <= S or not keys, (b, o, st)
+                            assert rows[:, st:st + inner].all(), (b, o, st, (lo, c_lo, c_hi, hi))
+                    where = f"block {o} of row {b}, ranges {(lo, c_lo, c_hi, hi)}, {'keys' if keys else 'queries'}"
+                    assert int(seen.max()) <= 1, f"a position looped over twice: {where}"
+                    cols = rows.any(0)
+                    assert not (cols & (seen == 0)).any(), f"an allowed pair skipped: {where}"
+                    loaded = sorted(st for st, _ in starts)
+                    if not cols.any():
+                        assert not loaded, f"blocks loaded with nothing allowed: {where}"
+                    else:
+                        assert cols[loaded[0]:loaded[0] + inner].any() and cols[loaded[-1]:loaded[-1] + inner].any(), \
+                            f"a block loaded for nothing: {where}"
+
+
 # ---- helpers, module, backend choice ----
 def test_doc_ids_helpers():
     d = L.doc_ids_from_cu_seqlens(torch.tensor([0, 3, 3, 7]), 9)
@@ -446,7 +542,10 @@ def test_module_and_auto_backend(gen):
     prefix = torch.tensor([5])
     torch.testing.assert_close(m(q, k, v, prefix_lens=prefix),
                                L.attention(q, k, v, causal=True, prefix_lens=prefix, backend="torch"))
-    assert "causal=True" in repr(m)
+    assert "causal=True" in repr(m) and "window" not in repr(m)
+    m = L.MaskedAttention(causal=True, window=(4, None))
+    torch.testing.assert_close(m(q, k, v), L.attention(q, k, v, causal=True, window=(4, None), backend="torch"))
+    assert "window=(4, None)" in repr(m)
 
 
 def test_autocast_runs_in_the_autocast_dtype(gen):
@@ -495,7 +594,8 @@ def test_deterministic_torch_path_is_the_plain_computation(gen):
     opts = _mask(gen, B, S, S, causal=True, prefix=True, docs=True, kv=True)
     opts["kv_lens"][2] = 0
     out, lse = _torch_attention(q, k, v, opts["causal"], opts["prefix_lens"], opts["doc_ids"], opts["kv_lens"],
-                                D**-0.5, True, plain=True)
+                                (5, 2), D**-0.5, True, plain=True)
+    opts["window"] = (5, 2)
     r, rlse = ref.attention(q, k, v, **opts)
     assert torch.equal(out, r) and torch.equal(lse, rlse)
     out.sum().backward()
@@ -544,6 +644,13 @@ def _bad_cases():
         ("scale past float32", (q, k, v), {"scale": 1e39}, ValueError, "scale"),
         ("scale x log2(e) past float32", (q, k, v), {"scale": -3e38}, ValueError, "scale"),
         ("causal type", (q, k, v), {"causal": 1}, TypeError, "causal"),
+        ("window not a pair", (q, k, v), {"window": 4}, TypeError, "window"),
+        ("window of three", (q, k, v), {"window": (1, 2, 3)}, TypeError, "window"),
+        ("window string", (q, k, v), {"window": "ab"}, TypeError, "window"),
+        ("window float", (q, k, v), {"window": (2.5, None)}, TypeError, "window's left"),
+        ("window bool", (q, k, v), {"window": (None, True)}, TypeError, "window's right"),
+        ("window negative", (q, k, v), {"window": (-1, 0)}, ValueError, "window's left"),
+        ("window cross", (q, kc, kc), {"window": (2, 2)}, ValueError, "window"),
         ("backend", (q, k, v), {"backend": "nope"}, ValueError, "backend"),
         ("backend cpu", (q, k, v), {"backend": "cpu"}, ValueError, "backend"),
         ("q type", (q.numpy(), k, v), {}, TypeError, "q must"),
@@ -563,11 +670,12 @@ def test_opcheck_triton_ops(gen):
     q, k, v = _qkv(gen, 1, 2, 1, 20, 20, 16)
     kvl = torch.tensor([13], dtype=torch.int32)
     docs = torch.tensor([[0] * 7 + [1] * 13], dtype=torch.int32)
-    fwd_args = (q, k, v, torch.tensor([4], dtype=torch.int32), docs, kvl, True, 0.25)
+    fwd_args = (q, k, v, torch.tensor([4], dtype=torch.int32), docs, kvl, True, 6, -1, 0.25)
     torch.library.opcheck(torch.ops.lmobj.attn_fwd_triton, fwd_args)
     out, lse = torch.ops.lmobj.attn_fwd_triton(*fwd_args)
     do = torch.randn(out.shape, generator=gen)
-    bwd_args = (do, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), None, None, kvl, False, 0.25)
+    bwd_args = (do, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), None, None, kvl, False, 3, 5,
+                0.25)
     torch.library.opcheck(torch.ops.lmobj.attn_bwd_triton, bwd_args)
 
 
@@ -579,7 +687,8 @@ def test_torch_compile_fullgraph(gen, backend):
     docs = torch.tensor([[0] * 10 + [1] * 14])
 
     def f(q, k, v):
-        return L.attention(q, k, v, causal=True, prefix_lens=prefix, doc_ids=docs, kv_lens=kvl, backend=backend)
+        return L.attention(q, k, v, causal=True, prefix_lens=prefix, doc_ids=docs, kv_lens=kvl, window=(9, None),
+                           backend=backend)
 
     out = torch.compile(f, fullgraph=True)(q, k, v)
     out.sum().backward()
@@ -683,6 +792,18 @@ def test_gpu_auto_is_triton_and_compiles(gen):
     torch.testing.assert_close(out, L.attention(q, k, v, causal=True, prefix_lens=prefix, backend="triton"))
     out.float().sum().backward()
     assert torch.isfinite(q.grad).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_triton_window(gen, D):
+    """Sliding windows at real sizes: a causal window narrower than the sequence (the mask-free interior and both
+    masked edges of every row of blocks), and a local window with documents, key padding and GQA."""
+    S = 2048
+    _check(gen, "triton", 2, 8, 2, S, S, D, dict(causal=True, window=(255, None)), dtype=torch.bfloat16,
+           device="cuda")
+    opts = dict(_mask(gen, 2, S, S, docs=True, kv=True, device="cuda"), window=(100, 300))
+    _check(gen, "triton", 2, 8, 2, S, S, D, opts, dtype=torch.bfloat16, device="cuda")
 
 
 # last of the GPU tests: its float32 kernels take ~35 s each to compile (and spill), the cheap checks run first

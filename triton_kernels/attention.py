@@ -7,13 +7,15 @@ query block (dQ). No atomics, so the backward is bitwise repeatable (`determinis
 
 Masks (constexpr feature flags, so each variant compiles to lean code): causal, prefix-LM (prefix_len per batch:
 bidirectional inside the prefix, causal after), packed documents (doc ids per position: equal ids attend), key
-padding (kv_len per batch), grouped-query heads, cross attention (Sq != Sk, non-causal).
+padding (kv_len per batch), a sliding window (query i sees keys i - left .. i + right), grouped-query heads,
+cross attention (Sq != Sk, non-causal).
 
 Block skipping: each program derives the range of blocks it needs from the mask metadata: causal rows stop at the
 diagonal (or at prefix_len, whichever is later), key padding stops at kv_len, and documents use per-block
 [first, last) ranges precomputed from per-block min/max doc ids (`_doc_block_range`), so blocks of other documents
-are never loaded. Inside the range, blocks that need no elementwise mask (fully below the diagonal / inside the
-prefix, fully before kv_len) run a loop without masking; the rest apply the mask. Document ranges are exact for
+are never loaded; a window bounds the range on both sides. Inside the range, blocks that need no elementwise mask
+(fully below the diagonal / inside the prefix, fully before kv_len, inside every row's window) run a loop without
+masking; the rest apply the mask. Document ranges are exact for
 packed (non-decreasing or contiguous) doc ids; arbitrary ids are still correct, they just skip fewer blocks.
 
 A query row with no allowed key gets zeros and lse = -inf, and zero gradients: the running max is replaced by 0
@@ -166,10 +168,11 @@ def _keys_read(offs_n, Sk, kv_len, HAS_KVLEN: tl.constexpr):
 
 
 @triton.jit
-def _allowed(qi, kj, Sk, kv_len, prefix_len, q_doc, k_doc, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
-             HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr):
+def _allowed(qi, kj, Sk, kv_len, prefix_len, q_doc, k_doc, win_l, win_r, CAUSAL: tl.constexpr,
+             HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """Mask of allowed (query, key) pairs. qi / q_doc and kj / k_doc are already shaped to broadcast against each
-    other ((M, 1) with (1, N), or (1, M) with (N, 1)); keys at or past Sk are never allowed."""
+    other ((M, 1) with (1, N), or (1, M) with (N, 1)); keys at or past Sk are never allowed. win_l / win_r: the
+    window's bounds (Sk for an unbounded side, where the test always holds)."""
     ok = kj < Sk
     if HAS_KVLEN:
         ok = ok & (kj < kv_len)
@@ -180,12 +183,15 @@ def _allowed(qi, kj, Sk, kv_len, prefix_len, q_doc, k_doc, CAUSAL: tl.constexpr,
         ok = ok & rule
     if HAS_DOCS:
         ok = ok & (q_doc == k_doc)
+    if HAS_WINDOW:
+        ok = ok & (kj >= qi - win_l) & (kj <= qi + win_r)
     return ok
 
 
 @triton.jit
-def _key_range(b, pid_m, start_m, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_outer, CAUSAL: tl.constexpr,
-               HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _key_range(b, pid_m, start_m, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_outer, win_l, win_r,
+               CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
     """Key range of queries [start_m, start_m + BLOCK_M) as (lo, c_lo, c_hi, hi): key blocks in [c_lo, c_hi) need
     no elementwise mask, those in [lo, c_lo) and [c_hi, hi) do. Keys outside [lo, hi) are masked for every row of
     the block and never loaded."""
@@ -203,6 +209,13 @@ def _key_range(b, pid_m, start_m, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_outer
         hi = tl.minimum(hi, tl.load(rng + 1) * BLOCK_N)
         c_lo = tl.load(rng + 2) * BLOCK_N  # blocks of the same single document as the whole query block
         c_hi = tl.minimum(c_hi, tl.load(rng + 3) * BLOCK_N)
+    if HAS_WINDOW:  # keys of rows start_m .. last lie in [start_m - win_l, last + win_r]
+        last = tl.minimum(start_m + BLOCK_M, Sq) - 1
+        first = tl.maximum(start_m - win_l, 0)
+        lo = tl.maximum(lo, (first // BLOCK_N) * BLOCK_N)
+        hi = tl.where(hi > first, tl.minimum(hi, last + win_r + 1), lo)  # e.g. a window past kv_len: nothing
+        c_lo = tl.maximum(c_lo, tl.cdiv(tl.maximum(last - win_l, 0), BLOCK_N) * BLOCK_N)  # in every row's window
+        c_hi = tl.minimum(c_hi, ((start_m + win_r + 1) // BLOCK_N) * BLOCK_N)
     hi = tl.maximum(hi, lo)
     c_lo = tl.minimum(tl.maximum(c_lo, lo), hi)
     c_hi = tl.minimum(tl.maximum(c_hi, c_lo), hi)
@@ -229,9 +242,9 @@ def _mask_meta(b, offs, omask, Sk, PREFIX, KVLEN, DOC, stride_doc, doc_pad, HAS_
 
 
 @triton.jit
-def _query_block(pid_m, bh, Hq, group, Sq, Sk, PREFIX, KVLEN, DOC, DOC_RANGE, stride_doc, n_qblocks,
+def _query_block(pid_m, bh, Hq, group, Sq, Sk, PREFIX, KVLEN, DOC, DOC_RANGE, stride_doc, n_qblocks, win_l, win_r,
                  CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """What the forward and dQ kernels know of query block pid_m of (batch, head) bh: batch b, head h, kv head hk,
     its rows and their mask, the row's mask metadata and the key blocks [lo, hi) it needs ([c_lo, c_hi): the blocks
     that need no element mask, see `_key_range`)."""
@@ -243,15 +256,16 @@ def _query_block(pid_m, bh, Hq, group, Sq, Sk, PREFIX, KVLEN, DOC, DOC_RANGE, st
     rmask = offs_m < Sq
     kv_len, prefix_len, DOC_row, q_doc = _mask_meta(b, offs_m, rmask, Sk, PREFIX, KVLEN, DOC, stride_doc, -2,
                                                     HAS_PREFIX, HAS_KVLEN, HAS_DOCS)
-    lo, c_lo, c_hi, hi = _key_range(b, pid_m, start_m, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_qblocks, CAUSAL,
-                                    HAS_DOCS, BLOCK_M, BLOCK_N)
+    lo, c_lo, c_hi, hi = _key_range(b, pid_m, start_m, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_qblocks, win_l,
+                                    win_r, CAUSAL, HAS_DOCS, HAS_WINDOW, BLOCK_M, BLOCK_N)
     return b, h, hk, offs_m, rmask, kv_len, prefix_len, DOC_row, q_doc, lo, c_lo, c_hi, hi
 
 
 @triton.jit
 def _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d, D, Sk,
-              kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
-              HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr, MASK: tl.constexpr,
+              kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, CAUSAL: tl.constexpr,
+              HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              MASK: tl.constexpr,
               PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
     """One key block of the online softmax (base 2): returns the updated (acc, m_i, l_i)."""
     offs_n = start_n + offs_n0
@@ -265,7 +279,7 @@ def _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, o
         if HAS_DOCS:
             k_doc = tl.load(DOC_row + offs_n, mask=kmask, other=-1)
         ok = _allowed(offs_m[:, None], offs_n[None, :], Sk, kv_len, prefix_len, q_doc[:, None], k_doc[None, :],
-                      CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS)
+                      win_l, win_r, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW)
         s = tl.where(ok, s, -float("inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows with nothing allowed yet: exp2(-inf - 0) = 0
@@ -278,25 +292,27 @@ def _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, o
     return acc, m_new, l_i
 
 
-@triton.jit(do_not_specialize=["Sq", "Sk", "n_qblocks"])  # one compiled kernel for every sequence length
+# one compiled kernel for every sequence length and window
+@triton.jit(do_not_specialize=["Sq", "Sk", "n_qblocks", "win_l", "win_r"])
 def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX, KVLEN, DOC, DOC_RANGE,
                      stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                      stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os, stride_doc,
-                     Hq, Sq, Sk, D, group, qk_scale, n_qblocks,
+                     Hq, Sq, Sk, D, group, qk_scale, n_qblocks, win_l, win_r,
                      CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr,
-                     HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
+                     HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
     """O[b, h, i] = softmax over allowed keys j of (q_i . k_j * scale) times v_j; LSE[b, h, i] (natural log).
 
     Q (B, Hq, Sq, D), K and V (B, Hkv, Sk, D), O like Q (last dim contiguous, other strides given); LSE (B, Hq, Sq)
     contiguous float32. PREFIX / KVLEN: int32 (B,) (read only when their flag is set); DOC: int32 (B, Sq) doc ids,
     rows stride_doc apart; DOC_RANGE: int32 (B, n_qblocks, 4) per query block: [first, last) key block sharing
     a document with it, and [first, last) key block of the same single document as the whole query block.
-    group = Hq // Hkv; qk_scale = scale * log2(e). Grid: (n_qblocks * B * Hq,)."""
+    group = Hq // Hkv; qk_scale = scale * log2(e); win_l / win_r: the window (Sk for an unbounded side).
+    Grid: (n_qblocks * B * Hq,)."""
     pid_m, bh = _block_and_row(n_qblocks)
     b, h, hk, offs_m, rmask, kv_len, prefix_len, DOC_row, q_doc, lo, c_lo, c_hi, hi = _query_block(
-        pid_m, bh, Hq, group, Sq, Sk, PREFIX, KVLEN, DOC, DOC_RANGE, stride_doc, n_qblocks, CAUSAL, HAS_PREFIX,
-        HAS_KVLEN, HAS_DOCS, BLOCK_M, BLOCK_N)
+        pid_m, bh, Hq, group, Sq, Sk, PREFIX, KVLEN, DOC, DOC_RANGE, stride_doc, n_qblocks, win_l, win_r, CAUSAL,
+        HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, BLOCK_M, BLOCK_N)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
@@ -307,19 +323,20 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX, KVLEN, DOC, DOC_RANGE,
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if HAS_DOCS:  # blocks before the query block's own document (its partial first block)
+    if HAS_DOCS or HAS_WINDOW:  # blocks before the own document / the window's left edge (partly allowed)
         for start_n in range(lo, c_lo, BLOCK_N):
             acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m,
-                                      offs_n0, offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL,
-                                      HAS_PREFIX, HAS_KVLEN, HAS_DOCS, True, PREC, UPCAST, EVEN_D)
+                                      offs_n0, offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r,
+                                      qk_scale, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, True, PREC,
+                                      UPCAST, EVEN_D)
     for start_n in range(c_lo, c_hi, BLOCK_N):
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0,
-                                  offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL, HAS_PREFIX,
-                                  HAS_KVLEN, HAS_DOCS, False, PREC, UPCAST, EVEN_D)
+                                  offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, CAUSAL,
+                                  HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, False, PREC, UPCAST, EVEN_D)
     for start_n in range(c_hi, hi, BLOCK_N):
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0,
-                                  offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL, HAS_PREFIX,
-                                  HAS_KVLEN, HAS_DOCS, True, PREC, UPCAST, EVEN_D)
+                                  offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, CAUSAL,
+                                  HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, True, PREC, UPCAST, EVEN_D)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]
@@ -351,8 +368,9 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride
 
 @triton.jit
 def _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, stride_dos, start_m, offs_m0, offs_n,
-               offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, qk_scale, CAUSAL: tl.constexpr,
-               HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr, MASK: tl.constexpr,
+               offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, win_l, win_r, qk_scale, CAUSAL: tl.constexpr,
+               HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+               MASK: tl.constexpr,
                PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
     """One query block's contribution to dK (unscaled) and dV of a key block, in transposed (key, query) form."""
     offs_m = start_m + offs_m0
@@ -372,7 +390,7 @@ def _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, str
         if HAS_DOCS:
             q_doc = tl.load(DOC_row + offs_m, mask=rmask, other=-2)
         ok = _allowed(offs_m[None, :], offs_n[:, None], Sk, kv_len, prefix_len, q_doc[None, :], k_doc[:, None],
-                      CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS)
+                      win_l, win_r, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW)
         pT = tl.where(ok, pT, 0.0)
     dv = _mma(pT.to(do.dtype), do, dv, PREC, UPCAST)
     dpT = _mm(v, tl.trans(do), PREC, UPCAST)
@@ -381,23 +399,60 @@ def _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, str
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["Sq", "Sk", "n_kblocks"])  # one compiled kernel for every sequence length
+@triton.jit
+def _query_range(b, pid_n, start_n, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_outer, win_l, win_r,
+                 CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """Query range of keys [start_n, start_n + BLOCK_N) as (lo, c_lo, c_hi, hi), the transpose of `_key_range`:
+    query blocks in [c_lo, c_hi) need no elementwise mask, those in [lo, c_lo) and [c_hi, hi) do; queries outside
+    [lo, hi) see none of these keys and are never loaded."""
+    end_n = start_n + BLOCK_N
+    lo = 0
+    hi = tl.where(start_n < kv_len, Sq, 0)
+    c_lo = tl.where(end_n <= tl.minimum(Sk, kv_len), 0, Sq)
+    if CAUSAL:
+        in_prefix = start_n < prefix_len
+        lo = tl.where(in_prefix, 0, (start_n // BLOCK_M) * BLOCK_M)
+        diag = tl.cdiv(end_n - 1, BLOCK_M) * BLOCK_M
+        c_lo = tl.maximum(c_lo, tl.where(end_n <= prefix_len, 0, diag))
+    c_hi = hi
+    if HAS_DOCS:
+        rng = DOC_RANGE + (b * n_outer + pid_n) * 4
+        lo = tl.maximum(lo, tl.load(rng) * BLOCK_M)
+        hi = tl.minimum(hi, tl.load(rng + 1) * BLOCK_M)
+        c_lo = tl.maximum(c_lo, tl.load(rng + 2) * BLOCK_M)  # query blocks of this key block's single document
+        c_hi = tl.minimum(c_hi, tl.load(rng + 3) * BLOCK_M)
+    if HAS_WINDOW:  # queries that see keys start_n .. end_n - 1 lie in [start_n - win_r, end_n - 1 + win_l]
+        first = tl.maximum(start_n - win_r, 0)
+        lo = tl.maximum(lo, (first // BLOCK_M) * BLOCK_M)
+        last_key = tl.minimum(end_n, tl.minimum(Sk, kv_len)) - 1
+        hi = tl.where(hi > first, tl.minimum(hi, last_key + win_l + 1), lo)
+        c_lo = tl.maximum(c_lo, tl.cdiv(tl.maximum(end_n - 1 - win_r, 0), BLOCK_M) * BLOCK_M)  # see every key
+        c_hi = tl.minimum(c_hi, ((start_n + win_l + 1) // BLOCK_M) * BLOCK_M)
+    hi = tl.maximum(hi, lo)
+    c_lo = tl.minimum(tl.maximum(c_lo, lo), hi)
+    c_hi = tl.minimum(tl.maximum(c_hi, c_lo), hi)
+    return lo, c_lo, c_hi, hi
+
+
+# one compiled kernel for every sequence length and window
+@triton.jit(do_not_specialize=["Sq", "Sk", "n_kblocks", "win_l", "win_r"])
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, DOC_RANGE,
                           stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                           stride_vb, stride_vh, stride_vs, stride_dob, stride_doh, stride_dos, stride_doc,
-                          Hq, Hkv, Sq, Sk, D, group, sm_scale, qk_scale, n_kblocks,
+                          Hq, Hkv, Sq, Sk, D, group, sm_scale, qk_scale, n_kblocks, win_l, win_r,
                           CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr,
-                          HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
+                          HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                          EVEN_D: tl.constexpr):
     """dK, dV (B, Hkv, Sk, D) contiguous, for one key block and kv head, summed over the `group` query heads that
     share it and over the query blocks the mask leaves (a causal key block starts at its diagonal unless it lies in
-    the prefix; a block past kv_len has nothing; documents: DOC_RANGE (B, n_kblocks, 4), see `_doc_block_range`).
-    LSE, DELTA: (B, Hq, Sq) float32 contiguous. Grid: (n_kblocks * B * Hkv,)."""
+    the prefix; a block past kv_len has nothing; documents: DOC_RANGE (B, n_kblocks, 4), see `_doc_block_range`;
+    see `_query_range`). LSE, DELTA: (B, Hq, Sq) float32 contiguous. Grid: (n_kblocks * B * Hkv,)."""
     pid_n, bh = _block_and_row(n_kblocks)
     b = bh // Hkv
     hk = bh % Hkv
     start_n = pid_n * BLOCK_N
-    end_n = start_n + BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -410,25 +465,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, D
                 mask=_and_d(rd[:, None], dmask[None, :], EVEN_D), other=0.0)
     v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
                 mask=_and_d(rd[:, None], dmask[None, :], EVEN_D), other=0.0)
-    # query range [lo, hi); blocks in [c_lo, c_hi) need no elementwise mask, [lo, c_lo) and [c_hi, hi) do.
-    lo = 0
-    hi = tl.where(start_n < kv_len, Sq, 0)
-    c_lo = tl.where(end_n <= tl.minimum(Sk, kv_len), 0, Sq)
-    if CAUSAL:
-        in_prefix = start_n < prefix_len
-        lo = tl.where(in_prefix, 0, (start_n // BLOCK_M) * BLOCK_M)
-        diag = tl.cdiv(end_n - 1, BLOCK_M) * BLOCK_M
-        c_lo = tl.maximum(c_lo, tl.where(end_n <= prefix_len, 0, diag))
-    c_hi = hi
-    if HAS_DOCS:
-        rng = DOC_RANGE + (b * n_kblocks + pid_n) * 4
-        lo = tl.maximum(lo, tl.load(rng) * BLOCK_M)
-        hi = tl.minimum(hi, tl.load(rng + 1) * BLOCK_M)
-        c_lo = tl.maximum(c_lo, tl.load(rng + 2) * BLOCK_M)  # query blocks of this key block's single document
-        c_hi = tl.minimum(c_hi, tl.load(rng + 3) * BLOCK_M)
-    hi = tl.maximum(hi, lo)
-    c_lo = tl.minimum(tl.maximum(c_lo, lo), hi)
-    c_hi = tl.minimum(tl.maximum(c_hi, c_lo), hi)
+    lo, c_lo, c_hi, hi = _query_range(b, pid_n, start_n, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_kblocks, win_l,
+                                      win_r, CAUSAL, HAS_DOCS, HAS_WINDOW, BLOCK_M, BLOCK_N)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for g in range(0, group):
@@ -439,17 +477,20 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, D
         DELTA_row = DELTA + (b * Hq + h) * Sq
         for start_m in range(lo, c_lo, BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, stride_dos, start_m,
-                                offs_m0, offs_n, offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, qk_scale,
-                                CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, True, PREC, UPCAST, EVEN_D)
+                                offs_m0, offs_n, offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, win_l, win_r,
+                                qk_scale, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, True, PREC, UPCAST,
+                                EVEN_D)
         for start_m in range(c_lo, c_hi, BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, stride_dos, start_m,
-                                offs_m0, offs_n, offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, qk_scale,
-                                CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, False, PREC, UPCAST, EVEN_D)
-        if HAS_DOCS:  # query blocks after the key block's own document
+                                offs_m0, offs_n, offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, win_l, win_r,
+                                qk_scale, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, False, PREC, UPCAST,
+                                EVEN_D)
+        if HAS_DOCS or HAS_WINDOW:  # query blocks after the key block's own document / past the window
             for start_m in range(c_hi, hi, BLOCK_M):
                 dk, dv = _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, stride_dos,
                                     start_m, offs_m0, offs_n, offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row,
-                                    qk_scale, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, True, PREC, UPCAST, EVEN_D)
+                                    win_l, win_r, qk_scale, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW,
+                                    True, PREC, UPCAST, EVEN_D)
     out = bh * Sk * D + offs_n[:, None] * D + offs_d[None, :]
     omask = _and_d(kmask[:, None], dmask[None, :], EVEN_D)
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=omask)
@@ -458,9 +499,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, D
 
 @triton.jit
 def _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d, D, Sk,
-             kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
-             HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr, MASK: tl.constexpr,
-              PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
+             kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, CAUSAL: tl.constexpr,
+             HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+             MASK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
     """One key block's contribution to dQ (unscaled) of a query block."""
     offs_n = start_n + offs_n0
     kmask = _keys_read(offs_n, Sk, kv_len, HAS_KVLEN)
@@ -476,7 +517,7 @@ def _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_
         if HAS_DOCS:
             k_doc = tl.load(DOC_row + offs_n, mask=kmask, other=-1)
         ok = _allowed(offs_m[:, None], offs_n[None, :], Sk, kv_len, prefix_len, q_doc[:, None], k_doc[None, :],
-                      CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS)
+                      win_l, win_r, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW)
         p = tl.where(ok, p, 0.0)
     dp = _mm(do, vT, PREC, UPCAST)
     ds = p * (dp - delta[:, None])
@@ -484,20 +525,21 @@ def _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_
     return dq
 
 
-@triton.jit(do_not_specialize=["Sq", "Sk", "n_qblocks"])  # one compiled kernel for every sequence length
+# one compiled kernel for every sequence length and window
+@triton.jit(do_not_specialize=["Sq", "Sk", "n_qblocks", "win_l", "win_r"])
 def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX, KVLEN, DOC, DOC_RANGE,
                         stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                         stride_vb, stride_vh, stride_vs, stride_dob, stride_doh, stride_dos, stride_doc,
-                        Hq, Sq, Sk, D, group, sm_scale, qk_scale, n_qblocks,
+                        Hq, Sq, Sk, D, group, sm_scale, qk_scale, n_qblocks, win_l, win_r,
                         CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr,
-                        HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
+                        HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
     """dQ (B, Hq, Sq, D) contiguous for one query block: the same key range as the forward
     (DOC_RANGE (B, n_qblocks, 4), see `_doc_block_range`). Grid: (n_qblocks * B * Hq,)."""
     pid_m, bh = _block_and_row(n_qblocks)
     b, h, hk, offs_m, rmask, kv_len, prefix_len, DOC_row, q_doc, lo, c_lo, c_hi, hi = _query_block(
-        pid_m, bh, Hq, group, Sq, Sk, PREFIX, KVLEN, DOC, DOC_RANGE, stride_doc, n_qblocks, CAUSAL, HAS_PREFIX,
-        HAS_KVLEN, HAS_DOCS, BLOCK_M, BLOCK_N)
+        pid_m, bh, Hq, group, Sq, Sk, PREFIX, KVLEN, DOC, DOC_RANGE, stride_doc, n_qblocks, win_l, win_r, CAUSAL,
+        HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, BLOCK_M, BLOCK_N)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
@@ -511,37 +553,43 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX, KVLEN, DOC, DOC_RAN
     K_base = K + b * stride_kb + hk * stride_kh
     V_base = V + b * stride_vb + hk * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if HAS_DOCS:
+    if HAS_DOCS or HAS_WINDOW:
         for start_n in range(lo, c_lo, BLOCK_N):
             dq = _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0,
-                          offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL, HAS_PREFIX, HAS_KVLEN,
-                          HAS_DOCS, True, PREC, UPCAST, EVEN_D)
+                          offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, CAUSAL,
+                          HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, True, PREC, UPCAST, EVEN_D)
     for start_n in range(c_lo, c_hi, BLOCK_N):
         dq = _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d,
-                      D, Sk, kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS,
-                      False, PREC, UPCAST, EVEN_D)
+                      D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, CAUSAL, HAS_PREFIX,
+                      HAS_KVLEN, HAS_DOCS, HAS_WINDOW, False, PREC, UPCAST, EVEN_D)
     for start_n in range(c_hi, hi, BLOCK_N):
         dq = _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d,
-                      D, Sk, kv_len, prefix_len, q_doc, DOC_row, qk_scale, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS,
-                      True, PREC, UPCAST, EVEN_D)
+                      D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, CAUSAL, HAS_PREFIX,
+                      HAS_KVLEN, HAS_DOCS, HAS_WINDOW, True, PREC, UPCAST, EVEN_D)
     tl.store(DQ + bh * Sq * D + offs_m[:, None] * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=_and_d(rmask[:, None], dmask[None, :], EVEN_D))
 
 
 # ---- host side ----
 @triton.jit(do_not_specialize=["S", "n_inner", "n_outer"])
-def _doc_range_kernel(DOC, RNG, S, stride_doc, n_outer, n_inner, OUTER: tl.constexpr, INNER: tl.constexpr,
-                      CHUNK: tl.constexpr):
+def _doc_range_kernel(DOC, RNG, KVLEN, S, stride_doc, n_outer, n_inner, OUTER: tl.constexpr, INNER: tl.constexpr,
+                      CHUNK: tl.constexpr, HAS_KVLEN: tl.constexpr, KEYS_OUTER: tl.constexpr):
     """RNG[b, o] = (first, last, s_first, s_last) for block o of OUTER positions of row b (see `_doc_block_range`);
-    DOC: int32 rows of S contiguous ids, stride_doc apart. Grid: (n_outer * B,). The inner blocks are scanned CHUNK
-    at a time as a (CHUNK, INNER) tile."""
+    DOC: int32 rows of S contiguous ids, stride_doc apart. Keys (the outer positions if KEYS_OUTER, else the inner
+    ones) at or past KVLEN[b] share no document: they are never attended. Grid: (n_outer * B,). The inner blocks
+    are scanned CHUNK at a time as a (CHUNK, INNER) tile."""
     o, b = _block_and_row(n_outer)
     row = DOC + b * stride_doc
     big = 2147483647
+    key_end = S
+    if HAS_KVLEN:
+        key_end = tl.minimum(S, tl.load(KVLEN + b))
+    outer_end = key_end if KEYS_OUTER else S
+    inner_end = S if KEYS_OUTER else key_end
     offs = o * OUTER + tl.arange(0, OUTER)
     ids = tl.load(row + offs, mask=offs < S, other=0)
-    omin = tl.min(tl.where(offs < S, ids, big), 0)
-    omax = tl.max(tl.where(offs < S, ids, -big - 1), 0)
+    omin = tl.min(tl.where(offs < outer_end, ids, big), 0)
+    omax = tl.max(tl.where(offs < outer_end, ids, -big - 1), 0)
     single = omin == omax
     first = n_inner
     last = 0
@@ -551,7 +599,7 @@ def _doc_range_kernel(DOC, RNG, S, stride_doc, n_outer, n_inner, OUTER: tl.const
     for j0 in range(0, n_inner, CHUNK):
         blk = j0 + tl.arange(0, CHUNK)
         pos = blk[:, None] * INNER + tl.arange(0, INNER)[None, :]
-        inside = pos < S
+        inside = pos < inner_end
         x = tl.load(row + pos, mask=inside, other=0)
         imin = tl.min(tl.where(inside, x, big), 1)
         imax = tl.max(tl.where(inside, x, -big - 1), 1)
@@ -572,18 +620,22 @@ def _doc_range_kernel(DOC, RNG, S, stride_doc, n_outer, n_inner, OUTER: tl.const
     tl.store(out + 3, tl.where(contiguous, s_last, 0))
 
 
-def _doc_block_range(doc: torch.Tensor, outer: int, inner: int) -> torch.Tensor:
+def _doc_block_range(doc: torch.Tensor, outer: int, inner: int, kv_lens: torch.Tensor | None = None,
+                     keys_outer: bool = False) -> torch.Tensor:
     """int32 (B, cdiv(S, outer), 4): for each block of `outer` positions, [first, last) of the blocks of `inner`
     positions whose doc-id range meets its own (the loop range: blocks outside never share a document), then
     [first, last) of the blocks that lie in the same single document as the whole outer block (no elementwise mask
-    needed there; empty unless those blocks are contiguous, e.g. arbitrary unsorted ids). One kernel launch per
+    needed there; empty unless those blocks are contiguous, e.g. arbitrary unsorted ids). With `kv_lens` (int32
+    (B,)) keys past a row's kv_len count in no document (the outer axis is the keys if `keys_outer`), so the
+    padding's own document loads nothing. One kernel launch per
     call and no device sync: this runs on every forward and twice per backward, so a chain of small torch ops here
     (56 of them) cost more host time than the attention kernel of a short document mask."""
     B, S = doc.shape
     n_outer, n_inner = triton.cdiv(S, outer), triton.cdiv(S, inner)
     rng = torch.empty((B, n_outer, 4), dtype=torch.int32, device=doc.device)
-    _doc_range_kernel[(n_outer * B,)](doc, rng, S, doc.stride(0), n_outer, n_inner, OUTER=outer, INNER=inner,
-                                    CHUNK=max(1, 1024 // inner), num_warps=4)
+    _doc_range_kernel[(n_outer * B,)](doc, rng, kv_lens if kv_lens is not None else rng, S, doc.stride(0), n_outer,
+                                      n_inner, OUTER=outer, INNER=inner, CHUNK=max(1, 1024 // inner),
+                                      HAS_KVLEN=kv_lens is not None, KEYS_OUTER=keys_outer, num_warps=4)
     return rng
 
 
@@ -612,8 +664,16 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
+def _window(window_left: int, window_right: int, Sk: int) -> tuple[bool, int, int]:
+    """(HAS_WINDOW, win_l, win_r) for the kernels: -1 (unbounded) and bounds past the sequence become Sk, a bound
+    the mask test always passes (and that stays far from int32's limit)."""
+    wl, wr = (Sk if w < 0 else min(w, Sk) for w in (window_left, window_right))
+    return wl < Sk or wr < Sk, wl, wr
+
+
 @on_data_device
-def attention_forward(q, k, v, prefix_lens, doc_ids, kv_lens, causal: bool, scale: float):
+def attention_forward(q, k, v, prefix_lens, doc_ids, kv_lens, causal: bool, window_left: int, window_right: int,
+                      scale: float):
     """(out (B, Hq, Sq, D) like q, lse (B, Hq, Sq) float32)."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, Hq, Sq, D = q.shape
@@ -623,18 +683,21 @@ def attention_forward(q, k, v, prefix_lens, doc_ids, kv_lens, causal: bool, scal
     if out.numel() == 0 or Sk == 0:
         return out.zero_(), lse.fill_(-math.inf)
     prefix, kvl, doc = _meta(q, prefix_lens, kv_lens, doc_ids)
+    has_window, wl, wr = _window(window_left, window_right, Sk)
+    block_d = max(16, triton.next_power_of_2(D))
+    kv_len_arg = kvl if kv_lens is not None else None
 
     def launch(bm, bn, warps, stages):
         n_qb = triton.cdiv(Sq, bm)
-        rng = _doc_block_range(doc, bm, bn) if doc_ids is not None else prefix
+        rng = _doc_block_range(doc, bm, bn, kv_len_arg) if doc_ids is not None else prefix
         _attn_fwd_kernel[(n_qb * B * Hq,)](
             q, k, v, out, lse, prefix, kvl, doc, rng,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), doc.stride(0),
-            Hq, Sq, Sk, D, Hq // Hkv, scale * LOG2E, n_qb,
+            Hq, Sq, Sk, D, Hq // Hkv, scale * LOG2E, n_qb, wl, wr,
             CAUSAL=causal, HAS_PREFIX=prefix_lens is not None, HAS_KVLEN=kv_lens is not None,
-            HAS_DOCS=doc_ids is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(D)),
-            PREC=_prec(q.dtype), UPCAST=_upcast(q), EVEN_D=max(16, triton.next_power_of_2(D)) == D,
+            HAS_DOCS=doc_ids is not None, HAS_WINDOW=has_window, BLOCK_M=bm, BLOCK_N=bn,
+            BLOCK_D=block_d, PREC=_prec(q.dtype), UPCAST=_upcast(q), EVEN_D=block_d == D,
             num_warps=warps, num_stages=stages)
 
     _launch_fitted("fwd", D, q.dtype, q.device, launch)
@@ -642,7 +705,8 @@ def attention_forward(q, k, v, prefix_lens, doc_ids, kv_lens, causal: bool, scal
 
 
 @on_data_device
-def attention_backward(do, q, k, v, out, lse, prefix_lens, doc_ids, kv_lens, causal: bool, scale: float):
+def attention_backward(do, q, k, v, out, lse, prefix_lens, doc_ids, kv_lens, causal: bool, window_left: int,
+                       window_right: int, scale: float):
     """(dq, dk, dv), each contiguous in its input's dtype. Deterministic: no atomics."""
     do, q, k, v, out = (_last_dim_contiguous(t) for t in (do, q, k, v, out))
     B, Hq, Sq, D = q.shape
@@ -654,10 +718,12 @@ def attention_backward(do, q, k, v, out, lse, prefix_lens, doc_ids, kv_lens, cau
         return dq.zero_(), dk.zero_(), dv.zero_()
     lse = lse.contiguous()
     block_d = max(16, triton.next_power_of_2(D))
+    has_window, wl, wr = _window(window_left, window_right, Sk)
     flags = dict(CAUSAL=causal, HAS_PREFIX=prefix_lens is not None, HAS_KVLEN=kv_lens is not None,
-                 HAS_DOCS=doc_ids is not None, BLOCK_D=block_d, PREC=_prec(q.dtype), UPCAST=_upcast(q),
-                 EVEN_D=block_d == D)
+                 HAS_DOCS=doc_ids is not None, HAS_WINDOW=has_window, BLOCK_D=block_d, PREC=_prec(q.dtype),
+                 UPCAST=_upcast(q), EVEN_D=block_d == D)
     prefix, kvl, doc = _meta(q, prefix_lens, kv_lens, doc_ids)
+    kv_len_arg = kvl if kv_lens is not None else None
     group = Hq // Hkv
 
     delta = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
@@ -671,18 +737,18 @@ def attention_backward(do, q, k, v, out, lse, prefix_lens, doc_ids, kv_lens, cau
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), doc.stride(0))
     def launch_dkdv(bm, bn, warps, stages):
         n_kb = triton.cdiv(Sk, bn)
-        rng = _doc_block_range(doc, bn, bm) if doc_ids is not None else prefix
+        rng = _doc_block_range(doc, bn, bm, kv_len_arg, keys_outer=True) if doc_ids is not None else prefix
         _attn_bwd_dkdv_kernel[(n_kb * B * Hkv,)](
             q, k, v, do, lse, delta, dk, dv, prefix, kvl, doc, rng, *strides,
-            Hq, Hkv, Sq, Sk, D, group, scale, scale * LOG2E, n_kb,
+            Hq, Hkv, Sq, Sk, D, group, scale, scale * LOG2E, n_kb, wl, wr,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags)
 
     def launch_dq(bm, bn, warps, stages):
         n_qb = triton.cdiv(Sq, bm)
-        rng = _doc_block_range(doc, bm, bn) if doc_ids is not None else prefix
+        rng = _doc_block_range(doc, bm, bn, kv_len_arg) if doc_ids is not None else prefix
         _attn_bwd_dq_kernel[(n_qb * B * Hq,)](
             q, k, v, do, lse, delta, dq, prefix, kvl, doc, rng, *strides,
-            Hq, Sq, Sk, D, group, scale, scale * LOG2E, n_qb,
+            Hq, Sq, Sk, D, group, scale, scale * LOG2E, n_qb, wl, wr,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags)
 
     _launch_fitted("dkdv", D, q.dtype, q.device, launch_dkdv)

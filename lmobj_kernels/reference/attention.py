@@ -19,10 +19,12 @@ def attention_mask(
     prefix_lens: Tensor | None = None,
     doc_ids: Tensor | None = None,
     kv_lens: Tensor | None = None,
+    window: tuple[int | None, int | None] | None = None,
     device: torch.device | str = "cpu",
 ) -> Tensor:
     """Boolean (B, Sq, Sk): True where query i may attend to key j. All of these must hold:
-    j < kv_lens[b]; doc_ids[b, i] == doc_ids[b, j]; causal: j <= i or j < prefix_lens[b]."""
+    j < kv_lens[b]; doc_ids[b, i] == doc_ids[b, j]; causal: j <= i or j < prefix_lens[b];
+    window (left, right): i - left <= j <= i + right (None: that side unbounded)."""
     i = torch.arange(sq, device=device).view(1, sq, 1)
     j = torch.arange(sk, device=device).view(1, 1, sk)
     allowed = torch.ones(batch, sq, sk, dtype=torch.bool, device=device)
@@ -33,6 +35,12 @@ def attention_mask(
         allowed &= doc_ids.view(batch, sq, 1) == doc_ids.view(batch, 1, sk)
     if causal:
         allowed &= (j <= i) if prefix_lens is None else (j <= i) | (j < prefix_lens.to(device).view(batch, 1, 1))
+    if window is not None:
+        left, right = window
+        if left is not None:
+            allowed &= j >= i - left
+        if right is not None:
+            allowed &= j <= i + right
     return allowed
 
 
@@ -45,6 +53,7 @@ def attention(
     prefix_lens: Tensor | None = None,
     doc_ids: Tensor | None = None,
     kv_lens: Tensor | None = None,
+    window: tuple[int | None, int | None] | None = None,
     scale: float | None = None,
     upcast: bool = True,
 ) -> tuple[Tensor, Tensor]:
@@ -62,7 +71,7 @@ def attention(
         v = v.repeat_interleave(Hq // Hkv, dim=1)
     s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
     allowed = attention_mask(B, Sq, Sk, causal=causal, prefix_lens=prefix_lens, doc_ids=doc_ids, kv_lens=kv_lens,
-                             device=q.device).unsqueeze(1)
+                             window=window, device=q.device).unsqueeze(1)
     nonempty = allowed.any(dim=-1, keepdim=True)  # (B, 1, Sq, 1)
     # Empty rows get finite scores (all allowed) and are zeroed afterwards, so no -inf - -inf reaches exp or its
     # gradient: their output and every gradient through them is exactly 0.

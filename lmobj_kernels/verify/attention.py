@@ -26,6 +26,8 @@ def _masks(B, S, gen):
         "padding": dict(kv_lens=kv),
         "docs_causal": dict(causal=True, doc_ids=docs),
         "docs_padding": dict(doc_ids=docs, kv_lens=kv),
+        "sliding_window": dict(causal=True, window=(S // 5, None)),
+        "local_padding": dict(window=(S // 7, S // 9), kv_lens=kv),
     }
 
 

@@ -282,11 +282,23 @@ def doc_ids_from_cu_seqlens(cu_seqlens: Tensor, seq_len: int) -> Tensor:
     """Doc ids (B, seq_len) from cumulative document lengths, as FlashAttention's varlen API takes them.
 
     cu_seqlens: (n + 1,) for one packed row, or (B, n + 1) per row (pad a row's tail by repeating its last value),
-    starting at 0 and non-decreasing. Position t belongs to document d when cu[d] <= t < cu[d + 1]; positions past
-    the last boundary (padding) get id n, a document of their own (combine with kv_lens to mask them out).
-    Returns int32 of shape (1, seq_len) for a 1-D input, (B, seq_len) otherwise."""
+    starting at 0 and non-decreasing; a tensor, or a list of ints (of lists of ints), taken as a CPU tensor.
+    Position t belongs to document d when cu[d] <= t < cu[d + 1]; positions past the last boundary (padding) get
+    id n, a document of their own (combine with kv_lens to mask them out). Returns int32 of shape (1, seq_len) for
+    a 1-D input, (B, seq_len) otherwise, on cu_seqlens' device."""
+    if isinstance(cu_seqlens, Sequence) and not isinstance(cu_seqlens, (str, bytes)):
+        rows = [list(r) if isinstance(r, Sequence) and not isinstance(r, (str, bytes)) else r for r in cu_seqlens]
+        flat = [v for r in rows for v in (r if isinstance(r, list) else [r])]
+        if not all(is_int(v) for v in flat) or len({isinstance(r, list) for r in rows}) > 1:
+            raise TypeError(f"cu_seqlens must be a tensor or a list of ints (or of lists of ints), got {cu_seqlens!r}"
+                            [:200])
+        if len({len(r) for r in rows if isinstance(r, list)}) > 1:
+            raise ValueError("cu_seqlens' rows must have one length (pad a row by repeating its last value)")
+        if not all(fits_int64(v) for v in flat):
+            raise ValueError("cu_seqlens holds an int past int64")
+        cu_seqlens = torch.tensor(rows, dtype=torch.int64)
     if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype not in _INTS:
-        raise TypeError("cu_seqlens must be an integer tensor")
+        raise TypeError("cu_seqlens must be an integer tensor (or a list of ints)")
     if cu_seqlens.dim() not in (1, 2) or cu_seqlens.shape[-1] < 1:
         raise ValueError(f"cu_seqlens must be (n + 1,) or (B, n + 1), got shape {tuple(cu_seqlens.shape)}")
     seq_len = _plain_int(seq_len)

@@ -6,7 +6,8 @@ row's result depends only on the seed and its global row index `row_offset + r`:
 the offset) gives the same bytes. Kernels never write into the caller's tensors.
 
 Seeds: `seed` (an int in [0, 2^63), or an int64 tensor of one element on the device, which CUDA graphs can replay
-with new values), or `generator` (a torch.Generator), or neither: a fresh seed from torch's default generator.
+with new values; any int64 value there, negative too, is its 64 bits as the Philox key, alike on every backend), or
+`generator` (a torch.Generator), or neither: a fresh seed from torch's default generator.
 """
 
 from __future__ import annotations

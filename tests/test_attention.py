@@ -505,6 +505,12 @@ def test_doc_ids_helpers():
     with pytest.raises(ValueError, match="start at 0"):
         L.doc_ids_from_cu_seqlens(torch.tensor([2, 3, 5]), 5)
     assert L.doc_ids_from_cu_seqlens(torch.tensor([0, 2]), np.int64(3)).tolist() == [[0, 0, 1]]
+    assert torch.equal(L.doc_ids_from_cu_seqlens([0, 3, 3, 7], 9), d)  # lists, as a data pipeline holds them
+    assert torch.equal(L.doc_ids_from_cu_seqlens([[0, 2, 5], [0, 4, 4]], 5), d2)
+    for bad, exc in (([0, 2.5], TypeError), ([[0, 2], 3], TypeError), ([[0, 2], [0, 1, 2]], ValueError),
+                     ([0, True], TypeError), ([0, 2**64], ValueError), ("0,3", TypeError)):
+        with pytest.raises(exc, match="cu_seqlens"):
+            L.doc_ids_from_cu_seqlens(bad, 5)
     assert L.doc_ids_from_eos(tok, torch.tensor(2)).tolist() == L.doc_ids_from_eos(tok, 2).tolist()
     with pytest.raises(ValueError, match="eos_id"):  # uint8 tokens would compare with 300 wrapped to 44
         L.doc_ids_from_eos(torch.tensor([[44, 2, 1]], dtype=torch.uint8), 300)

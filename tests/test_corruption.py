@@ -233,6 +233,21 @@ def test_span_seeds():
     assert not torch.equal(_span_all(x, None, "cpu").input_ids, _span_all(x, None, "cpu").input_ids)
 
 
+def test_negative_tensor_seeds_are_their_64_bits_everywhere():
+    """An int64 seed tensor may hold any value (a CUDA graph replays whatever is written into it): a negative one
+    keys Philox with its 64 bits, the same bytes on every backend, and differs from its absolute value."""
+    x = _tokens(3, 60, seed=9)
+    for s in (-5, -(2**63)):
+        seed = torch.tensor([s])
+        spans = {b: C.span_corrupt(x, vocab_size=V, eos_id=EOS, seed=seed, backend=b).input_ids for b in CPU_BACKENDS}
+        masks = {b: C.mlm_mask(x, mask_id=4, vocab_size=V, seed=seed, backend=b)[0] for b in CPU_BACKENDS}
+        for out in (spans, masks):
+            first = out[CPU_BACKENDS[0]]
+            assert all(torch.equal(first, o) for o in out.values()), s
+    assert not torch.equal(spans[CPU_BACKENDS[0]],
+                           C.span_corrupt(x, vocab_size=V, eos_id=EOS, seed=2**63 - 1, backend="cpu").input_ids)
+
+
 # ---------------------------------------------------------------------------------------------------- statistics
 def _composition_law(total: int, parts: int) -> np.ndarray:
     """P(first part = l), l = 1..total - parts + 1, of a uniform composition:

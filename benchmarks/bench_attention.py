@@ -5,8 +5,9 @@
   python benchmarks/bench_attention.py --quick   tiny CPU run (seconds; the smoke test runs it)
   python benchmarks/bench_attention.py --gpu     GPU, ~3 min: TFLOP/s forward and forward+backward, D=128 at
                                                  S=2k/8k and D=64 at 8k, masks causal / prefix-LM / documents /
-                                                 sliding window (1024 keys), vs SDPA (flash, efficient, cudnn),
-                                                 FlexAttention (at 8k only: it compiles per mask), FlashAttention
+                                                 sliding window (1024 keys) / softcap 50, vs SDPA (flash,
+                                                 efficient, cudnn; no softcap), FlexAttention (at 8k only: it
+                                                 compiles per mask), FlashAttention
   python benchmarks/bench_attention.py --gpu --full   D 64/128, S 1k..16k, plus key padding (a longer run)
 
 FLOPs (ALGORITHMS.md): forward 4 * B * Hq * Sq * Sk * D * (fraction of allowed pairs); backward 2.5x forward,
@@ -46,6 +47,8 @@ def make_mask(name: str, B: int, S: int, device, gen: torch.Generator) -> dict:
         return {"kv_lens": torch.randint(S // 2, S + 1, (B,), generator=gen).to(device)}
     if name == "window":  # Mistral-style sliding window: each query sees itself and the WINDOW - 1 keys before it
         return {"causal": True, "window": (WINDOW - 1, None)}
+    if name == "softcap":  # Gemma 2's global layers: causal, scores capped at 50 (SDPA cannot: not timed there)
+        return {"causal": True, "softcap": 50.0}
     raise ValueError(name)
 
 
@@ -156,7 +159,7 @@ def _flex(opts, B, H, S, device):
     except ImportError:
         return None
     prefix, docs, kvl = opts.get("prefix_lens"), opts.get("doc_ids"), opts.get("kv_lens")
-    causal, window = opts.get("causal", False), opts.get("window")
+    causal, window, cap = opts.get("causal", False), opts.get("window"), opts.get("softcap")
 
     def mask_mod(b, h, qi, kj):
         ok = kj >= 0
@@ -179,7 +182,8 @@ def _flex(opts, B, H, S, device):
     block_mask = build()
     t_build = time_gpu(build)
     flex = torch.compile(flex_attention, dynamic=False)
-    return (lambda q, k, v: flex(q, k, v, block_mask=block_mask)), t_build
+    score_mod = None if cap is None else (lambda s, b, h, qi, kj: cap * torch.tanh(s / cap))
+    return (lambda q, k, v: flex(q, k, v, score_mod=score_mod, block_mask=block_mask)), t_build
 
 
 def _flash_attn(opts, B, S):
@@ -190,6 +194,10 @@ def _flash_attn(opts, B, S):
     if set(opts) == {"causal"}:
         return lambda q, k, v: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                causal=True).transpose(1, 2)
+    if set(opts) == {"causal", "softcap"}:
+        cap = opts["softcap"]
+        return lambda q, k, v: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               causal=True, softcap=cap).transpose(1, 2)
     if set(opts) == {"causal", "window"}:
         left = opts["window"][0]
         return lambda q, k, v: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -222,11 +230,11 @@ def run_gpu(full: bool) -> list[dict]:
     dtype = torch.bfloat16
     if full:
         configs = [(d, s, m) for d in (64, 128) for s in (1024, 2048, 4096, 8192, 16384)
-                   for m in ("causal", "prefix", "docs", "padding", "window")]
+                   for m in ("causal", "prefix", "docs", "padding", "window", "softcap")]
     else:
         # most important first (gpu_check may cut the tail): the 8k masks at D=128, then D=64 and a short sequence
-        configs = [(128, 8192, m) for m in ("causal", "prefix", "docs")] + [(64, 8192, "causal"), (128, 2048, "causal"),
-                                                                             (128, 8192, "window")]
+        configs = [(128, 8192, m) for m in ("causal", "prefix", "docs")] + [(64, 8192, "causal"), (128, 2048, "causal")]
+        configs += [(128, 8192, "window"), (128, 8192, "softcap")]
     rows = []
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # one graph per mask
     sdpa = _sdpa_backends()
@@ -241,9 +249,9 @@ def run_gpu(full: bool) -> list[dict]:
         shape = f"{B}x{H}x{S}x{D} {mname}"
         q, k, v = (torch.randn(B, H, S, D, generator=gen).to(dev, dtype).requires_grad_() for _ in range(3))
         do = torch.randn(B, H, S, D, generator=gen).to(dev, dtype)
-        mask = None if mname == "causal" else bool_mask(opts, B, S, dev).unsqueeze(1)
+        mask = None if mname in ("causal", "softcap") else bool_mask(opts, B, S, dev).unsqueeze(1)
         cands = {"lmobj.triton": lambda q, k, v, o=opts: L.attention(q, k, v, backend="triton", **o)}
-        for name, be in sdpa.items():
+        for name, be in (sdpa.items() if "softcap" not in opts else ()):  # SDPA has no softcap
             def f(q, k, v, be=be, m=mask):
                 with sdpa_kernel(be):
                     if m is None:
@@ -251,7 +259,8 @@ def run_gpu(full: bool) -> list[dict]:
                     return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
             cands[f"sdpa.{name}"] = f
         # each mask compiles (~30 s): in the short run only the masks FlashAttention cannot express
-        flex = _flex(opts, B, H, S, dev) if (full or (S >= 8192 and mname in ("prefix", "docs", "window"))) else None
+        flex_masks = ("prefix", "docs", "window", "softcap")
+        flex = _flex(opts, B, H, S, dev) if (full or (S >= 8192 and mname in flex_masks)) else None
         if flex is not None:
             cands["flex"] = flex[0]
             rows.append({"bench": "attention_block_mask", "backend": "flex", "shape": shape, "metric": "time",

@@ -128,7 +128,8 @@ def _attention_cases(size: str):
     dims = {"quick": (64, 128, 256), "default": (64, 96, 128, 256), "full": (64, 80, 96, 128, 200, 256)}[size]
     dtypes = (torch.bfloat16, torch.float32) + ((torch.float16,) if size == "full" else ())
     masks = {"causal": dict(causal=True), "all": dict(causal=True, prefix=True, kv=True, docs=True),
-             "window": dict(causal=True, kv=True, window=(1023, 64)), "padding": dict(kv=True)}
+             "window": dict(causal=True, kv=True, window=(1023, 64)), "softcap": dict(causal=True, softcap=50.0),
+             "padding": dict(kv=True)}
     for d in dims:
         for dt in dtypes:
             # float32 tiles are slow to compile (~1 min each on 2 cores: ptxas spills, and a card that refuses a
@@ -153,8 +154,9 @@ def _attention(B, H, S, D, dtype, m):
         prefix, kv, docs = (ints(B) if m.get("prefix") else None, ints(B) if m.get("kv") else None,
                             ints(B, S) if m.get("docs") else None)
         wl, wr = m.get("window", (-1, -1))
-        A.attention_forward(q, k, v, prefix, docs, kv, m.get("causal", False), wl, wr, D ** -0.5)
-        A.attention_backward(do, q, k, v, o, lse, prefix, docs, kv, m.get("causal", False), wl, wr, D ** -0.5)
+        cap = m.get("softcap", 0.0)
+        A.attention_forward(q, k, v, prefix, docs, kv, m.get("causal", False), wl, wr, D ** -0.5, cap)
+        A.attention_backward(do, q, k, v, o, lse, prefix, docs, kv, m.get("causal", False), wl, wr, D ** -0.5, cap)
     return launch
 
 

@@ -2,7 +2,7 @@
 
 Triton ops `lmobj::attn_fwd_triton` (out, lse) and `lmobj::attn_bwd_triton` (dq, dk, dv): torch.library custom
 ops over triton_kernels/attention.py, each with a fake, and autograd on the forward that calls the backward op.
-window_left / window_right: the sliding window's bounds, -1 for an unbounded side.
+window_left / window_right: the sliding window's bounds, -1 for an unbounded side; softcap: 0.0 for none.
 So torch.compile(fullgraph=True) traces through them and torch.library.opcheck checks them.
 """
 
@@ -19,13 +19,14 @@ from lmobj_kernels._backend import triton_module
 @torch.library.custom_op("lmobj::attn_fwd_triton", mutates_args=())
 def attn_fwd_triton(q: Tensor, k: Tensor, v: Tensor, prefix_lens: Optional[Tensor],  # noqa: UP045
                     doc_ids: Optional[Tensor], kv_lens: Optional[Tensor],  # noqa: UP045
-                    causal: bool, window_left: int, window_right: int, scale: float) -> tuple[Tensor, Tensor]:
+                    causal: bool, window_left: int, window_right: int, scale: float,
+                    softcap: float) -> tuple[Tensor, Tensor]:
     return triton_module("attention").attention_forward(q, k, v, prefix_lens, doc_ids, kv_lens, causal,
-                                                        window_left, window_right, scale)
+                                                        window_left, window_right, scale, softcap)
 
 
 @attn_fwd_triton.register_fake
-def _(q, k, v, prefix_lens, doc_ids, kv_lens, causal, window_left, window_right, scale):
+def _(q, k, v, prefix_lens, doc_ids, kv_lens, causal, window_left, window_right, scale, softcap):
     B, Hq, Sq, D = q.shape
     return q.new_empty((B, Hq, Sq, D)), q.new_empty((B, Hq, Sq), dtype=torch.float32)
 
@@ -34,29 +35,29 @@ def _(q, k, v, prefix_lens, doc_ids, kv_lens, causal, window_left, window_right,
 def attn_bwd_triton(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                     prefix_lens: Optional[Tensor], doc_ids: Optional[Tensor],  # noqa: UP045
                     kv_lens: Optional[Tensor],  # noqa: UP045
-                    causal: bool, window_left: int, window_right: int, scale: float
+                    causal: bool, window_left: int, window_right: int, scale: float, softcap: float
                     ) -> tuple[Tensor, Tensor, Tensor]:
     return triton_module("attention").attention_backward(grad_out, q, k, v, out, lse, prefix_lens, doc_ids,
-                                                         kv_lens, causal, window_left, window_right, scale)
+                                                         kv_lens, causal, window_left, window_right, scale, softcap)
 
 
 @attn_bwd_triton.register_fake
-def _(grad_out, q, k, v, out, lse, prefix_lens, doc_ids, kv_lens, causal, window_left, window_right, scale):
+def _(grad_out, q, k, v, out, lse, prefix_lens, doc_ids, kv_lens, causal, window_left, window_right, scale, softcap):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, prefix_lens, doc_ids, kv_lens, causal, window_left, window_right, scale = inputs
+    q, k, v, prefix_lens, doc_ids, kv_lens, causal, window_left, window_right, scale, softcap = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, prefix_lens, doc_ids, kv_lens)
-    ctx.causal, ctx.window, ctx.scale = causal, (window_left, window_right), scale
+    ctx.causal, ctx.window, ctx.scale, ctx.softcap = causal, (window_left, window_right), scale, softcap
 
 
 def _backward(ctx, grad_out, _grad_lse):  # lse is returned detached by the public API
     q, k, v, out, lse, prefix_lens, doc_ids, kv_lens = ctx.saved_tensors
     dq, dk, dv = attn_bwd_triton(grad_out.contiguous(), q, k, v, out, lse, prefix_lens, doc_ids, kv_lens,
-                                 ctx.causal, *ctx.window, ctx.scale)
-    return dq, dk, dv, None, None, None, None, None, None, None
+                                 ctx.causal, *ctx.window, ctx.scale, ctx.softcap)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 attn_fwd_triton.register_autograd(_backward, setup_context=_setup)

@@ -21,6 +21,7 @@ def fits_int64(v) -> bool:
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # the kernels compute in float32: a larger option is inf there
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # a smaller softcap's 1 / c is inf in float32: NaN at a score of 0
 _AUTOCAST_CAST = (torch.float16, torch.bfloat16, torch.float32)
 
 

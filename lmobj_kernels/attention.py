@@ -8,7 +8,8 @@
 - `doc_ids` (B, S) ints: packed documents, a query attends only to keys of its own document (build them with
   `doc_ids_from_cu_seqlens` or `doc_ids_from_eos`);
 - `window=(left, right)`: sliding-window (local) attention, query i sees keys i - left .. i + right (None: that
-  side unbounded), as FlashAttention's `window_size`; with causal=True, `(w - 1, None)` is Mistral's window of w.
+  side unbounded), as FlashAttention's `window_size`; with causal=True, `(w - 1, None)` is Mistral's window of w;
+- `softcap=c`: Gemma 2's soft-capped scores, c * tanh(s / c) of the scaled scores s (FlashAttention's `softcap`).
 A query row with no allowed key returns zeros (and lse = -inf) with zero gradients, never NaN (as SDPA did).
 
 Backends: `triton` (GPU, or interpreted with TRITON_INTERPRET=1) skips the blocks the mask empties, forward and
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 
 from lmobj_kernels import _attention_ops  # noqa: F401  (registers lmobj::attn_*_triton)
 from lmobj_kernels._backend import resolve, why_unavailable
-from lmobj_kernels._checks import FLOAT32_MAX, autocast_inputs, check_flag, fits_int64, is_int, is_real
+from lmobj_kernels._checks import FLOAT32_MAX, FLOAT32_TINY, autocast_inputs, check_flag, fits_int64, is_int, is_real
 from lmobj_kernels.reference import attention as ref
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -170,8 +171,10 @@ def _nonempty_rows(allowed: Tensor, kv_lens: Tensor, doc_ids: Tensor | None, win
     return allowed.any(-1, keepdim=True)
 
 
-def _torch_attention(q, k, v, causal, prefix_lens, doc_ids, kv_lens, window, scale, return_lse, plain=False):
-    """plain: the reference's computation in float32 (deterministic on a GPU, where SDPA's backward need not be)."""
+def _torch_attention(q, k, v, causal, prefix_lens, doc_ids, kv_lens, window, scale, softcap, return_lse,
+                     plain=False):
+    """plain: the reference's computation in float32 (deterministic on a GPU, where SDPA's backward need not be);
+    a softcap, which SDPA cannot apply, computes that way too."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     gqa = Hq != Hkv
@@ -182,8 +185,8 @@ def _torch_attention(q, k, v, causal, prefix_lens, doc_ids, kv_lens, window, sca
         valid = (torch.arange(Sk, device=k.device) < kv_lens.view(B, 1, 1, 1).to(k.device)).view(B, 1, Sk, 1)
         zero = torch.zeros((), dtype=k.dtype, device=k.device)
         k, v = torch.where(valid, k, zero), torch.where(valid, v, zero)
-    if plain:
-        out, lse = ref.attention(q, k, v, scale=scale, **masks)
+    if plain or softcap is not None:
+        out, lse = ref.attention(q, k, v, scale=scale, softcap=softcap, **masks)
         return out, lse.detach().to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     if Sk == 0:
         # keeps the graph: zero gradients for q, and for k and v (empty, but present, as Triton returns them)
@@ -225,6 +228,7 @@ def attention(
     kv_lens: Tensor | Sequence[int] | None = None,
     window: tuple[int | None, int | None] | None = None,
     scale: float | None = None,
+    softcap: float | None = None,
     return_lse: bool = False,
     deterministic: bool = False,
     backend: str = "auto",
@@ -235,7 +239,9 @@ def attention(
     ones on a GPU). Query i attends key j when j < kv_lens[b], doc_ids[b, i] == doc_ids[b, j], and (causal only)
     j <= i or j < prefix_lens[b], and (with a window (left, right)) i - left <= j <= i + right, None meaning that
     side unbounded (causal with (w - 1, None): each query sees itself and the w - 1 keys before it). causal needs
-    Sq == Sk; so do doc_ids and a window. scale defaults to D ** -0.5.
+    Sq == Sk; so do doc_ids and a window. scale defaults to D ** -0.5. softcap c (Gemma 2's attention logit
+    soft-capping): the scaled scores s become c * tanh(s / c) before the softmax; the torch backend then
+    materialises the scores (SDPA has no cap).
     Rows with no allowed key output zeros with zero gradient (SDPA returns NaN there).
     return_lse: also the log-sum-exp of each row's scaled scores (B, Hq, Sq), float32 (float64 for float64
     inputs), detached; -inf on empty rows (the torch backend computes it in a second pass that materialises the
@@ -254,6 +260,11 @@ def attention(
         scale = q.shape[-1] ** -0.5
     elif not is_real(scale) or not abs(scale) <= FLOAT32_MAX / _LOG2E:  # Triton scales by scale * log2(e)
         raise ValueError(f"scale must be None or a float finite in float32, got {scale!r}")
+    # the kernels compute scale / c and c * log2(e) in float32: both finite
+    if softcap is not None and (not is_real(softcap) or not FLOAT32_TINY <= softcap <= FLOAT32_MAX / _LOG2E
+                                or not abs(scale) / softcap <= FLOAT32_MAX):
+        raise ValueError(f"softcap must be None or a float > 0 (a normal float32, scale / softcap finite), got "
+                         f"{softcap!r}")
     for name, flag in (("return_lse", return_lse), ("deterministic", deterministic)):
         check_flag(name, flag)
     name = _resolve(backend, q)
@@ -261,11 +272,12 @@ def attention(
         _check_range("doc_ids", doc_ids, 2**31 - 1, "the triton kernels compare ids as int32", low=-(2**31))
     if name == "torch":
         out, lse = _torch_attention(q, k, v, causal, prefix_lens, doc_ids, kv_lens, window, float(scale),
-                                    return_lse, plain=deterministic and q.is_cuda)
+                                    None if softcap is None else float(softcap), return_lse,
+                                    plain=deterministic and q.is_cuda)
     else:
         left, right = (-1 if w is None else w for w in (window or (None, None)))  # -1: unbounded
         out, lse = torch.ops.lmobj.attn_fwd_triton(q, k, v, prefix_lens, doc_ids, kv_lens, causal, left, right,
-                                                   float(scale))
+                                                   float(scale), 0.0 if softcap is None else float(softcap))
     if return_lse:
         return out, lse.detach()
     return out
@@ -332,20 +344,22 @@ def doc_ids_from_eos(tokens: Tensor, eos_id: int) -> Tensor:
 
 
 class MaskedAttention(nn.Module):
-    """Module form of `attention`: options fixed at construction (causal, window, scale, deterministic,
+    """Module form of `attention`: options fixed at construction (causal, window, scale, softcap, deterministic,
     backend), per-batch masks at call time: forward(q, k, v, prefix_lens=None, doc_ids=None, kv_lens=None)."""
 
     def __init__(self, *, causal: bool = False, window: tuple[int | None, int | None] | None = None,
-                 scale: float | None = None, deterministic: bool = False, backend: str = "auto"):
+                 scale: float | None = None, softcap: float | None = None, deterministic: bool = False,
+                 backend: str = "auto"):
         super().__init__()
-        self.causal, self.window, self.scale = causal, window, scale
+        self.causal, self.window, self.scale, self.softcap = causal, window, scale, softcap
         self.deterministic, self.backend = deterministic, backend
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, prefix_lens=None, doc_ids=None, kv_lens=None) -> Tensor:
         return attention(q, k, v, causal=self.causal, prefix_lens=prefix_lens, doc_ids=doc_ids, kv_lens=kv_lens,
-                         window=self.window, scale=self.scale, deterministic=self.deterministic,
-                         backend=self.backend)
+                         window=self.window, scale=self.scale, softcap=self.softcap,
+                         deterministic=self.deterministic, backend=self.backend)
 
     def extra_repr(self) -> str:
         w = "" if self.window is None else f", window={tuple(self.window)}"
-        return f"causal={self.causal}{w}, scale={self.scale}, backend={self.backend!r}"
+        c = "" if self.softcap is None else f", softcap={self.softcap}"
+        return f"causal={self.causal}{w}, scale={self.scale}{c}, backend={self.backend!r}"

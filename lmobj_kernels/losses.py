@@ -16,12 +16,20 @@ from torch import Tensor, nn
 
 from lmobj_kernels import _loss_ops
 from lmobj_kernels._backend import check_backend_name, resolve
-from lmobj_kernels._checks import FLOAT32_MAX, INT64_MAX, autocast_inputs, check_flag, fits_int64, is_int, is_real
+from lmobj_kernels._checks import (
+    FLOAT32_MAX,
+    FLOAT32_TINY,
+    INT64_MAX,
+    autocast_inputs,
+    check_flag,
+    fits_int64,
+    is_int,
+    is_real,
+)
 from lmobj_kernels.reference import losses as ref
 
 _REDUCTIONS = ("none", "sum", "mean")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-_FLOAT32_TINY = float(torch.finfo(torch.float32).tiny)  # a smaller cap's 1 / c is inf in float32: NaN at z = 0
 
 
 # ---- argument checks: ValueError / TypeError naming the argument ----
@@ -41,7 +49,7 @@ def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap, ch
     # finite in float32, where the kernels compute (a cap of 1e39 is inf there, and inf * tanh(0) NaN)
     if not is_real(z_loss) or not 0.0 <= z_loss <= FLOAT32_MAX:
         raise ValueError(f"z_loss must be a float >= 0, finite in float32, got {z_loss!r}")
-    if softcap is not None and (not is_real(softcap) or not _FLOAT32_TINY <= softcap <= FLOAT32_MAX):
+    if softcap is not None and (not is_real(softcap) or not FLOAT32_TINY <= softcap <= FLOAT32_MAX):
         raise ValueError(f"softcap must be None or a float > 0, a normal float32 (1.2e-38 to 3.4e38), got "
                          f"{softcap!r}")
     if chunk_size is not None and (not is_int(chunk_size) or not 1 <= chunk_size <= INT64_MAX):

@@ -9,6 +9,7 @@ Low-precision rule of DESIGN.md: error <= 2x (gradients 3x) the error of plain P
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -446,6 +447,33 @@ def test_window_edge_cases(gen, backend):
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v)) and (q.grad[:, :, 7:] == 0).all()
 
 
+# ---- softcap (Gemma 2): scores c * tanh(s / c) ----
+SOFTCAP_MASKS = [(True, False, False, False, False), (True, True, True, True, True), (False, False, True, True, True)]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("combo", SOFTCAP_MASKS, ids=_combo_id)
+@pytest.mark.parametrize("softcap", [0.3, 2.0, 30.0])
+def test_softcap(gen, backend, softcap, combo):
+    """Caps that squash most scores (0.3), some (2.0) and almost none (30, Gemma 2's range), with every mask and
+    a window: forward and gradients (the backward's chain factor 1 - tanh^2) against the float64 reference."""
+    causal, prefix, docs, kv, gqa = combo
+    B, Hq, Hkv, Sq, Sk = _shape(100 if backend == "triton" else 127, gqa, False)
+    opts = dict(_mask(gen, B, Sq, Sk, causal, prefix, docs, kv), softcap=softcap)
+    if docs:
+        opts["window"] = (30, 10)
+    _check(gen, backend, B, Hq, Hkv, Sq, Sk, 16 if backend == "triton" else 32, opts)
+
+
+def test_softcap_bounds_the_scores(gen):
+    """With a cap c every score lies in (-c, c): a row's lse is at most c + log(#keys), whatever the inputs."""
+    q, k, v = (t.detach() * 30 for t in _qkv(gen, 1, 2, 2, 40, 40, 16))
+    _, lse = L.attention(q, k, v, softcap=1.5, return_lse=True, backend="torch")
+    assert float(lse.max()) <= 1.5 + math.log(40) + 1e-5
+    _, lse = L.attention(q, k, v, return_lse=True, backend="torch")
+    assert float(lse.max()) > 10  # uncapped, the same inputs score far higher
+
+
 @needs_triton
 @pytest.mark.parametrize("window", [None, (7, None), (0, 0), (5, 40), (None, 3), (33, 33)], ids=str)
 @pytest.mark.parametrize("causal,prefix,docs,kv", [(False, False, False, False), (True, False, False, False),
@@ -549,9 +577,10 @@ def test_module_and_auto_backend(gen):
     torch.testing.assert_close(m(q, k, v, prefix_lens=prefix),
                                L.attention(q, k, v, causal=True, prefix_lens=prefix, backend="torch"))
     assert "causal=True" in repr(m) and "window" not in repr(m)
-    m = L.MaskedAttention(causal=True, window=(4, None))
-    torch.testing.assert_close(m(q, k, v), L.attention(q, k, v, causal=True, window=(4, None), backend="torch"))
-    assert "window=(4, None)" in repr(m)
+    m = L.MaskedAttention(causal=True, window=(4, None), softcap=3.0)
+    torch.testing.assert_close(m(q, k, v), L.attention(q, k, v, causal=True, window=(4, None), softcap=3.0,
+                                                       backend="torch"))
+    assert "window=(4, None)" in repr(m) and "softcap=3.0" in repr(m)
 
 
 def test_autocast_runs_in_the_autocast_dtype(gen):
@@ -600,7 +629,7 @@ def test_deterministic_torch_path_is_the_plain_computation(gen):
     opts = _mask(gen, B, S, S, causal=True, prefix=True, docs=True, kv=True)
     opts["kv_lens"][2] = 0
     out, lse = _torch_attention(q, k, v, opts["causal"], opts["prefix_lens"], opts["doc_ids"], opts["kv_lens"],
-                                (5, 2), D**-0.5, True, plain=True)
+                                (5, 2), D**-0.5, None, True, plain=True)
     opts["window"] = (5, 2)
     r, rlse = ref.attention(q, k, v, **opts)
     assert torch.equal(out, r) and torch.equal(lse, rlse)
@@ -657,6 +686,14 @@ def _bad_cases():
         ("window bool", (q, k, v), {"window": (None, True)}, TypeError, "window's right"),
         ("window negative", (q, k, v), {"window": (-1, 0)}, ValueError, "window's left"),
         ("window cross", (q, kc, kc), {"window": (2, 2)}, ValueError, "window"),
+        ("softcap zero", (q, k, v), {"softcap": 0.0}, ValueError, "softcap"),
+        ("softcap negative", (q, k, v), {"softcap": -5.0}, ValueError, "softcap"),
+        ("softcap nan", (q, k, v), {"softcap": float("nan")}, ValueError, "softcap"),
+        ("softcap inf", (q, k, v), {"softcap": float("inf")}, ValueError, "softcap"),
+        ("softcap bool", (q, k, v), {"softcap": True}, ValueError, "softcap"),
+        ("softcap subnormal", (q, k, v), {"softcap": 1e-40}, ValueError, "softcap"),
+        ("softcap x log2(e) past float32", (q, k, v), {"softcap": 3e38}, ValueError, "softcap"),
+        ("scale / softcap past float32", (q, k, v), {"scale": 1e30, "softcap": 1e-20}, ValueError, "softcap"),
         ("backend", (q, k, v), {"backend": "nope"}, ValueError, "backend"),
         ("backend cpu", (q, k, v), {"backend": "cpu"}, ValueError, "backend"),
         ("q type", (q.numpy(), k, v), {}, TypeError, "q must"),
@@ -676,13 +713,15 @@ def test_opcheck_triton_ops(gen):
     q, k, v = _qkv(gen, 1, 2, 1, 20, 20, 16)
     kvl = torch.tensor([13], dtype=torch.int32)
     docs = torch.tensor([[0] * 7 + [1] * 13], dtype=torch.int32)
-    fwd_args = (q, k, v, torch.tensor([4], dtype=torch.int32), docs, kvl, True, 6, -1, 0.25)
+    fwd_args = (q, k, v, torch.tensor([4], dtype=torch.int32), docs, kvl, True, 6, -1, 0.25, 0.0)
     torch.library.opcheck(torch.ops.lmobj.attn_fwd_triton, fwd_args)
     out, lse = torch.ops.lmobj.attn_fwd_triton(*fwd_args)
     do = torch.randn(out.shape, generator=gen)
     bwd_args = (do, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), None, None, kvl, False, 3, 5,
-                0.25)
+                0.25, 0.0)
     torch.library.opcheck(torch.ops.lmobj.attn_bwd_triton, bwd_args)
+    capped = fwd_args[:-1] + (2.0,)  # a softcap: the backward op through the forward's autograd
+    torch.library.opcheck(torch.ops.lmobj.attn_fwd_triton, capped)
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
@@ -694,7 +733,7 @@ def test_torch_compile_fullgraph(gen, backend):
 
     def f(q, k, v):
         return L.attention(q, k, v, causal=True, prefix_lens=prefix, doc_ids=docs, kv_lens=kvl, window=(9, None),
-                           backend=backend)
+                           softcap=4.0, backend=backend)
 
     out = torch.compile(f, fullgraph=True)(q, k, v)
     out.sum().backward()
@@ -810,6 +849,14 @@ def test_gpu_triton_window(gen, D):
            device="cuda")
     opts = dict(_mask(gen, 2, S, S, docs=True, kv=True, device="cuda"), window=(100, 300))
     _check(gen, "triton", 2, 8, 2, S, S, D, opts, dtype=torch.bfloat16, device="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_triton_softcap(gen):
+    """Gemma 2's attention: a sliding window and soft-capped scores (cap 50; and 2, where the cap bites)."""
+    for cap in (50.0, 2.0):
+        _check(gen, "triton", 2, 8, 4, 2048, 2048, 128, dict(causal=True, window=(1023, None), softcap=cap),
+               dtype=torch.bfloat16, device="cuda")
 
 
 # last of the GPU tests: its float32 kernels take ~35 s each to compile (and spill), the cheap checks run first

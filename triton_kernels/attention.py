@@ -8,7 +8,7 @@ query block (dQ). No atomics, so the backward is bitwise repeatable (`determinis
 Masks (constexpr feature flags, so each variant compiles to lean code): causal, prefix-LM (prefix_len per batch:
 bidirectional inside the prefix, causal after), packed documents (doc ids per position: equal ids attend), key
 padding (kv_len per batch), a sliding window (query i sees keys i - left .. i + right), grouped-query heads,
-cross attention (Sq != Sk, non-causal).
+cross attention (Sq != Sk, non-causal). A softcap c turns the scaled scores s into c * tanh(s / c) (Gemma 2).
 
 Block skipping: each program derives the range of blocks it needs from the mask metadata: causal rows stop at the
 diagonal (or at prefix_len, whichever is later), key padding stops at kv_len, and documents use per-block
@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from ._device import on_data_device
+from .cross_entropy import _tanh
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -158,6 +159,18 @@ def _and_d(rows, dmask, EVEN_D: tl.constexpr):
 
 
 @triton.jit
+def _scores(raw, qk_scale, cap_in, cap_l2, HAS_SOFTCAP: tl.constexpr):
+    """(scores in base 2, d(capped score) / d(scaled score)) of the raw dot products: raw * scale * log2(e), or
+    with a softcap c, c * tanh(raw * scale / c) * log2(e) (cap_in = scale / c, cap_l2 = c * log2(e)) and its
+    derivative 1 - tanh^2 (the backward's chain factor; 1.0, unused, without a cap)."""
+    if HAS_SOFTCAP:
+        t = _tanh(raw * cap_in)
+        return t * cap_l2, 1.0 - t * t
+    else:
+        return raw * qk_scale, 1.0
+
+
+@triton.jit
 def _keys_read(offs_n, Sk, kv_len, HAS_KVLEN: tl.constexpr):
     """Which keys a block loads: those before Sk and kv_len. Padding past kv_len is never read, so it may hold
     anything (a NaN there times its zero weight would reach every row)."""
@@ -262,18 +275,18 @@ def _query_block(pid_m, bh, Hq, group, Sq, Sk, PREFIX, KVLEN, DOC, DOC_RANGE, st
 
 
 @triton.jit
-def _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d, D, Sk,
-              kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, CAUSAL: tl.constexpr,
+def _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d, D, Sk, kv_len,
+              prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in, cap_l2, CAUSAL: tl.constexpr,
               HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr,
-              MASK: tl.constexpr,
-              PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
+              HAS_SOFTCAP: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+              EVEN_D: tl.constexpr):
     """One key block of the online softmax (base 2): returns the updated (acc, m_i, l_i)."""
     offs_n = start_n + offs_n0
     kmask = _keys_read(offs_n, Sk, kv_len, HAS_KVLEN)
     dmask = offs_d < D
     kT = tl.load(K_base + offs_n[None, :] * stride_ks + offs_d[:, None],
                  mask=_and_d(kmask[None, :], dmask[:, None], EVEN_D), other=0.0)
-    s = _mm(q, kT, PREC, UPCAST) * qk_scale
+    s, _ = _scores(_mm(q, kT, PREC, UPCAST), qk_scale, cap_in, cap_l2, HAS_SOFTCAP)
     if MASK:
         k_doc = offs_n
         if HAS_DOCS:
@@ -294,12 +307,11 @@ def _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, o
 
 # one compiled kernel for every sequence length and window
 @triton.jit(do_not_specialize=["Sq", "Sk", "n_qblocks", "win_l", "win_r"])
-def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX, KVLEN, DOC, DOC_RANGE,
-                     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
-                     stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os, stride_doc,
-                     Hq, Sq, Sk, D, group, qk_scale, n_qblocks, win_l, win_r,
-                     CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr,
-                     HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX, KVLEN, DOC, DOC_RANGE, stride_qb, stride_qh, stride_qs, stride_kb,
+                     stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os, stride_doc,
+                     Hq, Sq, Sk, D, group, qk_scale, n_qblocks, win_l, win_r, cap_in, cap_l2, CAUSAL: tl.constexpr,
+                     HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr,
+                     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
     """O[b, h, i] = softmax over allowed keys j of (q_i . k_j * scale) times v_j; LSE[b, h, i] (natural log).
 
@@ -325,18 +337,20 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX, KVLEN, DOC, DOC_RANGE,
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if HAS_DOCS or HAS_WINDOW:  # blocks before the own document / the window's left edge (partly allowed)
         for start_n in range(lo, c_lo, BLOCK_N):
-            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m,
-                                      offs_n0, offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r,
-                                      qk_scale, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, True, PREC,
-                                      UPCAST, EVEN_D)
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0,
+                                      offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in,
+                                      cap_l2, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, True,
+                                      PREC, UPCAST, EVEN_D)
     for start_n in range(c_lo, c_hi, BLOCK_N):
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0,
-                                  offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, CAUSAL,
-                                  HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, False, PREC, UPCAST, EVEN_D)
+                                  offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in,
+                                  cap_l2, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, False, PREC,
+                                  UPCAST, EVEN_D)
     for start_n in range(c_hi, hi, BLOCK_N):
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0,
-                                  offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, CAUSAL,
-                                  HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, True, PREC, UPCAST, EVEN_D)
+                                  offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in,
+                                  cap_l2, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, True, PREC,
+                                  UPCAST, EVEN_D)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]
@@ -368,10 +382,10 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride
 
 @triton.jit
 def _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, stride_dos, start_m, offs_m0, offs_n,
-               offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, win_l, win_r, qk_scale, CAUSAL: tl.constexpr,
-               HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr,
-               MASK: tl.constexpr,
-               PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
+               offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, win_l, win_r, qk_scale, cap_in, cap_l2,
+               CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr,
+               HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
+               UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
     """One query block's contribution to dK (unscaled) and dV of a key block, in transposed (key, query) form."""
     offs_m = start_m + offs_m0
     rmask = offs_m < Sq
@@ -383,7 +397,7 @@ def _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, str
     lse = tl.load(LSE_row + offs_m, mask=rmask, other=float("inf"))
     lse = tl.where(lse == -float("inf"), float("inf"), lse) * 1.4426950408889634  # empty rows: p = 0
     delta = tl.load(DELTA_row + offs_m, mask=rmask, other=0.0)
-    sT = _mm(k, tl.trans(q), PREC, UPCAST) * qk_scale
+    sT, dcapT = _scores(_mm(k, tl.trans(q), PREC, UPCAST), qk_scale, cap_in, cap_l2, HAS_SOFTCAP)
     pT = tl.exp2(sT - lse[None, :])
     if MASK:
         q_doc = offs_m
@@ -395,6 +409,8 @@ def _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, str
     dv = _mma(pT.to(do.dtype), do, dv, PREC, UPCAST)
     dpT = _mm(v, tl.trans(do), PREC, UPCAST)
     dsT = pT * (dpT - delta[None, :])
+    if HAS_SOFTCAP:
+        dsT = dsT * dcapT
     dk = _mma(dsT.to(q.dtype), q, dk, PREC, UPCAST)
     return dk, dv
 
@@ -437,14 +453,13 @@ def _query_range(b, pid_n, start_n, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_out
 
 # one compiled kernel for every sequence length and window
 @triton.jit(do_not_specialize=["Sq", "Sk", "n_kblocks", "win_l", "win_r"])
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, DOC_RANGE,
-                          stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
-                          stride_vb, stride_vh, stride_vs, stride_dob, stride_doh, stride_dos, stride_doc,
-                          Hq, Hkv, Sq, Sk, D, group, sm_scale, qk_scale, n_kblocks, win_l, win_r,
-                          CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr,
-                          HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                          EVEN_D: tl.constexpr):
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, DOC_RANGE, stride_qb, stride_qh,
+                          stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_dob,
+                          stride_doh, stride_dos, stride_doc, Hq, Hkv, Sq, Sk, D, group, sm_scale, qk_scale, n_kblocks,
+                          win_l, win_r, cap_in, cap_l2, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
+                          HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                          HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
     """dK, dV (B, Hkv, Sk, D) contiguous, for one key block and kv head, summed over the `group` query heads that
     share it and over the query blocks the mask leaves (a causal key block starts at its diagonal unless it lies in
     the prefix; a block past kv_len has nothing; documents: DOC_RANGE (B, n_kblocks, 4), see `_doc_block_range`;
@@ -478,19 +493,19 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, D
         for start_m in range(lo, c_lo, BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, stride_dos, start_m,
                                 offs_m0, offs_n, offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, win_l, win_r,
-                                qk_scale, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, True, PREC, UPCAST,
-                                EVEN_D)
+                                qk_scale, cap_in, cap_l2, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW,
+                                HAS_SOFTCAP, True, PREC, UPCAST, EVEN_D)
         for start_m in range(c_lo, c_hi, BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, stride_dos, start_m,
                                 offs_m0, offs_n, offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, win_l, win_r,
-                                qk_scale, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, False, PREC, UPCAST,
-                                EVEN_D)
+                                qk_scale, cap_in, cap_l2, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW,
+                                HAS_SOFTCAP, False, PREC, UPCAST, EVEN_D)
         if HAS_DOCS or HAS_WINDOW:  # query blocks after the key block's own document / past the window
             for start_m in range(c_hi, hi, BLOCK_M):
-                dk, dv = _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, stride_dos,
-                                    start_m, offs_m0, offs_n, offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row,
-                                    win_l, win_r, qk_scale, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW,
-                                    True, PREC, UPCAST, EVEN_D)
+                dk, dv = _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, stride_dos, start_m,
+                                    offs_m0, offs_n, offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, win_l,
+                                    win_r, qk_scale, cap_in, cap_l2, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS,
+                                    HAS_WINDOW, HAS_SOFTCAP, True, PREC, UPCAST, EVEN_D)
     out = bh * Sk * D + offs_n[:, None] * D + offs_d[None, :]
     omask = _and_d(kmask[:, None], dmask[None, :], EVEN_D)
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=omask)
@@ -499,9 +514,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, D
 
 @triton.jit
 def _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d, D, Sk,
-             kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, CAUSAL: tl.constexpr,
+             kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in, cap_l2, CAUSAL: tl.constexpr,
              HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr,
-             MASK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
+             HAS_SOFTCAP: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+             EVEN_D: tl.constexpr):
     """One key block's contribution to dQ (unscaled) of a query block."""
     offs_n = start_n + offs_n0
     kmask = _keys_read(offs_n, Sk, kv_len, HAS_KVLEN)
@@ -510,7 +526,7 @@ def _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_
                  mask=_and_d(kmask[None, :], dmask[:, None], EVEN_D), other=0.0)
     vT = tl.load(V_base + offs_n[None, :] * stride_vs + offs_d[:, None],
                  mask=_and_d(kmask[None, :], dmask[:, None], EVEN_D), other=0.0)
-    s = _mm(q, kT, PREC, UPCAST) * qk_scale
+    s, dcap = _scores(_mm(q, kT, PREC, UPCAST), qk_scale, cap_in, cap_l2, HAS_SOFTCAP)
     p = tl.exp2(s - lse[:, None])
     if MASK:
         k_doc = offs_n
@@ -521,19 +537,21 @@ def _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_
         p = tl.where(ok, p, 0.0)
     dp = _mm(do, vT, PREC, UPCAST)
     ds = p * (dp - delta[:, None])
+    if HAS_SOFTCAP:
+        ds = ds * dcap
     dq = _mma(ds.to(kT.dtype), tl.trans(kT), dq, PREC, UPCAST)
     return dq
 
 
 # one compiled kernel for every sequence length and window
 @triton.jit(do_not_specialize=["Sq", "Sk", "n_qblocks", "win_l", "win_r"])
-def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX, KVLEN, DOC, DOC_RANGE,
-                        stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
-                        stride_vb, stride_vh, stride_vs, stride_dob, stride_doh, stride_dos, stride_doc,
-                        Hq, Sq, Sk, D, group, sm_scale, qk_scale, n_qblocks, win_l, win_r,
-                        CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr,
-                        HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX, KVLEN, DOC, DOC_RANGE, stride_qb, stride_qh, stride_qs,
+                        stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_dob, stride_doh,
+                        stride_dos, stride_doc, Hq, Sq, Sk, D, group, sm_scale, qk_scale, n_qblocks, win_l, win_r,
+                        cap_in, cap_l2, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr,
+                        HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                        UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
     """dQ (B, Hq, Sq, D) contiguous for one query block: the same key range as the forward
     (DOC_RANGE (B, n_qblocks, 4), see `_doc_block_range`). Grid: (n_qblocks * B * Hq,)."""
     pid_m, bh = _block_and_row(n_qblocks)
@@ -555,17 +573,17 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX, KVLEN, DOC, DOC_RAN
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if HAS_DOCS or HAS_WINDOW:
         for start_n in range(lo, c_lo, BLOCK_N):
-            dq = _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0,
-                          offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, CAUSAL,
-                          HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, True, PREC, UPCAST, EVEN_D)
+            dq = _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d,
+                          D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in, cap_l2, CAUSAL,
+                          HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, True, PREC, UPCAST, EVEN_D)
     for start_n in range(c_lo, c_hi, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d,
-                      D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, CAUSAL, HAS_PREFIX,
-                      HAS_KVLEN, HAS_DOCS, HAS_WINDOW, False, PREC, UPCAST, EVEN_D)
+        dq = _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d, D,
+                      Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in, cap_l2, CAUSAL,
+                      HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, False, PREC, UPCAST, EVEN_D)
     for start_n in range(c_hi, hi, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d,
-                      D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, CAUSAL, HAS_PREFIX,
-                      HAS_KVLEN, HAS_DOCS, HAS_WINDOW, True, PREC, UPCAST, EVEN_D)
+        dq = _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d, D,
+                      Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in, cap_l2, CAUSAL,
+                      HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, True, PREC, UPCAST, EVEN_D)
     tl.store(DQ + bh * Sq * D + offs_m[:, None] * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=_and_d(rmask[:, None], dmask[None, :], EVEN_D))
 
@@ -671,9 +689,17 @@ def _window(window_left: int, window_right: int, Sk: int) -> tuple[bool, int, in
     return wl < Sk or wr < Sk, wl, wr
 
 
+def _softcap(softcap: float, scale: float) -> tuple[bool, float, float]:
+    """(HAS_SOFTCAP, cap_in, cap_l2) for the kernels: scores c * tanh(raw * scale / c), in base 2; a cap <= 0 is
+    none."""
+    if softcap <= 0:
+        return False, 0.0, 0.0
+    return True, scale / softcap, softcap * LOG2E
+
+
 @on_data_device
 def attention_forward(q, k, v, prefix_lens, doc_ids, kv_lens, causal: bool, window_left: int, window_right: int,
-                      scale: float):
+                      scale: float, softcap: float = 0.0):
     """(out (B, Hq, Sq, D) like q, lse (B, Hq, Sq) float32)."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, Hq, Sq, D = q.shape
@@ -684,6 +710,7 @@ def attention_forward(q, k, v, prefix_lens, doc_ids, kv_lens, causal: bool, wind
         return out.zero_(), lse.fill_(-math.inf)
     prefix, kvl, doc = _meta(q, prefix_lens, kv_lens, doc_ids)
     has_window, wl, wr = _window(window_left, window_right, Sk)
+    has_cap, cap_in, cap_l2 = _softcap(softcap, scale)
     block_d = max(16, triton.next_power_of_2(D))
     kv_len_arg = kvl if kv_lens is not None else None
 
@@ -694,9 +721,9 @@ def attention_forward(q, k, v, prefix_lens, doc_ids, kv_lens, causal: bool, wind
             q, k, v, out, lse, prefix, kvl, doc, rng,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), doc.stride(0),
-            Hq, Sq, Sk, D, Hq // Hkv, scale * LOG2E, n_qb, wl, wr,
+            Hq, Sq, Sk, D, Hq // Hkv, scale * LOG2E, n_qb, wl, wr, cap_in, cap_l2,
             CAUSAL=causal, HAS_PREFIX=prefix_lens is not None, HAS_KVLEN=kv_lens is not None,
-            HAS_DOCS=doc_ids is not None, HAS_WINDOW=has_window, BLOCK_M=bm, BLOCK_N=bn,
+            HAS_DOCS=doc_ids is not None, HAS_WINDOW=has_window, HAS_SOFTCAP=has_cap, BLOCK_M=bm, BLOCK_N=bn,
             BLOCK_D=block_d, PREC=_prec(q.dtype), UPCAST=_upcast(q), EVEN_D=block_d == D,
             num_warps=warps, num_stages=stages)
 
@@ -706,7 +733,7 @@ def attention_forward(q, k, v, prefix_lens, doc_ids, kv_lens, causal: bool, wind
 
 @on_data_device
 def attention_backward(do, q, k, v, out, lse, prefix_lens, doc_ids, kv_lens, causal: bool, window_left: int,
-                       window_right: int, scale: float):
+                       window_right: int, scale: float, softcap: float = 0.0):
     """(dq, dk, dv), each contiguous in its input's dtype. Deterministic: no atomics."""
     do, q, k, v, out = (_last_dim_contiguous(t) for t in (do, q, k, v, out))
     B, Hq, Sq, D = q.shape
@@ -719,9 +746,10 @@ def attention_backward(do, q, k, v, out, lse, prefix_lens, doc_ids, kv_lens, cau
     lse = lse.contiguous()
     block_d = max(16, triton.next_power_of_2(D))
     has_window, wl, wr = _window(window_left, window_right, Sk)
+    has_cap, cap_in, cap_l2 = _softcap(softcap, scale)
     flags = dict(CAUSAL=causal, HAS_PREFIX=prefix_lens is not None, HAS_KVLEN=kv_lens is not None,
-                 HAS_DOCS=doc_ids is not None, HAS_WINDOW=has_window, BLOCK_D=block_d, PREC=_prec(q.dtype),
-                 UPCAST=_upcast(q), EVEN_D=block_d == D)
+                 HAS_DOCS=doc_ids is not None, HAS_WINDOW=has_window, HAS_SOFTCAP=has_cap, BLOCK_D=block_d,
+                 PREC=_prec(q.dtype), UPCAST=_upcast(q), EVEN_D=block_d == D)
     prefix, kvl, doc = _meta(q, prefix_lens, kv_lens, doc_ids)
     kv_len_arg = kvl if kv_lens is not None else None
     group = Hq // Hkv
@@ -740,7 +768,7 @@ def attention_backward(do, q, k, v, out, lse, prefix_lens, doc_ids, kv_lens, cau
         rng = _doc_block_range(doc, bn, bm, kv_len_arg, keys_outer=True) if doc_ids is not None else prefix
         _attn_bwd_dkdv_kernel[(n_kb * B * Hkv,)](
             q, k, v, do, lse, delta, dk, dv, prefix, kvl, doc, rng, *strides,
-            Hq, Hkv, Sq, Sk, D, group, scale, scale * LOG2E, n_kb, wl, wr,
+            Hq, Hkv, Sq, Sk, D, group, scale, scale * LOG2E, n_kb, wl, wr, cap_in, cap_l2,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags)
 
     def launch_dq(bm, bn, warps, stages):
@@ -748,7 +776,7 @@ def attention_backward(do, q, k, v, out, lse, prefix_lens, doc_ids, kv_lens, cau
         rng = _doc_block_range(doc, bm, bn, kv_len_arg) if doc_ids is not None else prefix
         _attn_bwd_dq_kernel[(n_qb * B * Hq,)](
             q, k, v, do, lse, delta, dq, prefix, kvl, doc, rng, *strides,
-            Hq, Sq, Sk, D, group, scale, scale * LOG2E, n_qb, wl, wr,
+            Hq, Sq, Sk, D, group, scale, scale * LOG2E, n_qb, wl, wr, cap_in, cap_l2,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags)
 
     _launch_fitted("dkdv", D, q.dtype, q.device, launch_dkdv)

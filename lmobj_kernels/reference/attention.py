@@ -55,11 +55,13 @@ def attention(
     kv_lens: Tensor | None = None,
     window: tuple[int | None, int | None] | None = None,
     scale: float | None = None,
+    softcap: float | None = None,
     upcast: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """(out (B, Hq, Sq, D) in q's dtype, lse (B, Hq, Sq) float32/float64).
 
-    Grouped-query attention repeats each of k's Hkv heads Hq / Hkv times. A query row with no allowed key gives
+    Grouped-query attention repeats each of k's Hkv heads Hq / Hkv times. softcap c: scores c * tanh(s / c) of the
+    scaled scores s. A query row with no allowed key gives
     zeros and lse = -inf, and gradients of zero (never NaN). upcast=False computes in the inputs' own precision
     (the "plain PyTorch in the same precision" yardstick of DESIGN.md's low-precision rule)."""
     B, Hq, Sq, D = q.shape
@@ -70,6 +72,8 @@ def attention(
         k = k.repeat_interleave(Hq // Hkv, dim=1)
         v = v.repeat_interleave(Hq // Hkv, dim=1)
     s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
+    if softcap is not None:  # Gemma 2's attention logit soft-capping
+        s = softcap * torch.tanh(s / softcap)
     allowed = attention_mask(B, Sq, Sk, causal=causal, prefix_lens=prefix_lens, doc_ids=doc_ids, kv_lens=kv_lens,
                              window=window, device=q.device).unsqueeze(1)
     nonempty = allowed.any(dim=-1, keepdim=True)  # (B, 1, Sq, 1)

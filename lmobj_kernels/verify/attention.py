@@ -28,6 +28,7 @@ def _masks(B, S, gen):
         "docs_padding": dict(doc_ids=docs, kv_lens=kv),
         "sliding_window": dict(causal=True, window=(S // 5, None)),
         "local_padding": dict(window=(S // 7, S // 9), kv_lens=kv),
+        "softcap": dict(causal=True, window=(S // 3, None), softcap=1.0),
     }
 
 

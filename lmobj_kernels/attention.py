@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmobj_kernels import _attention_ops  # noqa: F401  (registers lmobj::attn_*_triton)
-from lmobj_kernels._backend import resolve, why_unavailable
+from lmobj_kernels._backend import check_backend_name, resolve, why_unavailable
 from lmobj_kernels._checks import FLOAT32_MAX, FLOAT32_TINY, autocast_inputs, check_flag, fits_int64, is_int, is_real
 from lmobj_kernels.reference import attention as ref
 
@@ -124,9 +124,8 @@ def _check_masks(q, k, causal, prefix_lens, doc_ids, kv_lens):
     return prefix_lens, doc_ids, kv_lens
 
 
-def _check_window(window, Sq: int, Sk: int) -> tuple[int | None, int | None] | None:
-    """window as (left, right), each an int >= 0 or None (unbounded); a bound that reaches past the sequence is
-    None, and (None, None) is no window at all."""
+def _window_bounds(window) -> tuple[int | None, int | None] | None:
+    """window as a checked (left, right) pair of Python ints >= 0 or None (unbounded), or None."""
     if window is None:
         return None
     if isinstance(window, (str, bytes)) or not isinstance(window, Sequence) or len(window) != 2:
@@ -134,17 +133,38 @@ def _check_window(window, Sq: int, Sk: int) -> tuple[int | None, int | None] | N
     out = []
     for side, v in zip(("left", "right"), window):
         v = _plain_int(v)
-        if v is None:
-            out.append(None)
-            continue
-        if not is_int(v):
+        if v is not None and not is_int(v):
             raise TypeError(f"window's {side} bound must be an int or None (unbounded), got {v!r}"[:200])
-        if v < 0:
-            raise ValueError(f"window's {side} bound must be >= 0 (None: unbounded), got {v}")
-        if Sq != Sk:
-            raise ValueError(f"window needs as many queries as keys (self-attention), got Sq={Sq}, Sk={Sk}")
-        out.append(int(v) if v < Sk else None)  # int(): a NumPy int would not fit the op's schema
-    return None if out == [None, None] else (out[0], out[1])
+        if v is not None and v < 0:
+            raise ValueError(f"window's {side} bound must be >= 0 (None is unbounded, where FlashAttention takes "
+                             f"-1), got {v}")
+        out.append(None if v is None else int(v))  # int(): a NumPy int would not fit the op's schema
+    return out[0], out[1]
+
+
+def _check_window(window, Sq: int, Sk: int) -> tuple[int | None, int | None] | None:
+    """window as (left, right) for a call: a bound that reaches past the sequence is None, and (None, None) is no
+    window at all; a bound needs self-attention (Sq == Sk)."""
+    window = _window_bounds(window)
+    if window is None or window == (None, None):
+        return None
+    if Sq != Sk:
+        raise ValueError(f"window needs as many queries as keys (self-attention), got Sq={Sq}, Sk={Sk}")
+    left, right = (None if w is None or w >= Sk else w for w in window)
+    return None if left is None and right is None else (left, right)
+
+
+def _check_scale(scale) -> None:
+    if scale is not None and (not is_real(scale) or not abs(scale) <= FLOAT32_MAX / _LOG2E):  # Triton: * log2(e)
+        raise ValueError(f"scale must be None or a float finite in float32, got {scale!r}")
+
+
+def _check_softcap(softcap, scale: float) -> None:
+    # the kernels compute scale / c and c * log2(e) in float32: both finite
+    if softcap is not None and (not is_real(softcap) or not FLOAT32_TINY <= softcap <= FLOAT32_MAX / _LOG2E
+                                or not abs(scale) / softcap <= FLOAT32_MAX):
+        raise ValueError(f"softcap must be None or a float > 0 (a normal float32, scale / softcap finite), got "
+                         f"{softcap!r}")
 
 
 def _resolve(backend: str, q: Tensor) -> str:
@@ -193,7 +213,7 @@ def _torch_attention(q, k, v, causal, prefix_lens, doc_ids, kv_lens, window, sca
         out = q.new_zeros(q.shape) + 0 * q + 0 * (k.sum() + v.sum())
     # is_causal only with a positive scale: SDPA's CPU kernel gives NaN rows for scale <= 0 (its -inf mask is
     # scaled with the scores); the explicit mask below is right for any scale
-    elif (only_causal and scale > 0) or not (causal or any(m is not None for m in masks.values())):
+    elif (only_causal and scale > 0) or not (causal or any(m is not None for n, m in masks.items() if n != "causal")):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
     else:
         allowed = ref.attention_mask(B, Sq, Sk, device=q.device, **masks).unsqueeze(1)
@@ -256,15 +276,10 @@ def attention(
     _check_qkv(q, k, v)
     prefix_lens, doc_ids, kv_lens = _check_masks(q, k, causal, prefix_lens, doc_ids, kv_lens)
     window = _check_window(window, q.shape[2], k.shape[2])
+    _check_scale(scale)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    elif not is_real(scale) or not abs(scale) <= FLOAT32_MAX / _LOG2E:  # Triton scales by scale * log2(e)
-        raise ValueError(f"scale must be None or a float finite in float32, got {scale!r}")
-    # the kernels compute scale / c and c * log2(e) in float32: both finite
-    if softcap is not None and (not is_real(softcap) or not FLOAT32_TINY <= softcap <= FLOAT32_MAX / _LOG2E
-                                or not abs(scale) / softcap <= FLOAT32_MAX):
-        raise ValueError(f"softcap must be None or a float > 0 (a normal float32, scale / softcap finite), got "
-                         f"{softcap!r}")
+    _check_softcap(softcap, scale)
     for name, flag in (("return_lse", return_lse), ("deterministic", deterministic)):
         check_flag(name, flag)
     name = _resolve(backend, q)
@@ -351,7 +366,13 @@ class MaskedAttention(nn.Module):
                  scale: float | None = None, softcap: float | None = None, deterministic: bool = False,
                  backend: str = "auto"):
         super().__init__()
-        self.causal, self.window, self.scale, self.softcap = causal, window, scale, softcap
+        # checked here, not in the first forward (deep in a model's first step); scale None is D ** -0.5 <= 1
+        for flag_name, flag in (("causal", causal), ("deterministic", deterministic)):
+            check_flag(flag_name, flag)
+        check_backend_name(backend)
+        _check_scale(scale)
+        _check_softcap(softcap, 1.0 if scale is None else scale)
+        self.causal, self.window, self.scale, self.softcap = causal, _window_bounds(window), scale, softcap
         self.deterministic, self.backend = deterministic, backend
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, prefix_lens=None, doc_ids=None, kv_lens=None) -> Tensor:

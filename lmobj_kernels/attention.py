@@ -263,7 +263,7 @@ def attention(
     soft-capping): the scaled scores s become c * tanh(s / c) before the softmax; the torch backend then
     materialises the scores (SDPA has no cap).
     Rows with no allowed key output zeros with zero gradient (SDPA returns NaN there).
-    return_lse: also the log-sum-exp of each row's scaled scores (B, Hq, Sq), float32 (float64 for float64
+    return_lse: also the log-sum-exp of each row's scaled (and capped) scores (B, Hq, Sq), float32 (float64 for float64
     inputs), detached; -inf on empty rows (the torch backend computes it in a second pass that materialises the
     scores).
     deterministic: bitwise-repeatable gradients. The Triton backward always is (no atomics: dK/dV and dQ come

@@ -474,6 +474,23 @@ def test_softcap_bounds_the_scores(gen):
     assert float(lse.max()) > 10  # uncapped, the same inputs score far higher
 
 
+def test_softcap_derivative(gen):
+    """The reference's cap differentiates as sech^2 (gradcheck in float64); in float32 it stays finite for a cap
+    of 1e38, where autograd through c * tanh(s / c) multiplied by c first (inf, then NaN), and keeps its relative
+    accuracy where the scores saturate (1 - tanh^2 was 40% off at |s / c| ~ 6)."""
+    s = torch.randn(40, dtype=torch.float64, generator=gen).mul(4).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: ref.SoftCap.apply(x, 0.7), (s,))
+    q, k, v = _qkv(gen, 1, 1, 1, 8, 8, 16)
+    for backend in ["torch"] + (["triton"] if TRITON_HERE else []):
+        out = L.attention(q, k, v, softcap=1e38, backend=backend)
+        assert all(torch.isfinite(g).all() for g in torch.autograd.grad(out, (q, k, v), 3 * torch.ones_like(out)))
+    y = torch.linspace(5, 8, 50, dtype=torch.float64)
+    x = y.float().requires_grad_()
+    (g32,) = torch.autograd.grad(ref.SoftCap.apply(x, 1.0).sum(), x)
+    exact = 1 / torch.cosh(y) ** 2
+    assert float(((g32.double() - exact) / exact).abs().max()) < 1e-6
+
+
 @needs_triton
 @pytest.mark.parametrize("window", [None, (7, None), (0, 0), (5, 40), (None, 3), (33, 33)], ids=str)
 @pytest.mark.parametrize("causal,prefix,docs,kv", [(False, False, False, False), (True, False, False, False),

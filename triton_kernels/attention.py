@@ -162,10 +162,12 @@ def _and_d(rows, dmask, EVEN_D: tl.constexpr):
 def _scores(raw, qk_scale, cap_in, cap_l2, HAS_SOFTCAP: tl.constexpr):
     """(scores in base 2, d(capped score) / d(scaled score)) of the raw dot products: raw * scale * log2(e), or
     with a softcap c, c * tanh(raw * scale / c) * log2(e) (cap_in = scale / c, cap_l2 = c * log2(e)) and its
-    derivative 1 - tanh^2 (the backward's chain factor; 1.0, unused, without a cap)."""
+    derivative sech^2 = 4w / (1 + w)^2, w = exp(-2|y|) (the backward's chain factor; 1 - tanh^2 cancels once
+    the scores saturate; 1.0, unused, without a cap). The forward discards the derivative (dead code there)."""
     if HAS_SOFTCAP:
-        t = _tanh(raw * cap_in)
-        return t * cap_l2, 1.0 - t * t
+        y = raw * cap_in
+        w = tl.exp(-2.0 * tl.abs(y))
+        return _tanh(y) * cap_l2, 4.0 * w / ((1.0 + w) * (1.0 + w))
     else:
         return raw * qk_scale, 1.0
 
@@ -313,7 +315,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX, KVLEN, DOC, DOC_RANGE, stride_qb, 
                      HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr,
                      HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
-    """O[b, h, i] = softmax over allowed keys j of (q_i . k_j * scale) times v_j; LSE[b, h, i] (natural log).
+    """O[b, h, i] = softmax over allowed keys j of (q_i . k_j * scale, capped to c * tanh(. / c) with a softcap)
+    times v_j; LSE[b, h, i] (natural log).
 
     Q (B, Hq, Sq, D), K and V (B, Hkv, Sk, D), O like Q (last dim contiguous, other strides given); LSE (B, Hq, Sq)
     contiguous float32. PREFIX / KVLEN: int32 (B,) (read only when their flag is set); DOC: int32 (B, Sq) doc ids,

@@ -10,6 +10,24 @@ import torch
 from torch import Tensor
 
 
+class SoftCap(torch.autograd.Function):
+    """c * tanh(s / c), differentiated as sech^2(s / c) = 4w / (1 + w)^2 with w = exp(-2|s / c|): autograd's own
+    chain through `c * tanh(s / c)` multiplies the gradient by c first (inf for c ~ 1e38 in float32, then NaN), and
+    1 - tanh^2 cancels once the scores saturate (40% off at |s / c| ~ 6 in float32)."""
+
+    @staticmethod
+    def forward(ctx, s: Tensor, c: float) -> Tensor:
+        y = s / c
+        ctx.save_for_backward(y)
+        return c * torch.tanh(y)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (y,) = ctx.saved_tensors
+        w = torch.exp(-2 * y.abs())
+        return grad * (4 * w / (1 + w) ** 2), None
+
+
 def attention_mask(
     batch: int,
     sq: int,
@@ -73,7 +91,7 @@ def attention(
         v = v.repeat_interleave(Hq // Hkv, dim=1)
     s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
     if softcap is not None:  # Gemma 2's attention logit soft-capping
-        s = softcap * torch.tanh(s / softcap)
+        s = SoftCap.apply(s, softcap)
     allowed = attention_mask(B, Sq, Sk, causal=causal, prefix_lens=prefix_lens, doc_ids=doc_ids, kv_lens=kv_lens,
                              window=window, device=q.device).unsqueeze(1)
     nonempty = allowed.any(dim=-1, keepdim=True)  # (B, 1, Sq, 1)

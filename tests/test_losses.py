@@ -183,7 +183,10 @@ def _check_softcap_accuracy(backend, softcap, gen, device="cpu"):
     ref = L.cross_entropy(x64, t, reduction="none", softcap=softcap, backend="torch")
     plain = L.cross_entropy(x, t, reduction="none", softcap=softcap, backend="torch")
     out = L.cross_entropy(x, t, reduction="none", softcap=softcap, backend=backend)
-    assert_lowp_close(out, ref, plain, floor=1e-8)
+    # floor: half an ulp of the largest loss (~8: 4.8e-7), what rounding the float32 result costs by itself. 1e-8
+    # failed ~2% of seeds where plain PyTorch happened to sit closer (kernel at 1.0-1.3 ulp against 2x plain's 0.9);
+    # the cancelling tanh this guards against is caught at every one of 100 seeds with it
+    assert_lowp_close(out, ref, plain, floor=0.5 * float(ref.detach().abs().max()) * 2**-23)
     wts = torch.rand(64, generator=gen).to(device)
     grads = [torch.autograd.grad((r * wts).sum(), i)[0] for r, i in ((out, x), (ref, x64), (plain, x))]
     assert_lowp_close(*grads, factor=3.0, floor=1e-9, what="grad")

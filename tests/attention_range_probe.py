@@ -7,7 +7,14 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from lmobj_kernels.triton_kernels.attention import _doc_block_range, _key_range, _meta, _query_range, _window
+from lmobj_kernels.triton_kernels.attention import (
+    _doc_block_range,
+    _key_range,
+    _mask_meta,
+    _meta,
+    _query_range,
+    _window,
+)
 
 
 @triton.jit
@@ -18,12 +25,8 @@ def _ranges_kernel(OUT, PREFIX, KVLEN, DOC_RANGE, Sq, Sk, n_blocks, win_l, win_r
     block blk). Grid: (n_blocks, B)."""
     blk = tl.program_id(0)
     b = tl.program_id(1)
-    kv_len = Sk
-    if HAS_KVLEN:
-        kv_len = tl.load(KVLEN + b)
-    prefix_len = 0
-    if HAS_PREFIX:
-        prefix_len = tl.load(PREFIX + b)
+    # the kernels' own metadata load (no doc ids: the ranges read DOC_RANGE; OUT stands in for the DOC pointer)
+    kv_len, prefix_len, _, _ = _mask_meta(b, blk, True, Sk, PREFIX, KVLEN, OUT, 0, 0, HAS_PREFIX, HAS_KVLEN, False)
     if KEYS:
         lo, c_lo, c_hi, hi = _key_range(b, blk, blk * BLOCK_M, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_blocks,
                                         win_l, win_r, CAUSAL, HAS_DOCS, HAS_WINDOW, BLOCK_M, BLOCK_N)

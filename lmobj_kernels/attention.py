@@ -9,7 +9,10 @@
   `doc_ids_from_cu_seqlens` or `doc_ids_from_eos`);
 - `window=(left, right)`: sliding-window (local) attention, query i sees keys i - left .. i + right (None: that
   side unbounded), as FlashAttention's `window_size`; with causal=True, `(w - 1, None)` is Mistral's window of w;
-- `softcap=c`: Gemma 2's soft-capped scores, c * tanh(s / c) of the scaled scores s (FlashAttention's `softcap`).
+- `softcap=c`: Gemma 2's soft-capped scores, c * tanh(s / c) of the scaled scores s (FlashAttention's `softcap`);
+- `dropout_p=p`: attention dropout (BERT's and T5's 0.1) on the softmax weights, drawn from a counter-based
+  Philox stream (`reference.attention.dropout_keep`): the same seed drops the same weights on every backend, and
+  the backward regenerates them instead of storing a mask.
 A query row with no allowed key returns zeros (and lse = -inf) with zero gradients, never NaN (as SDPA did).
 
 Backends: `triton` (GPU, or interpreted with TRITON_INTERPRET=1) skips the blocks the mask empties, forward and
@@ -32,6 +35,7 @@ from torch import Tensor, nn
 from lmobj_kernels import _attention_ops  # noqa: F401  (registers lmobj::attn_*_triton)
 from lmobj_kernels._backend import check_backend_name, resolve, why_unavailable
 from lmobj_kernels._checks import FLOAT32_MAX, FLOAT32_TINY, autocast_inputs, check_flag, fits_int64, is_int, is_real
+from lmobj_kernels.corruption import seed_tensor
 from lmobj_kernels.reference import attention as ref
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -167,6 +171,20 @@ def _check_softcap(softcap, scale: float) -> None:
                          f"{softcap!r}")
 
 
+def _check_dropout(dropout_p) -> None:
+    if not is_real(dropout_p) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+
+
+def _dropout_seed(seed, generator, device: torch.device) -> Tensor:
+    """The int64 [1] dropout seed on `device`, without a host synchronisation: `seed` (an int in [0, 2^63) or an
+    int64 tensor), a draw from `generator`, or else from the device's default generator (as SDPA's dropout; on a
+    GPU this is CUDA-graph and torch.compile safe)."""
+    if seed is None and generator is None:
+        return torch.randint(0, 2**62, (1,), device=device)
+    return seed_tensor(seed, generator, device)
+
+
 def _resolve(backend: str, q: Tensor) -> str:
     if backend in ("cpu", "cuda"):
         raise ValueError(f"backend {backend!r} has no attention kernel (yet); use 'triton', 'torch' or 'auto'")
@@ -192,9 +210,10 @@ def _nonempty_rows(allowed: Tensor, kv_lens: Tensor, doc_ids: Tensor | None, win
 
 
 def _torch_attention(q, k, v, causal, prefix_lens, doc_ids, kv_lens, window, scale, softcap, return_lse,
-                     plain=False):
+                     plain=False, dropout_p=0.0, seed=None):
     """plain: the reference's computation in float32 (deterministic on a GPU, where SDPA's backward need not be);
-    a softcap, which SDPA cannot apply, computes that way too."""
+    a softcap, which SDPA cannot apply, and dropout, whose SDPA draws no other backend could repeat, compute that
+    way too."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     gqa = Hq != Hkv
@@ -205,8 +224,8 @@ def _torch_attention(q, k, v, causal, prefix_lens, doc_ids, kv_lens, window, sca
         valid = (torch.arange(Sk, device=k.device) < kv_lens.view(B, 1, 1, 1).to(k.device)).view(B, 1, Sk, 1)
         zero = torch.zeros((), dtype=k.dtype, device=k.device)
         k, v = torch.where(valid, k, zero), torch.where(valid, v, zero)
-    if plain or softcap is not None:
-        out, lse = ref.attention(q, k, v, scale=scale, softcap=softcap, **masks)
+    if plain or softcap is not None or dropout_p > 0:
+        out, lse = ref.attention(q, k, v, scale=scale, softcap=softcap, dropout_p=dropout_p, seed=seed, **masks)
         return out, lse.detach().to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     if Sk == 0:
         # keeps the graph: zero gradients for q, and for k and v (empty, but present, as Triton returns them)
@@ -249,6 +268,9 @@ def attention(
     window: tuple[int | None, int | None] | None = None,
     scale: float | None = None,
     softcap: float | None = None,
+    dropout_p: float = 0.0,
+    seed: int | Tensor | None = None,
+    generator: torch.Generator | None = None,
     return_lse: bool = False,
     deterministic: bool = False,
     backend: str = "auto",
@@ -262,6 +284,11 @@ def attention(
     Sq == Sk; so do doc_ids and a window. scale defaults to D ** -0.5. softcap c (Gemma 2's attention logit
     soft-capping): the scaled scores s become c * tanh(s / c) before the softmax; the torch backend then
     materialises the scores (SDPA has no cap).
+    dropout_p: attention dropout probability in [0, 1) (as SDPA's; apply it in training only: the module form
+    does). Weight (b, h, i, j) is dropped when its Philox draw says so (`reference.attention.dropout_keep`), kept
+    weights are scaled by 1 / (1 - dropout_p). The draws come from `seed` (int in [0, 2^63) or int64 tensor),
+    or one draw of `generator`, or else of the device's default generator: no host synchronisation either way.
+    The same seed gives the same dropped weights on every backend; the torch backend then materialises the scores.
     Rows with no allowed key output zeros with zero gradient (SDPA returns NaN there).
     return_lse: also the log-sum-exp of each row's scaled (and capped) scores (B, Hq, Sq), float32 (float64 for float64
     inputs), detached; -inf on empty rows (the torch backend computes it in a second pass that materialises the
@@ -280,19 +307,24 @@ def attention(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     _check_softcap(softcap, scale)
+    _check_dropout(dropout_p)
     for name, flag in (("return_lse", return_lse), ("deterministic", deterministic)):
         check_flag(name, flag)
     name = _resolve(backend, q)
+    if seed is not None and generator is not None:
+        raise ValueError("pass seed or generator, not both")
+    seed_t = _dropout_seed(seed, generator, q.device) if dropout_p > 0 else None
     if name == "triton" and doc_ids is not None and doc_ids.dtype == torch.int64:
         _check_range("doc_ids", doc_ids, 2**31 - 1, "the triton kernels compare ids as int32", low=-(2**31))
     if name == "torch":
         out, lse = _torch_attention(q, k, v, causal, prefix_lens, doc_ids, kv_lens, window, float(scale),
                                     None if softcap is None else float(softcap), return_lse,
-                                    plain=deterministic and q.is_cuda)
+                                    plain=deterministic and q.is_cuda, dropout_p=float(dropout_p), seed=seed_t)
     else:
         left, right = (-1 if w is None else w for w in (window or (None, None)))  # -1: unbounded
         out, lse = torch.ops.lmobj.attn_fwd_triton(q, k, v, prefix_lens, doc_ids, kv_lens, causal, left, right,
-                                                   float(scale), 0.0 if softcap is None else float(softcap))
+                                                   float(scale), 0.0 if softcap is None else float(softcap),
+                                                   float(dropout_p), seed_t)
     if return_lse:
         return out, lse.detach()
     return out
@@ -359,12 +391,14 @@ def doc_ids_from_eos(tokens: Tensor, eos_id: int) -> Tensor:
 
 
 class MaskedAttention(nn.Module):
-    """Module form of `attention`: options fixed at construction (causal, window, scale, softcap, deterministic,
-    backend), per-batch masks at call time: forward(q, k, v, prefix_lens=None, doc_ids=None, kv_lens=None)."""
+    """Module form of `attention`: options fixed at construction (causal, window, scale, softcap, dropout,
+    deterministic, backend), per-batch masks at call time: forward(q, k, v, prefix_lens=None, doc_ids=None,
+    kv_lens=None). dropout applies in training mode only (as nn.Dropout), each call with a fresh seed from the
+    device's default generator (so torch.manual_seed makes a run repeatable)."""
 
     def __init__(self, *, causal: bool = False, window: tuple[int | None, int | None] | None = None,
-                 scale: float | None = None, softcap: float | None = None, deterministic: bool = False,
-                 backend: str = "auto"):
+                 scale: float | None = None, softcap: float | None = None, dropout: float = 0.0,
+                 deterministic: bool = False, backend: str = "auto"):
         super().__init__()
         # checked here, not in the first forward (deep in a model's first step); scale None is D ** -0.5 <= 1
         for flag_name, flag in (("causal", causal), ("deterministic", deterministic)):
@@ -372,15 +406,19 @@ class MaskedAttention(nn.Module):
         check_backend_name(backend)
         _check_scale(scale)
         _check_softcap(softcap, 1.0 if scale is None else scale)
+        _check_dropout(dropout)
         self.causal, self.window, self.scale, self.softcap = causal, _window_bounds(window), scale, softcap
+        self.dropout = float(dropout)
         self.deterministic, self.backend = deterministic, backend
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, prefix_lens=None, doc_ids=None, kv_lens=None) -> Tensor:
         return attention(q, k, v, causal=self.causal, prefix_lens=prefix_lens, doc_ids=doc_ids, kv_lens=kv_lens,
                          window=self.window, scale=self.scale, softcap=self.softcap,
-                         deterministic=self.deterministic, backend=self.backend)
+                         dropout_p=self.dropout if self.training else 0.0, deterministic=self.deterministic,
+                         backend=self.backend)
 
     def extra_repr(self) -> str:
         w = "" if self.window is None else f", window={tuple(self.window)}"
         c = "" if self.softcap is None else f", softcap={self.softcap}"
-        return f"causal={self.causal}{w}, scale={self.scale}{c}, backend={self.backend!r}"
+        d = f", dropout={self.dropout}" if self.dropout else ""
+        return f"causal={self.causal}{w}, scale={self.scale}{c}{d}, backend={self.backend!r}"

@@ -9,6 +9,11 @@ Masks (constexpr feature flags, so each variant compiles to lean code): causal, 
 bidirectional inside the prefix, causal after), packed documents (doc ids per position: equal ids attend), key
 padding (kv_len per batch), a sliding window (query i sees keys i - left .. i + right), grouped-query heads,
 cross attention (Sq != Sk, non-causal). A softcap c turns the scaled scores s into c * tanh(s / c) (Gemma 2).
+Dropout (HAS_DROPOUT) zeroes the softmax weights whose Philox draw (`_dropout_keep`, the bits of
+lmobj_kernels/reference/attention.py's `dropout_keep`) falls under the threshold and scales the rest by
+1 / (1 - p); the row sums (and lse) stay those of the undropped weights. The backward draws the same bits again
+(FlashAttention-2's scheme): dV = (P * Z)^T dO, dP = Z * (dO V^T), dS = P * (dP - delta), with Z the scaled keep
+mask and delta = rowsum(dO * O) as without dropout.
 
 Block skipping: each program derives the range of blocks it needs from the mask metadata: causal rows stop at the
 diagonal (or at prefix_len, whichever is later), key padding stops at kv_len, and documents use per-block
@@ -38,6 +43,10 @@ from .cross_entropy import _tanh
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+# Philox stream of attention dropout (reference/corruption.py's STREAM_ATTN_DROPOUT), and the sign bit that maps
+# uint32 draws onto int32 in order (tl.constexpr: compiled Triton refuses plain globals inside @jit)
+STREAM_ATTN_DROPOUT = tl.constexpr(6)
+_SIGN_BIT = tl.constexpr(-(2**31))
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, architecture and head-dim bucket (<= 64, <= 128, <= 256).
 # BLOCK_M counts queries, BLOCK_N keys. Starting points from the published FlashAttention-2 Triton kernels and
@@ -173,6 +182,23 @@ def _scores(raw, qk_scale, cap_in, cap_l2, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _dropout_keep(seed, bh, qi, kj, drop_t):
+    """Keep mask of attention dropout at queries qi and keys kj (shaped to broadcast against each other) of row
+    bh = b * Hq + h: word kj % 4 of Philox4x32-10 at counter (kj // 4, qi, bh, stream 6), kept when the draw is >=
+    the threshold; compared as int32 (draw ^ sign bit >= drop_t, drop_t = threshold - 2^31) to stay in 32 bits.
+    One Philox per entry: the four words of a block serve four neighbouring keys in the bits, not yet in the
+    work (a tl.join of the words would, without changing a bit)."""
+    z = (qi * 0 + kj * 0).to(tl.uint32)
+    c0 = z + (kj >> 2).to(tl.uint32)
+    c1 = z + qi.to(tl.uint32)
+    c2 = z + (bh & 0xFFFFFFFF).to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, z + STREAM_ATTN_DROPOUT)
+    w = z + (kj & 3).to(tl.uint32)
+    r = tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3)))
+    return (r.to(tl.int32, bitcast=True) ^ _SIGN_BIT) >= drop_t
+
+
+@triton.jit
 def _keys_read(offs_n, Sk, kv_len, HAS_KVLEN: tl.constexpr):
     """Which keys a block loads: those before Sk and kv_len. Padding past kv_len is never read, so it may hold
     anything (a NaN there times its zero weight would reach every row)."""
@@ -278,11 +304,12 @@ def _query_block(pid_m, bh, Hq, group, Sq, Sk, PREFIX, KVLEN, DOC, DOC_RANGE, st
 
 @triton.jit
 def _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d, D, Sk, kv_len,
-              prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in, cap_l2, CAUSAL: tl.constexpr,
-              HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr,
-              HAS_SOFTCAP: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-              EVEN_D: tl.constexpr):
-    """One key block of the online softmax (base 2): returns the updated (acc, m_i, l_i)."""
+              prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in, cap_l2, seed, bh, drop_t,
+              CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr,
+              HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK: tl.constexpr,
+              PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
+    """One key block of the online softmax (base 2): returns the updated (acc, m_i, l_i); with dropout acc sums
+    only the kept weights (unscaled: the caller scales once at the end), l_i all of them."""
     offs_n = start_n + offs_n0
     kmask = _keys_read(offs_n, Sk, kv_len, HAS_KVLEN)
     dmask = offs_d < D
@@ -303,18 +330,21 @@ def _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, o
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(V_base + offs_n[:, None] * stride_vs + offs_d[None, :],
                 mask=_and_d(kmask[:, None], dmask[None, :], EVEN_D), other=0.0)
+    if HAS_DROPOUT:
+        p = tl.where(_dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], drop_t), p, 0.0)
     acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], PREC, UPCAST)
     return acc, m_new, l_i
 
 
 # one compiled kernel for every sequence length and window
-@triton.jit(do_not_specialize=["Sq", "Sk", "n_qblocks", "win_l", "win_r"])
-def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX, KVLEN, DOC, DOC_RANGE, stride_qb, stride_qh, stride_qs, stride_kb,
+@triton.jit(do_not_specialize=["Sq", "Sk", "n_qblocks", "win_l", "win_r", "drop_t"])
+def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX, KVLEN, DOC, DOC_RANGE, SEED, stride_qb, stride_qh, stride_qs, stride_kb,
                      stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os, stride_doc,
-                     Hq, Sq, Sk, D, group, qk_scale, n_qblocks, win_l, win_r, cap_in, cap_l2, CAUSAL: tl.constexpr,
-                     HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr,
-                     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
+                     Hq, Sq, Sk, D, group, qk_scale, n_qblocks, win_l, win_r, cap_in, cap_l2, drop_t, keep_scale,
+                     CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr,
+                     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                     UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
     """O[b, h, i] = softmax over allowed keys j of (q_i . k_j * scale, capped to c * tanh(. / c) with a softcap)
     times v_j; LSE[b, h, i] (natural log).
 
@@ -323,6 +353,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX, KVLEN, DOC, DOC_RANGE, stride_qb, 
     rows stride_doc apart; DOC_RANGE: int32 (B, n_qblocks, 4) per query block: [first, last) key block sharing
     a document with it, and [first, last) key block of the same single document as the whole query block.
     group = Hq // Hkv; qk_scale = scale * log2(e); win_l / win_r: the window (Sk for an unbounded side).
+    Dropout: SEED int64 [1], drop_t = threshold - 2^31 (see `_dropout_keep`), keep_scale = 1 / (1 - p).
     Grid: (n_qblocks * B * Hq,)."""
     pid_m, bh = _block_and_row(n_qblocks)
     b, h, hk, offs_m, rmask, kv_len, prefix_len, DOC_row, q_doc, lo, c_lo, c_hi, hi = _query_block(
@@ -338,25 +369,30 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX, KVLEN, DOC, DOC_RANGE, stride_qb, 
     m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
     if HAS_DOCS or HAS_WINDOW:  # blocks before the own document / the window's left edge (partly allowed)
         for start_n in range(lo, c_lo, BLOCK_N):
             acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0,
                                       offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in,
-                                      cap_l2, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, True,
-                                      PREC, UPCAST, EVEN_D)
+                                      cap_l2, seed, bh, drop_t, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW,
+                                      HAS_SOFTCAP, HAS_DROPOUT, True, PREC, UPCAST, EVEN_D)
     for start_n in range(c_lo, c_hi, BLOCK_N):
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0,
                                   offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in,
-                                  cap_l2, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, False, PREC,
-                                  UPCAST, EVEN_D)
+                                  cap_l2, seed, bh, drop_t, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW,
+                                  HAS_SOFTCAP, HAS_DROPOUT, False, PREC, UPCAST, EVEN_D)
     for start_n in range(c_hi, hi, BLOCK_N):
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0,
                                   offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in,
-                                  cap_l2, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, True, PREC,
-                                  UPCAST, EVEN_D)
+                                  cap_l2, seed, bh, drop_t, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW,
+                                  HAS_SOFTCAP, HAS_DROPOUT, True, PREC, UPCAST, EVEN_D)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]
+    if HAS_DROPOUT:
+        o = o * keep_scale
     lse = tl.where(empty, -float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
     tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
              o.to(O.dtype.element_ty), mask=_and_d(rmask[:, None], dmask[None, :], EVEN_D))
@@ -385,11 +421,13 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride
 
 @triton.jit
 def _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, stride_dos, start_m, offs_m0, offs_n,
-               offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, win_l, win_r, qk_scale, cap_in, cap_l2,
-               CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr,
-               HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
-               UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
-    """One query block's contribution to dK (unscaled) and dV of a key block, in transposed (key, query) form."""
+               offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, win_l, win_r, qk_scale, cap_in, cap_l2, seed,
+               bhq, drop_t, keep_scale, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr,
+               HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+               HAS_DROPOUT: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+               EVEN_D: tl.constexpr):
+    """One query block's contribution to dK (unscaled) and dV of a key block, in transposed (key, query) form;
+    bhq = b * Hq + h of the query head. With dropout dV sums the kept weights unscaled (the caller scales)."""
     offs_m = start_m + offs_m0
     rmask = offs_m < Sq
     dmask = offs_d < D
@@ -409,8 +447,13 @@ def _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, str
         ok = _allowed(offs_m[None, :], offs_n[:, None], Sk, kv_len, prefix_len, q_doc[None, :], k_doc[:, None],
                       win_l, win_r, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW)
         pT = tl.where(ok, pT, 0.0)
-    dv = _mma(pT.to(do.dtype), do, dv, PREC, UPCAST)
     dpT = _mm(v, tl.trans(do), PREC, UPCAST)
+    if HAS_DROPOUT:
+        keepT = _dropout_keep(seed, bhq, offs_m[None, :], offs_n[:, None], drop_t)
+        dv = _mma(tl.where(keepT, pT, 0.0).to(do.dtype), do, dv, PREC, UPCAST)
+        dpT = tl.where(keepT, dpT * keep_scale, 0.0)
+    else:
+        dv = _mma(pT.to(do.dtype), do, dv, PREC, UPCAST)
     dsT = pT * (dpT - delta[None, :])
     if HAS_SOFTCAP:
         dsT = dsT * dcapT
@@ -455,14 +498,15 @@ def _query_range(b, pid_n, start_n, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_out
 
 
 # one compiled kernel for every sequence length and window
-@triton.jit(do_not_specialize=["Sq", "Sk", "n_kblocks", "win_l", "win_r"])
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, DOC_RANGE, stride_qb, stride_qh,
+@triton.jit(do_not_specialize=["Sq", "Sk", "n_kblocks", "win_l", "win_r", "drop_t"])
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, DOC_RANGE, SEED, stride_qb, stride_qh,
                           stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_dob,
                           stride_doh, stride_dos, stride_doc, Hq, Hkv, Sq, Sk, D, group, sm_scale, qk_scale, n_kblocks,
-                          win_l, win_r, cap_in, cap_l2, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
-                          HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                          HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
+                          win_l, win_r, cap_in, cap_l2, drop_t, keep_scale, CAUSAL: tl.constexpr,
+                          HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr,
+                          HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                          UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
     """dK, dV (B, Hkv, Sk, D) contiguous, for one key block and kv head, summed over the `group` query heads that
     share it and over the query blocks the mask leaves (a causal key block starts at its diagonal unless it lies in
     the prefix; a block past kv_len has nothing; documents: DOC_RANGE (B, n_kblocks, 4), see `_doc_block_range`;
@@ -487,40 +531,48 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, D
                                       win_r, CAUSAL, HAS_DOCS, HAS_WINDOW, BLOCK_M, BLOCK_N)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
     for g in range(0, group):
         h = hk * group + g
         Q_base = Q + b * stride_qb + h * stride_qh
         DO_base = DO + b * stride_dob + h * stride_doh
         LSE_row = LSE + (b * Hq + h) * Sq
         DELTA_row = DELTA + (b * Hq + h) * Sq
+        bhq = b * Hq + h
         for start_m in range(lo, c_lo, BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, stride_dos, start_m,
                                 offs_m0, offs_n, offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, win_l, win_r,
-                                qk_scale, cap_in, cap_l2, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW,
-                                HAS_SOFTCAP, True, PREC, UPCAST, EVEN_D)
+                                qk_scale, cap_in, cap_l2, seed, bhq, drop_t, keep_scale, CAUSAL, HAS_PREFIX,
+                                HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, True, PREC, UPCAST, EVEN_D)
         for start_m in range(c_lo, c_hi, BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, stride_dos, start_m,
                                 offs_m0, offs_n, offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, win_l, win_r,
-                                qk_scale, cap_in, cap_l2, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW,
-                                HAS_SOFTCAP, False, PREC, UPCAST, EVEN_D)
+                                qk_scale, cap_in, cap_l2, seed, bhq, drop_t, keep_scale, CAUSAL, HAS_PREFIX,
+                                HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, False, PREC, UPCAST,
+                                EVEN_D)
         if HAS_DOCS or HAS_WINDOW:  # query blocks after the key block's own document / past the window
             for start_m in range(c_hi, hi, BLOCK_M):
                 dk, dv = _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, stride_dos, start_m,
                                     offs_m0, offs_n, offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, win_l,
-                                    win_r, qk_scale, cap_in, cap_l2, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS,
-                                    HAS_WINDOW, HAS_SOFTCAP, True, PREC, UPCAST, EVEN_D)
+                                    win_r, qk_scale, cap_in, cap_l2, seed, bhq, drop_t, keep_scale, CAUSAL,
+                                    HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, True,
+                                    PREC, UPCAST, EVEN_D)
     out = bh * Sk * D + offs_n[:, None] * D + offs_d[None, :]
     omask = _and_d(kmask[:, None], dmask[None, :], EVEN_D)
+    if HAS_DROPOUT:
+        dv = dv * keep_scale
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=omask)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=omask)
 
 
 @triton.jit
 def _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d, D, Sk,
-             kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in, cap_l2, CAUSAL: tl.constexpr,
-             HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr,
-             HAS_SOFTCAP: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-             EVEN_D: tl.constexpr):
+             kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in, cap_l2, seed, bh, drop_t, keep_scale,
+             CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr,
+             HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK: tl.constexpr,
+             PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
     """One key block's contribution to dQ (unscaled) of a query block."""
     offs_n = start_n + offs_n0
     kmask = _keys_read(offs_n, Sk, kv_len, HAS_KVLEN)
@@ -539,6 +591,8 @@ def _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_
                       win_l, win_r, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW)
         p = tl.where(ok, p, 0.0)
     dp = _mm(do, vT, PREC, UPCAST)
+    if HAS_DROPOUT:
+        dp = tl.where(_dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], drop_t), dp * keep_scale, 0.0)
     ds = p * (dp - delta[:, None])
     if HAS_SOFTCAP:
         ds = ds * dcap
@@ -547,14 +601,15 @@ def _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_
 
 
 # one compiled kernel for every sequence length and window
-@triton.jit(do_not_specialize=["Sq", "Sk", "n_qblocks", "win_l", "win_r"])
-def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX, KVLEN, DOC, DOC_RANGE, stride_qb, stride_qh, stride_qs,
-                        stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_dob, stride_doh,
-                        stride_dos, stride_doc, Hq, Sq, Sk, D, group, sm_scale, qk_scale, n_qblocks, win_l, win_r,
-                        cap_in, cap_l2, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr,
-                        HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-                        UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
+@triton.jit(do_not_specialize=["Sq", "Sk", "n_qblocks", "win_l", "win_r", "drop_t"])
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX, KVLEN, DOC, DOC_RANGE, SEED, stride_qb, stride_qh,
+                        stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_dob,
+                        stride_doh, stride_dos, stride_doc, Hq, Sq, Sk, D, group, sm_scale, qk_scale, n_qblocks, win_l,
+                        win_r, cap_in, cap_l2, drop_t, keep_scale, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
+                        HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                        HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                        EVEN_D: tl.constexpr):
     """dQ (B, Hq, Sq, D) contiguous for one query block: the same key range as the forward
     (DOC_RANGE (B, n_qblocks, 4), see `_doc_block_range`). Grid: (n_qblocks * B * Hq,)."""
     pid_m, bh = _block_and_row(n_qblocks)
@@ -574,19 +629,25 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX, KVLEN, DOC, DOC_RAN
     K_base = K + b * stride_kb + hk * stride_kh
     V_base = V + b * stride_vb + hk * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
     if HAS_DOCS or HAS_WINDOW:
         for start_n in range(lo, c_lo, BLOCK_N):
             dq = _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d,
-                          D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in, cap_l2, CAUSAL,
-                          HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, True, PREC, UPCAST, EVEN_D)
+                          D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in, cap_l2, seed, bh,
+                          drop_t, keep_scale, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP,
+                          HAS_DROPOUT, True, PREC, UPCAST, EVEN_D)
     for start_n in range(c_lo, c_hi, BLOCK_N):
         dq = _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d, D,
-                      Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in, cap_l2, CAUSAL,
-                      HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, False, PREC, UPCAST, EVEN_D)
+                      Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in, cap_l2, seed, bh, drop_t,
+                      keep_scale, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, False,
+                      PREC, UPCAST, EVEN_D)
     for start_n in range(c_hi, hi, BLOCK_N):
         dq = _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d, D,
-                      Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in, cap_l2, CAUSAL,
-                      HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, True, PREC, UPCAST, EVEN_D)
+                      Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in, cap_l2, seed, bh, drop_t,
+                      keep_scale, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, True,
+                      PREC, UPCAST, EVEN_D)
     tl.store(DQ + bh * Sq * D + offs_m[:, None] * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=_and_d(rmask[:, None], dmask[None, :], EVEN_D))
 
@@ -692,6 +753,16 @@ def _window(window_left: int, window_right: int, Sk: int) -> tuple[bool, int, in
     return wl < Sk or wr < Sk, wl, wr
 
 
+def _dropout(dropout_p: float, seed, dummy: torch.Tensor) -> tuple[bool, torch.Tensor, int, float]:
+    """(HAS_DROPOUT, SEED, drop_t, keep_scale) for the kernels: the threshold round(p * 2^32) (capped below 2^32,
+    as reference/attention.py's `dropout_threshold`) shifted by -2^31 into int32; a p <= 0 is none."""
+    if dropout_p <= 0:
+        return False, dummy, 0, 1.0
+    if seed is None:
+        raise ValueError("dropout_p > 0 needs a seed tensor")
+    return True, seed, min(round(dropout_p * 2**32), 2**32 - 1) - 2**31, 1.0 / (1.0 - dropout_p)
+
+
 def _softcap(softcap: float, scale: float) -> tuple[bool, float, float]:
     """(HAS_SOFTCAP, cap_in, cap_l2) for the kernels: scores c * tanh(raw * scale / c), in base 2; a cap <= 0 is
     none."""
@@ -702,7 +773,7 @@ def _softcap(softcap: float, scale: float) -> tuple[bool, float, float]:
 
 @on_data_device
 def attention_forward(q, k, v, prefix_lens, doc_ids, kv_lens, causal: bool, window_left: int, window_right: int,
-                      scale: float, softcap: float = 0.0):
+                      scale: float, softcap: float = 0.0, dropout_p: float = 0.0, seed=None):
     """(out (B, Hq, Sq, D) like q, lse (B, Hq, Sq) float32)."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, Hq, Sq, D = q.shape
@@ -714,6 +785,7 @@ def attention_forward(q, k, v, prefix_lens, doc_ids, kv_lens, causal: bool, wind
     prefix, kvl, doc = _meta(q, prefix_lens, kv_lens, doc_ids)
     has_window, wl, wr = _window(window_left, window_right, Sk)
     has_cap, cap_in, cap_l2 = _softcap(softcap, scale)
+    has_drop, seed_t, drop_t, keep_scale = _dropout(dropout_p, seed, prefix)
     block_d = max(16, triton.next_power_of_2(D))
     kv_len_arg = kvl if kv_lens is not None else None
 
@@ -721,12 +793,13 @@ def attention_forward(q, k, v, prefix_lens, doc_ids, kv_lens, causal: bool, wind
         n_qb = triton.cdiv(Sq, bm)
         rng = _doc_block_range(doc, bm, bn, kv_len_arg) if doc_ids is not None else prefix
         _attn_fwd_kernel[(n_qb * B * Hq,)](
-            q, k, v, out, lse, prefix, kvl, doc, rng,
+            q, k, v, out, lse, prefix, kvl, doc, rng, seed_t,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), doc.stride(0),
-            Hq, Sq, Sk, D, Hq // Hkv, scale * LOG2E, n_qb, wl, wr, cap_in, cap_l2,
+            Hq, Sq, Sk, D, Hq // Hkv, scale * LOG2E, n_qb, wl, wr, cap_in, cap_l2, drop_t, keep_scale,
             CAUSAL=causal, HAS_PREFIX=prefix_lens is not None, HAS_KVLEN=kv_lens is not None,
-            HAS_DOCS=doc_ids is not None, HAS_WINDOW=has_window, HAS_SOFTCAP=has_cap, BLOCK_M=bm, BLOCK_N=bn,
+            HAS_DOCS=doc_ids is not None, HAS_WINDOW=has_window, HAS_SOFTCAP=has_cap, HAS_DROPOUT=has_drop,
+            BLOCK_M=bm, BLOCK_N=bn,
             BLOCK_D=block_d, PREC=_prec(q.dtype), UPCAST=_upcast(q), EVEN_D=block_d == D,
             num_warps=warps, num_stages=stages)
 
@@ -736,7 +809,7 @@ def attention_forward(q, k, v, prefix_lens, doc_ids, kv_lens, causal: bool, wind
 
 @on_data_device
 def attention_backward(do, q, k, v, out, lse, prefix_lens, doc_ids, kv_lens, causal: bool, window_left: int,
-                       window_right: int, scale: float, softcap: float = 0.0):
+                       window_right: int, scale: float, softcap: float = 0.0, dropout_p: float = 0.0, seed=None):
     """(dq, dk, dv), each contiguous in its input's dtype. Deterministic: no atomics."""
     do, q, k, v, out = (_last_dim_contiguous(t) for t in (do, q, k, v, out))
     B, Hq, Sq, D = q.shape
@@ -750,10 +823,11 @@ def attention_backward(do, q, k, v, out, lse, prefix_lens, doc_ids, kv_lens, cau
     block_d = max(16, triton.next_power_of_2(D))
     has_window, wl, wr = _window(window_left, window_right, Sk)
     has_cap, cap_in, cap_l2 = _softcap(softcap, scale)
-    flags = dict(CAUSAL=causal, HAS_PREFIX=prefix_lens is not None, HAS_KVLEN=kv_lens is not None,
-                 HAS_DOCS=doc_ids is not None, HAS_WINDOW=has_window, HAS_SOFTCAP=has_cap, BLOCK_D=block_d,
-                 PREC=_prec(q.dtype), UPCAST=_upcast(q), EVEN_D=block_d == D)
     prefix, kvl, doc = _meta(q, prefix_lens, kv_lens, doc_ids)
+    has_drop, seed_t, drop_t, keep_scale = _dropout(dropout_p, seed, prefix)
+    flags = dict(CAUSAL=causal, HAS_PREFIX=prefix_lens is not None, HAS_KVLEN=kv_lens is not None,
+                 HAS_DOCS=doc_ids is not None, HAS_WINDOW=has_window, HAS_SOFTCAP=has_cap, HAS_DROPOUT=has_drop,
+                 BLOCK_D=block_d, PREC=_prec(q.dtype), UPCAST=_upcast(q), EVEN_D=block_d == D)
     kv_len_arg = kvl if kv_lens is not None else None
     group = Hq // Hkv
 
@@ -770,16 +844,16 @@ def attention_backward(do, q, k, v, out, lse, prefix_lens, doc_ids, kv_lens, cau
         n_kb = triton.cdiv(Sk, bn)
         rng = _doc_block_range(doc, bn, bm, kv_len_arg, keys_outer=True) if doc_ids is not None else prefix
         _attn_bwd_dkdv_kernel[(n_kb * B * Hkv,)](
-            q, k, v, do, lse, delta, dk, dv, prefix, kvl, doc, rng, *strides,
-            Hq, Hkv, Sq, Sk, D, group, scale, scale * LOG2E, n_kb, wl, wr, cap_in, cap_l2,
+            q, k, v, do, lse, delta, dk, dv, prefix, kvl, doc, rng, seed_t, *strides,
+            Hq, Hkv, Sq, Sk, D, group, scale, scale * LOG2E, n_kb, wl, wr, cap_in, cap_l2, drop_t, keep_scale,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags)
 
     def launch_dq(bm, bn, warps, stages):
         n_qb = triton.cdiv(Sq, bm)
         rng = _doc_block_range(doc, bm, bn, kv_len_arg) if doc_ids is not None else prefix
         _attn_bwd_dq_kernel[(n_qb * B * Hq,)](
-            q, k, v, do, lse, delta, dq, prefix, kvl, doc, rng, *strides,
-            Hq, Sq, Sk, D, group, scale, scale * LOG2E, n_qb, wl, wr, cap_in, cap_l2,
+            q, k, v, do, lse, delta, dq, prefix, kvl, doc, rng, seed_t, *strides,
+            Hq, Sq, Sk, D, group, scale, scale * LOG2E, n_qb, wl, wr, cap_in, cap_l2, drop_t, keep_scale,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags)
 
     _launch_fitted("dkdv", D, q.dtype, q.device, launch_dkdv)

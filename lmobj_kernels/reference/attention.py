@@ -9,6 +9,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lmobj_kernels.reference.corruption import STREAM_ATTN_DROPOUT, philox4x32_10_torch
+
+_DROPOUT_CHUNK = 1 << 22  # Philox temporaries are int64: the keep mask is drawn this many entries at a time
+
 
 class SoftCap(torch.autograd.Function):
     """c * tanh(s / c), differentiated as sech^2(s / c) = 4w / (1 + w)^2 with w = exp(-2|s / c|): autograd's own
@@ -62,6 +66,34 @@ def attention_mask(
     return allowed
 
 
+def dropout_threshold(p: float) -> int:
+    """The uint32 threshold of a dropout probability p in [0, 1): an entry is dropped when its draw < it."""
+    return min(round(p * 2**32), 2**32 - 1)
+
+
+def dropout_keep(seed: Tensor | int, batch: int, heads: int, sq: int, sk: int, p: float,
+                 device: torch.device | str = "cpu") -> Tensor:
+    """Boolean (B, H, Sq, Sk): True where attention dropout keeps weight (b, h, i, j) (the definition every backend
+    matches bit for bit). Draw u = word j % 4 of Philox4x32-10 (key = seed, as the corruption ops') at counter
+    (j // 4, i, b * H + h, stream 6); the entry is dropped when u < round(p * 2^32). So an entry's fate depends on
+    the seed and its (b, h, i, j) only, not on the sequence lengths or the masks."""
+    t = dropout_threshold(p)
+    B, H = batch, heads
+    keep = torch.empty(B * H, sq, sk, dtype=torch.bool, device=device)
+    if keep.numel() == 0:
+        return keep.view(B, H, sq, sk)
+    i = torch.arange(sq, device=device).view(1, sq, 1)
+    j = torch.arange(sk, device=device).view(1, 1, sk)
+    step = max(1, _DROPOUT_CHUNK // (sq * sk))
+    for r0 in range(0, B * H, step):
+        rows = torch.arange(r0, min(r0 + step, B * H), device=device).view(-1, 1, 1)
+        w = philox4x32_10_torch(seed, j >> 2, i, rows, STREAM_ATTN_DROPOUT)
+        word = j & 3
+        u = torch.where(word == 0, w[0], torch.where(word == 1, w[1], torch.where(word == 2, w[2], w[3])))
+        keep[r0:r0 + step] = u >= t
+    return keep.view(B, H, sq, sk)
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -74,12 +106,16 @@ def attention(
     window: tuple[int | None, int | None] | None = None,
     scale: float | None = None,
     softcap: float | None = None,
+    dropout_p: float = 0.0,
+    seed: Tensor | int | None = None,
     upcast: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """(out (B, Hq, Sq, D) in q's dtype, lse (B, Hq, Sq) float32/float64).
 
     Grouped-query attention repeats each of k's Hkv heads Hq / Hkv times. softcap c: scores c * tanh(s / c) of the
-    scaled scores s. A query row with no allowed key gives
+    scaled scores s. dropout_p > 0 (needs `seed`): the
+    softmax weights kept by `dropout_keep` are scaled by 1 / (1 - dropout_p), the others zeroed (lse is of the
+    undropped scores, as FlashAttention's). A query row with no allowed key gives
     zeros and lse = -inf, and gradients of zero (never NaN). upcast=False computes in the inputs' own precision
     (the "plain PyTorch in the same precision" yardstick of DESIGN.md's low-precision rule)."""
     B, Hq, Sq, D = q.shape
@@ -100,5 +136,10 @@ def attention(
     s = s.masked_fill(~(allowed | ~nonempty), float("-inf"))
     p = torch.softmax(s, dim=-1) * nonempty
     lse = torch.logsumexp(s, dim=-1).masked_fill(~nonempty.squeeze(-1), float("-inf"))
+    if dropout_p > 0:
+        if seed is None:
+            raise ValueError("dropout_p > 0 needs a seed")
+        keep = dropout_keep(seed, B, Hq, Sq, Sk, dropout_p, device=q.device)
+        p = p * keep * (1.0 / (1.0 - dropout_p))
     out = torch.matmul(p, v.to(ct))
     return out.to(q.dtype), lse

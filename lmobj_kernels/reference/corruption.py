@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 STREAM_SPAN_NOISE, STREAM_SPAN_KEEP, STREAM_MLM_SELECT, STREAM_MLM_WORD, STREAM_MLM_REPLACE = 1, 2, 3, 4, 5
+STREAM_ATTN_DROPOUT = 6  # reference/attention.py's dropout: the same Philox, its own stream
 _M32 = np.uint64(0xFFFFFFFF)
 
 
@@ -38,6 +39,32 @@ def philox4x32_10(seed: int, c0, c1, c2, c3):
         c0, c1, c2, c3 = (p2 >> np.uint64(32)) ^ c1 ^ k0, p2 & _M32, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & _M32
         k0, k1 = (k0 + np.uint64(0x9E3779B9)) & _M32, (k1 + np.uint64(0xBB67AE85)) & _M32
     return tuple(v.astype(np.uint32) for v in (c0, c1, c2, c3))
+
+
+_M16 = 0xFFFF
+
+
+def _mul_hi_lo(c: torch.Tensor, a: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit words of c * a for int64 c in [0, 2^32) and a constant a < 2^32, in 16-bit halves of a
+    so that no int64 product overflows (c * a itself can reach 2^64)."""
+    x, y = c * (a >> 16), c * (a & _M16)  # each < 2^48
+    return (x + (y >> 16)) >> 16, (((x & _M16) << 16) + y) & 0xFFFFFFFF
+
+
+def philox4x32_10_torch(seed: torch.Tensor | int, c0, c1, c2, c3) -> tuple[torch.Tensor, ...]:
+    """`philox4x32_10` in torch int64 arithmetic, on any device and without a host read of the seed: the seed is
+    an int (or an int64 tensor of one element, e.g. on the GPU), the counters broadcastable int64 tensors with
+    values in [0, 2^32). Returns the four words as int64 tensors in [0, 2^32)."""
+    if isinstance(seed, torch.Tensor):
+        seed = seed.reshape(())
+    k0, k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    c0, c1, c2, c3 = torch.broadcast_tensors(*(torch.as_tensor(c, dtype=torch.int64) for c in (c0, c1, c2, c3)))
+    for _ in range(10):
+        h0, l0 = _mul_hi_lo(c0, 0xD2511F53)
+        h2, l2 = _mul_hi_lo(c2, 0xCD9E8D57)
+        c0, c1, c2, c3 = h2 ^ c1 ^ k0, l2, h0 ^ c3 ^ k1, l0
+        k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
+    return c0, c1, c2, c3
 
 
 def row_draws(seed: int, row: int, stream: int, count: int) -> np.ndarray:

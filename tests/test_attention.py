@@ -601,7 +601,8 @@ def test_module_and_auto_backend(gen):
     # options are checked when the layer is built, not in its first forward
     for kw, exc in ((dict(window=5), TypeError), (dict(window=(-1, 0)), ValueError), (dict(softcap=0.0), ValueError),
                     (dict(causal=1), TypeError), (dict(scale=float("inf")), ValueError),
-                    (dict(backend="nope"), ValueError), (dict(deterministic="yes"), TypeError)):
+                    (dict(backend="nope"), ValueError), (dict(deterministic="yes"), TypeError),
+                    (dict(dropout=1.0), ValueError)):
         with pytest.raises(exc, match=next(iter(kw))):
             L.MaskedAttention(**kw)
 
@@ -731,6 +732,20 @@ def _bad_cases():
         ("softcap subnormal", (q, k, v), {"softcap": 1e-40}, ValueError, "softcap"),
         ("softcap x log2(e) past float32", (q, k, v), {"softcap": 3e38}, ValueError, "softcap"),
         ("scale / softcap past float32", (q, k, v), {"scale": 1e30, "softcap": 1e-20}, ValueError, "softcap"),
+        ("dropout negative", (q, k, v), {"dropout_p": -0.1}, ValueError, "dropout_p"),
+        ("dropout one", (q, k, v), {"dropout_p": 1.0}, ValueError, "dropout_p"),
+        ("dropout nan", (q, k, v), {"dropout_p": float("nan")}, ValueError, "dropout_p"),
+        ("dropout bool", (q, k, v), {"dropout_p": True}, ValueError, "dropout_p"),
+        ("dropout str", (q, k, v), {"dropout_p": "0.1"}, ValueError, "dropout_p"),
+        ("dropout tensor", (q, k, v), {"dropout_p": torch.tensor(0.1)}, ValueError, "dropout_p"),
+        ("seed and generator", (q, k, v), {"dropout_p": 0.1, "seed": 1, "generator": torch.Generator()}, ValueError,
+         "seed or generator"),
+        ("seed float", (q, k, v), {"dropout_p": 0.1, "seed": 1.5}, TypeError, "seed"),
+        ("seed negative", (q, k, v), {"dropout_p": 0.1, "seed": -1}, ValueError, "seed"),
+        ("seed past int64", (q, k, v), {"dropout_p": 0.1, "seed": 2**63}, ValueError, "seed"),
+        ("seed int32 tensor", (q, k, v), {"dropout_p": 0.1, "seed": torch.tensor([1], dtype=torch.int32)}, TypeError,
+         "seed"),
+        ("generator type", (q, k, v), {"dropout_p": 0.1, "generator": 3}, TypeError, "generator"),
         ("backend", (q, k, v), {"backend": "nope"}, ValueError, "backend"),
         ("backend cpu", (q, k, v), {"backend": "cpu"}, ValueError, "backend"),
         ("q type", (q.numpy(), k, v), {}, TypeError, "q must"),
@@ -744,21 +759,169 @@ def test_bad_input(case):
         L.attention(*args, **kwargs)
 
 
+# ---- attention dropout ----
+def test_philox_in_torch_matches_numpy(gen):
+    """The torch Philox (the torch backend's and the reference's dropout draws) against the NumPy one the
+    corruption ops are defined by, at counters and seeds that reach every word's top bit."""
+    from lmobj_kernels.reference.corruption import philox4x32_10, philox4x32_10_torch
+
+    c = [torch.randint(0, 2**32, (2000,), generator=gen, dtype=torch.int64) for _ in range(4)]
+    c[0][:3] = torch.tensor([0, 2**32 - 1, 2**31])
+    for seed in (0, 1, 2**32 - 1, 2**62 + 12345, 2**63 - 1, int(torch.randint(0, 2**62, (1,), generator=gen))):
+        want = philox4x32_10(seed, *(t.numpy() for t in c))
+        got = philox4x32_10_torch(torch.tensor(seed), *c)
+        for w, g in zip(want, got):
+            assert np.array_equal(w.astype(np.int64), g.numpy()), seed
+
+
+def test_dropout_keep_is_positional_and_has_rate_p(gen):
+    """An entry's fate depends on (seed, b, h, i, j) only: a longer sequence's mask holds the shorter one's; the
+    dropped share is p within 6 standard deviations; seeds differ."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    small = ref.dropout_keep(seed, 2, 3, 17, 29, 0.3)
+    big = ref.dropout_keep(seed, 2, 3, 40, 77, 0.3)
+    assert torch.equal(big[:, :, :17, :29], small)
+    assert not torch.equal(ref.dropout_keep(seed + 1, 2, 3, 40, 77, 0.3), big)
+    for p in (0.1, 0.5, 0.9):
+        keep = ref.dropout_keep(seed, 4, 4, 64, 64, p)
+        n = keep.numel()
+        dropped = n - int(keep.sum())
+        assert abs(dropped - p * n) <= 6 * math.sqrt(n * p * (1 - p)), (p, dropped / n)
+    assert ref.dropout_keep(seed, 1, 1, 8, 8, 1e-12).all()  # threshold round(p 2^32) = 0: nothing dropped
+    assert ref.dropout_threshold(1 - 2**-40) == 2**32 - 1
+
+
+def _check_dropout_bits(gen, backend, D, Sq, device="cpu"):
+    """With v the identity (Sk = D keys), out = P * Z / (1 - p): its zeros are exactly the dropped (or masked)
+    weights, so the kernel's keep mask is read back bit for bit and held against `dropout_keep`."""
+    B, H, Sk = 2, 2, D
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    q = torch.randn(B, H, Sq, D, generator=gen).to(device)
+    k = torch.randn(B, H, Sk, D, generator=gen).to(device)
+    v = torch.eye(D).expand(B, H, D, D).contiguous().to(device)
+    kvl = torch.tensor([Sk, Sk - 5], device=device)
+    out = L.attention(q, k, v, kv_lens=kvl, dropout_p=0.4, seed=seed, scale=0.05, backend=backend)
+    keep = ref.dropout_keep(seed, B, H, Sq, Sk, 0.4, device=device)
+    keep[1, :, :, Sk - 5:] = False
+    assert torch.equal(out != 0, keep)
+    p, _ = ref.attention(q, k, v, kv_lens=kvl, scale=0.05)
+    torch.testing.assert_close(out, torch.where(keep, p / 0.6, 0.0), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_dropout_drops_the_reference_bits(gen, backend):
+    _check_dropout_bits(gen, backend, 16, 37)
+
+
+DROPOUT_CASES = [
+    ("causal", 1, dict(causal=True)),
+    ("full", 17, dict()),
+    ("padding", 45, dict(kv=True)),
+    ("causal+prefix+docs+kvlens+gqa", 45, dict(causal=True, prefix=True, docs=True, kv=True, gqa=True)),
+    ("window+softcap", 33, dict(causal=True, window=(5, None), softcap=2.0)),
+    ("cross+kvlens+gqa", 23, dict(cross=True, kv=True, gqa=True)),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("p", [0.1, 0.6])
+@pytest.mark.parametrize("case", DROPOUT_CASES, ids=lambda c: c[0])
+def test_dropout_matches_reference(gen, backend, p, case):
+    """Forward and gradients under dropout, against the float64 reference with the same seed (so the same
+    dropped weights), with every mask it combines with."""
+    _, length, m = case
+    m = dict(m)
+    gqa, cross, window, softcap = m.pop("gqa", False), m.pop("cross", False), m.pop("window", None), \
+        m.pop("softcap", None)
+    B, Hq, Hkv, Sq, Sk = _shape(length, gqa, cross)
+    opts = _mask(gen, B, Sq, Sk, **m)
+    if window is not None:
+        opts["window"] = window
+    if softcap is not None:
+        opts["softcap"] = softcap
+    opts.update(dropout_p=p, seed=int(torch.randint(0, 2**62, (1,), generator=gen)))
+    _check(gen, backend, B, Hq, Hkv, Sq, Sk, 16, opts)
+
+
+def test_dropout_reference_gradients(gen):
+    """The reference's dropout, differentiated by autograd, against finite differences (float64, fixed seed)."""
+    q, k, v = _qkv(gen, 1, 2, 1, 6, 6, 4, dtype=torch.float64)
+    f = lambda q, k, v: ref.attention(q, k, v, causal=True, dropout_p=0.3, seed=11)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_dropout_seeds(gen, backend):
+    """Same seed, same result (an int, an int64 tensor, a generator in the same state, torch.manual_seed);
+    another seed, another result; p = 0 ignores the seed."""
+    q, k, v = _qkv(gen, 1, 2, 2, 20, 20, 16)
+    run = lambda **kw: L.attention(q, k, v, causal=True, dropout_p=0.2, backend=backend, **kw)  # noqa: E731
+    a = run(seed=5)
+    assert torch.equal(a, run(seed=5)) and torch.equal(a, run(seed=torch.tensor([5])))
+    assert not torch.equal(a, run(seed=6))
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(run(generator=g1), run(generator=g2))
+    torch.manual_seed(9)
+    b = run()
+    torch.manual_seed(9)
+    assert torch.equal(b, run())
+    plain = L.attention(q, k, v, causal=True, backend=backend)
+    torch.testing.assert_close(L.attention(q, k, v, causal=True, seed=5, backend=backend), plain)
+    assert not torch.equal(a, plain)
+
+
+def test_dropout_is_unbiased(gen):
+    """Averaged over many seeds, the dropped output is the undropped one (kept weights scaled by 1 / (1 - p)):
+    within 6 empirical standard errors per entry."""
+    q, k, v = (t.detach() for t in _qkv(gen, 1, 2, 2, 8, 8, 4))
+    n = 400
+    runs = torch.stack([L.attention(q, k, v, dropout_p=0.3, seed=s, backend="torch") for s in range(n)]).double()
+    plain = L.attention(q, k, v, backend="torch").double()
+    se = runs.std(0) / math.sqrt(n)
+    assert ((runs.mean(0) - plain).abs() <= 6 * se + 1e-6).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_dropout_empty_rows_stay_zero(gen, backend):
+    q, k, v = _qkv(gen, 2, 2, 2, 20, 20, 16)
+    out = L.attention(q, k, v, kv_lens=torch.tensor([0, 20]), dropout_p=0.5, seed=1, backend=backend)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert torch.equal(q.grad[0], torch.zeros_like(q.grad[0]))
+
+
+def test_module_dropout_only_in_training(gen):
+    q, k, v = _qkv(gen, 1, 2, 2, 20, 20, 16)
+    m = L.MaskedAttention(causal=True, dropout=0.3, backend="torch")
+    assert "dropout=0.3" in repr(m)
+    torch.manual_seed(4)
+    a = m(q, k, v)
+    torch.manual_seed(4)
+    torch.testing.assert_close(a, L.attention(q, k, v, causal=True, dropout_p=0.3, backend="torch"))
+    m.eval()
+    torch.testing.assert_close(m(q, k, v), L.attention(q, k, v, causal=True, backend="torch"))
+
+
 # ---- registration, opcheck, torch.compile ----
 @needs_triton
 def test_opcheck_triton_ops(gen):
     q, k, v = _qkv(gen, 1, 2, 1, 20, 20, 16)
     kvl = torch.tensor([13], dtype=torch.int32)
     docs = torch.tensor([[0] * 7 + [1] * 13], dtype=torch.int32)
-    fwd_args = (q, k, v, torch.tensor([4], dtype=torch.int32), docs, kvl, True, 6, -1, 0.25, 0.0)
+    fwd_args = (q, k, v, torch.tensor([4], dtype=torch.int32), docs, kvl, True, 6, -1, 0.25, 0.0, 0.0, None)
     torch.library.opcheck(torch.ops.lmobj.attn_fwd_triton, fwd_args)
     out, lse = torch.ops.lmobj.attn_fwd_triton(*fwd_args)
     do = torch.randn(out.shape, generator=gen)
     bwd_args = (do, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), None, None, kvl, False, 3, 5,
-                0.25, 0.0)
+                0.25, 0.0, 0.0, None)
     torch.library.opcheck(torch.ops.lmobj.attn_bwd_triton, bwd_args)
-    capped = fwd_args[:-1] + (2.0,)  # a softcap: the backward op through the forward's autograd
+    capped = fwd_args[:-3] + (2.0, 0.0, None)  # a softcap: the backward op through the forward's autograd
     torch.library.opcheck(torch.ops.lmobj.attn_fwd_triton, capped)
+    seed = torch.tensor([2**40 + 3])
+    dropped = fwd_args[:-2] + (0.3, seed)  # dropout: the seed tensor travels to the backward op
+    torch.library.opcheck(torch.ops.lmobj.attn_fwd_triton, dropped)
+    torch.library.opcheck(torch.ops.lmobj.attn_bwd_triton, bwd_args[:-2] + (0.3, seed))
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
@@ -767,10 +930,11 @@ def test_torch_compile_fullgraph(gen, backend):
     q, k, v = _qkv(gen, 1, 2, 1, 24, 24, 16)
     prefix, kvl = torch.tensor([6]), torch.tensor([20])
     docs = torch.tensor([[0] * 10 + [1] * 14])
+    seed = torch.tensor([12345])
 
     def f(q, k, v):
         return L.attention(q, k, v, causal=True, prefix_lens=prefix, doc_ids=docs, kv_lens=kvl, window=(9, None),
-                           softcap=4.0, backend=backend)
+                           softcap=4.0, dropout_p=0.2, seed=seed, backend=backend)
 
     out = torch.compile(f, fullgraph=True)(q, k, v)
     out.sum().backward()
@@ -894,6 +1058,20 @@ def test_gpu_triton_softcap(gen):
     for cap in (50.0, 2.0):
         _check(gen, "triton", 2, 8, 4, 2048, 2048, 128, dict(causal=True, window=(1023, None), softcap=cap),
                dtype=torch.bfloat16, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_triton_dropout(gen, D):
+    """Attention dropout at real sizes (BERT's 0.1 with padding; 0.5 with causal documents and GQA) against the
+    float64 reference with the same seed, and the kept weights bit for bit with the reference's Philox."""
+    S = 1024
+    _check(gen, "triton", 2, 8, 8, S, S, D, dict(_mask(gen, 2, S, S, kv=True, device="cuda"), dropout_p=0.1,
+                                                seed=int(torch.randint(0, 2**62, (1,), generator=gen))),
+           dtype=torch.bfloat16, device="cuda")
+    _check(gen, "triton", 2, 8, 2, S, S, D, dict(_mask(gen, 2, S, S, causal=True, docs=True, device="cuda"),
+                                                dropout_p=0.5, seed=7), dtype=torch.bfloat16, device="cuda")
+    _check_dropout_bits(gen, "triton", D, 300, device="cuda")
 
 
 # last of the GPU tests: its float32 kernels take ~35 s each to compile (and spill), the cheap checks run first

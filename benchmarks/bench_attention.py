@@ -5,15 +5,17 @@
   python benchmarks/bench_attention.py --quick   tiny CPU run (seconds; the smoke test runs it)
   python benchmarks/bench_attention.py --gpu     GPU, ~3 min: TFLOP/s forward and forward+backward, D=128 at
                                                  S=2k/8k and D=64 at 8k, masks causal / prefix-LM / documents /
-                                                 sliding window (1024 keys) / softcap 50, vs SDPA (flash,
-                                                 efficient, cudnn; no softcap), FlexAttention (at 8k only: it
-                                                 compiles per mask), FlashAttention
+                                                 sliding window (1024 keys) / softcap 50 / BERT's padding
+                                                 with dropout 0.1, vs SDPA (flash, efficient, cudnn; no
+                                                 softcap), FlexAttention (at 8k only: it compiles per mask; no
+                                                 dropout), FlashAttention
   python benchmarks/bench_attention.py --gpu --full   D 64/128, S 1k..16k, plus key padding (a longer run)
 
 FLOPs (ALGORITHMS.md): forward 4 * B * Hq * Sq * Sk * D * (fraction of allowed pairs); backward 2.5x forward,
 so forward+backward counts 3.5x. Every backend is checked against lmobj's output before it is timed. FlexAttention's
-block-mask construction is timed separately. Results: a table and benchmarks/results/attention-<machine>-<date>.json
-(or $LMOBJ_RESULTS_DIR).
+block-mask construction is timed separately. With dropout the draws differ between libraries, so the check runs with
+dropout off and the timing with it on. Results: a table and benchmarks/results/attention-<machine>-<date>.json (or
+$LMOBJ_RESULTS_DIR).
 """
 
 from __future__ import annotations
@@ -49,10 +51,17 @@ def make_mask(name: str, B: int, S: int, device, gen: torch.Generator) -> dict:
         return {"causal": True, "window": (WINDOW - 1, None)}
     if name == "softcap":  # Gemma 2's global layers: causal, scores capped at 50 (SDPA cannot: not timed there)
         return {"causal": True, "softcap": 50.0}
+    if name == "dropout":  # BERT pre-training: key padding and attention dropout 0.1
+        return {**make_mask("padding", B, S, device, gen), "dropout_p": 0.1}
     raise ValueError(name)
 
 
 WINDOW = 1024
+
+
+def mask_only(opts: dict) -> dict:
+    """opts without dropout (which changes the work, not the mask)."""
+    return {k: v for k, v in opts.items() if k != "dropout_p"}
 
 
 def bool_mask(opts: dict, B: int, S: int, device) -> torch.Tensor:
@@ -62,6 +71,7 @@ def bool_mask(opts: dict, B: int, S: int, device) -> torch.Tensor:
 
 
 def allowed_fraction(opts: dict, B: int, S: int, device) -> float:
+    opts = mask_only(opts)
     if set(opts) == {"causal"}:
         return (S + 1) / (2 * S)
     total = 0
@@ -187,21 +197,22 @@ def _flex(opts, B, H, S, device):
 
 
 def _flash_attn(opts, B, S):
+    """fn(q, k, v, dropout_p) of FlashAttention for this mask, or None (no prefix-LM; padding unwired)."""
     try:
         from flash_attn import flash_attn_func, flash_attn_varlen_func
     except ImportError:
         return None
     if set(opts) == {"causal"}:
-        return lambda q, k, v: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               causal=True).transpose(1, 2)
+        return lambda q, k, v, p: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  dropout_p=p, causal=True).transpose(1, 2)
     if set(opts) == {"causal", "softcap"}:
         cap = opts["softcap"]
-        return lambda q, k, v: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               causal=True, softcap=cap).transpose(1, 2)
+        return lambda q, k, v, p: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  dropout_p=p, causal=True, softcap=cap).transpose(1, 2)
     if set(opts) == {"causal", "window"}:
         left = opts["window"][0]
-        return lambda q, k, v: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               causal=True, window_size=(left, 0)).transpose(1, 2)
+        return lambda q, k, v, p: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  dropout_p=p, causal=True, window_size=(left, 0)).transpose(1, 2)
     if set(opts) == {"causal", "doc_ids"}:
         docs = opts["doc_ids"]
         lens = torch.stack([torch.bincount(d, minlength=int(docs.max()) + 1) for d in docs.long()]).flatten()
@@ -209,10 +220,10 @@ def _flash_attn(opts, B, S):
         cu = torch.nn.functional.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
         mx = int(lens.max())
 
-        def fn(q, k, v):
+        def fn(q, k, v, p):
             Bq, Hq, Sq, D = q.shape
             flat = lambda t: t.transpose(1, 2).reshape(Bq * Sq, t.shape[1], D)  # noqa: E731
-            o = flash_attn_varlen_func(flat(q), flat(k), flat(v), cu, cu, mx, mx, causal=True)
+            o = flash_attn_varlen_func(flat(q), flat(k), flat(v), cu, cu, mx, mx, dropout_p=p, causal=True)
             return o.reshape(Bq, Sq, Hq, D).transpose(1, 2)
         return fn
     return None  # FlashAttention has no prefix-LM mask
@@ -230,11 +241,11 @@ def run_gpu(full: bool) -> list[dict]:
     dtype = torch.bfloat16
     if full:
         configs = [(d, s, m) for d in (64, 128) for s in (1024, 2048, 4096, 8192, 16384)
-                   for m in ("causal", "prefix", "docs", "padding", "window", "softcap")]
+                   for m in ("causal", "prefix", "docs", "padding", "window", "softcap", "dropout")]
     else:
         # most important first (gpu_check may cut the tail): the 8k masks at D=128, then D=64 and a short sequence
         configs = [(128, 8192, m) for m in ("causal", "prefix", "docs")] + [(64, 8192, "causal"), (128, 2048, "causal")]
-        configs += [(128, 8192, "window"), (128, 8192, "softcap")]
+        configs += [(128, 8192, "window"), (128, 8192, "softcap"), (64, 512, "dropout")]
     rows = []
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # one graph per mask
     sdpa = _sdpa_backends()
@@ -244,34 +255,37 @@ def run_gpu(full: bool) -> list[dict]:
         H = 2048 // D  # model width 2048
         B = max(1, 16384 // S)  # 16k tokens per batch: fills an H100
         opts = make_mask(mname, B, S, dev, gen)
+        drop = opts.pop("dropout_p", 0.0)
         frac = allowed_fraction(opts, B, S, dev)
         fl = 4 * B * H * S * S * D * frac
         shape = f"{B}x{H}x{S}x{D} {mname}"
         q, k, v = (torch.randn(B, H, S, D, generator=gen).to(dev, dtype).requires_grad_() for _ in range(3))
         do = torch.randn(B, H, S, D, generator=gen).to(dev, dtype)
         mask = None if mname in ("causal", "softcap") else bool_mask(opts, B, S, dev).unsqueeze(1)
-        cands = {"lmobj.triton": lambda q, k, v, o=opts: L.attention(q, k, v, backend="triton", **o)}
+        # every contender takes the dropout probability p: 0 for the check, `drop` for the timing
+        cands = {"lmobj.triton": lambda q, k, v, p, o=opts: L.attention(q, k, v, backend="triton", dropout_p=p, **o)}
         for name, be in (sdpa.items() if "softcap" not in opts else ()):  # SDPA has no softcap
-            def f(q, k, v, be=be, m=mask):
+            def f(q, k, v, p, be=be, m=mask):
                 with sdpa_kernel(be):
                     if m is None:
-                        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-                    return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+                        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+                    return F.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=p)
             cands[f"sdpa.{name}"] = f
         # each mask compiles (~30 s): in the short run only the masks FlashAttention cannot express
         flex_masks = ("prefix", "docs", "window", "softcap")
-        flex = _flex(opts, B, H, S, dev) if (full or (S >= 8192 and mname in flex_masks)) else None
+        flex = _flex(opts, B, H, S, dev) if not drop and (full or (S >= 8192 and mname in flex_masks)) else None
         if flex is not None:
-            cands["flex"] = flex[0]
+            cands["flex"] = lambda q, k, v, p, fn=flex[0]: fn(q, k, v)
             rows.append({"bench": "attention_block_mask", "backend": "flex", "shape": shape, "metric": "time",
                          "value": flex[1] * 1e3, "unit": "ms"})
         fa = _flash_attn(opts, B, S)
         if fa is not None:
             cands["flash_attn"] = fa
         want = None
-        for name, fn in cands.items():
+        for name, fn_p in cands.items():
+            fn = lambda q, k, v, fn_p=fn_p, drop=drop: fn_p(q, k, v, drop)  # noqa: E731
             try:
-                out = fn(q, k, v)
+                out = fn_p(q, k, v, 0.0)
             except Exception as e:  # a backend that refuses this mask / dtype / size
                 print(f"  {name} [{shape}]: n/a ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
                 continue
@@ -282,7 +296,12 @@ def run_gpu(full: bool) -> list[dict]:
                 if not err < 0.05:  # empty rows: NaN in SDPA only when a row has no key (not the case here)
                     print(f"  {name} [{shape}] disagrees with lmobj.triton (max err {err:.3g}); not timed")
                     continue
-            t_f, t_fb = _time_fwd_bwd(fn, q, k, v, do)
+            try:
+                t_f, t_fb = _time_fwd_bwd(fn, q, k, v, do)
+            except Exception as e:  # e.g. an SDPA kernel that takes the mask but not dropout
+                print(f"  {name} [{shape}] with dropout {drop}: n/a ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:80]})")
+                continue
             print(f"  {shape:28s} {name:16s} fwd {fl / t_f / 1e12:7.1f} TFLOP/s ({t_f * 1e3:.3f} ms)  "
                   f"fwd+bwd {fl * 3.5 / t_fb / 1e12:7.1f} TFLOP/s ({t_fb * 1e3:.3f} ms)", flush=True)
             for bench, t, mult in (("attention_fwd", t_f, 1.0), ("attention_fwd_bwd", t_fb, 3.5)):

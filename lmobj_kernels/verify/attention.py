@@ -29,6 +29,7 @@ def _masks(B, S, gen):
         "sliding_window": dict(causal=True, window=(S // 5, None)),
         "local_padding": dict(window=(S // 7, S // 9), kv_lens=kv),
         "softcap": dict(causal=True, window=(S // 3, None), softcap=1.0),
+        "dropout_padding": dict(kv_lens=kv, dropout_p=0.1, seed=int(torch.randint(0, 2**62, (1,), generator=gen))),
     }
 
 

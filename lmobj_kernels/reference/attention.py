@@ -83,13 +83,12 @@ def dropout_keep(seed: Tensor | int, batch: int, heads: int, sq: int, sk: int, p
     if keep.numel() == 0:
         return keep.view(B, H, sq, sk)
     i = torch.arange(sq, device=device).view(1, sq, 1)
-    j = torch.arange(sk, device=device).view(1, 1, sk)
+    blocks = torch.arange((sk + 3) // 4, device=device).view(1, 1, -1)  # one Philox block serves 4 keys
     step = max(1, _DROPOUT_CHUNK // (sq * sk))
     for r0 in range(0, B * H, step):
         rows = torch.arange(r0, min(r0 + step, B * H), device=device).view(-1, 1, 1)
-        w = philox4x32_10_torch(seed, j >> 2, i, rows, STREAM_ATTN_DROPOUT)
-        word = j & 3
-        u = torch.where(word == 0, w[0], torch.where(word == 1, w[1], torch.where(word == 2, w[2], w[3])))
+        words = philox4x32_10_torch(seed, blocks, i, rows, STREAM_ATTN_DROPOUT)
+        u = torch.stack(words, dim=-1).flatten(-2)[..., :sk]  # key j: word j % 4 of block j // 4
         keep[r0:r0 + step] = u >= t
     return keep.view(B, H, sq, sk)
 

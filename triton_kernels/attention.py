@@ -182,19 +182,23 @@ def _scores(raw, qk_scale, cap_in, cap_l2, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _dropout_keep(seed, bh, qi, kj, drop_t):
-    """Keep mask of attention dropout at queries qi and keys kj (shaped to broadcast against each other) of row
-    bh = b * Hq + h: word kj % 4 of Philox4x32-10 at counter (kj // 4, qi, bh, stream 6), kept when the draw is >=
-    the threshold; compared as int32 (draw ^ sign bit >= drop_t, drop_t = threshold - 2^31) to stay in 32 bits.
-    One Philox per entry: the four words of a block serve four neighbouring keys in the bits, not yet in the
-    work (a tl.join of the words would, without changing a bit)."""
-    z = (qi * 0 + kj * 0).to(tl.uint32)
-    c0 = z + (kj >> 2).to(tl.uint32)
-    c1 = z + qi.to(tl.uint32)
+def _dropout_keep(seed, bh, offs_m, offs_n, drop_t):
+    """(queries, keys) keep mask of attention dropout for query positions offs_m and the key block offs_n (1-D; it
+    starts at a multiple of 4) of row bh = b * Hq + h: key j reads word j % 4 of Philox4x32-10 at counter
+    (j // 4, i, bh, stream 6), so one Philox call serves four keys, its words interleaved back along the keys. A
+    weight is kept when its draw is >= the threshold, compared as int32 (draw ^ sign bit >= drop_t =
+    threshold - 2^31) to stay in 32 bits."""
+    BM: tl.constexpr = offs_m.shape[0]
+    BN: tl.constexpr = offs_n.shape[0]
+    blk = tl.reshape(offs_n, (BN // 4, 4))
+    blk = tl.max(blk, 1) >> 2  # the four keys of a group share one block
+    z = (offs_m[:, None] * 0 + blk[None, :] * 0).to(tl.uint32)
+    c0 = z + blk[None, :].to(tl.uint32)
+    c1 = z + offs_m[:, None].to(tl.uint32)
     c2 = z + (bh & 0xFFFFFFFF).to(tl.uint32)
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, z + STREAM_ATTN_DROPOUT)
-    w = z + (kj & 3).to(tl.uint32)
-    r = tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3)))
+    # join(join(r0, r2), join(r1, r3))[m, c, x, y] is word 2x + y of group c: row-major, key 4c + 2x + y
+    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BM, BN))
     return (r.to(tl.int32, bitcast=True) ^ _SIGN_BIT) >= drop_t
 
 
@@ -331,7 +335,7 @@ def _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, o
     v = tl.load(V_base + offs_n[:, None] * stride_vs + offs_d[None, :],
                 mask=_and_d(kmask[:, None], dmask[None, :], EVEN_D), other=0.0)
     if HAS_DROPOUT:
-        p = tl.where(_dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], drop_t), p, 0.0)
+        p = tl.where(_dropout_keep(seed, bh, offs_m, offs_n, drop_t), p, 0.0)
     acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], PREC, UPCAST)
     return acc, m_new, l_i
 
@@ -449,7 +453,7 @@ def _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, str
         pT = tl.where(ok, pT, 0.0)
     dpT = _mm(v, tl.trans(do), PREC, UPCAST)
     if HAS_DROPOUT:
-        keepT = _dropout_keep(seed, bhq, offs_m[None, :], offs_n[:, None], drop_t)
+        keepT = tl.trans(_dropout_keep(seed, bhq, offs_m, offs_n, drop_t))
         dv = _mma(tl.where(keepT, pT, 0.0).to(do.dtype), do, dv, PREC, UPCAST)
         dpT = tl.where(keepT, dpT * keep_scale, 0.0)
     else:
@@ -592,7 +596,7 @@ def _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_
         p = tl.where(ok, p, 0.0)
     dp = _mm(do, vT, PREC, UPCAST)
     if HAS_DROPOUT:
-        dp = tl.where(_dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], drop_t), dp * keep_scale, 0.0)
+        dp = tl.where(_dropout_keep(seed, bh, offs_m, offs_n, drop_t), dp * keep_scale, 0.0)
     ds = p * (dp - delta[:, None])
     if HAS_SOFTCAP:
         ds = ds * dcap

@@ -171,18 +171,37 @@ def _check_softcap(softcap, scale: float) -> None:
                          f"{softcap!r}")
 
 
-def _check_dropout(dropout_p) -> None:
+def _check_dropout(dropout_p, name: str = "dropout_p") -> None:
     if not is_real(dropout_p) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+        raise ValueError(f"{name} must be a float in [0, 1), got {dropout_p!r}")
+
+
+def _check_seed(seed, generator) -> None:
+    """seed / generator checked whatever dropout_p is (a bad one must not wait for the first p > 0), building
+    nothing."""
+    if seed is not None and generator is not None:
+        raise ValueError("pass seed or generator, not both")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if isinstance(seed, Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise TypeError(f"seed as a tensor must be int64 with one element, got {seed.dtype} {tuple(seed.shape)}")
+    elif seed is not None:
+        if not is_int(seed):
+            raise TypeError(f"seed must be an int, an int64 tensor or None, got {type(seed).__name__}")
+        if not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2^63), got {seed}")
 
 
 def _dropout_seed(seed, generator, device: torch.device) -> Tensor:
     """The int64 [1] dropout seed on `device`, without a host synchronisation: `seed` (an int in [0, 2^63) or an
-    int64 tensor), a draw from `generator`, or else from the device's default generator (as SDPA's dropout; on a
-    GPU this is CUDA-graph and torch.compile safe)."""
+    int64 tensor, copied: the backward reads it, and the caller may advance theirs in place meanwhile), a draw from
+    `generator`, or else from the device's default generator (as SDPA's dropout; on a GPU this is CUDA-graph and
+    torch.compile safe)."""
     if seed is None and generator is None:
         return torch.randint(0, 2**62, (1,), device=device)
-    return seed_tensor(seed, generator, device)
+    t = seed_tensor(seed, generator, device)
+    return t.clone() if isinstance(seed, Tensor) and t.data_ptr() == seed.data_ptr() else t
 
 
 def _resolve(backend: str, q: Tensor) -> str:
@@ -287,7 +306,8 @@ def attention(
     dropout_p: attention dropout probability in [0, 1) (as SDPA's; apply it in training only: the module form
     does). Weight (b, h, i, j) is dropped when its Philox draw says so (`reference.attention.dropout_keep`), kept
     weights are scaled by 1 / (1 - dropout_p). The draws come from `seed` (int in [0, 2^63) or int64 tensor),
-    or one draw of `generator`, or else of the device's default generator: no host synchronisation either way.
+    or one draw of `generator`, or else of the device's default generator: no host synchronisation (but a draw of a
+    generator on another device than q's is copied over). seed and generator are checked even when dropout_p is 0.
     The same seed gives the same dropped weights on every backend; the torch backend then materialises the scores.
     Rows with no allowed key output zeros with zero gradient (SDPA returns NaN there).
     return_lse: also the log-sum-exp of each row's scaled (and capped) scores (B, Hq, Sq), float32 (float64 for float64
@@ -311,8 +331,7 @@ def attention(
     for name, flag in (("return_lse", return_lse), ("deterministic", deterministic)):
         check_flag(name, flag)
     name = _resolve(backend, q)
-    if seed is not None and generator is not None:
-        raise ValueError("pass seed or generator, not both")
+    _check_seed(seed, generator)
     seed_t = _dropout_seed(seed, generator, q.device) if dropout_p > 0 else None
     if name == "triton" and doc_ids is not None and doc_ids.dtype == torch.int64:
         _check_range("doc_ids", doc_ids, 2**31 - 1, "the triton kernels compare ids as int32", low=-(2**31))
@@ -406,7 +425,7 @@ class MaskedAttention(nn.Module):
         check_backend_name(backend)
         _check_scale(scale)
         _check_softcap(softcap, 1.0 if scale is None else scale)
-        _check_dropout(dropout)
+        _check_dropout(dropout, "dropout")
         self.causal, self.window, self.scale, self.softcap = causal, _window_bounds(window), scale, softcap
         self.dropout = float(dropout)
         self.deterministic, self.backend = deterministic, backend

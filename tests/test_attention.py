@@ -603,7 +603,7 @@ def test_module_and_auto_backend(gen):
                     (dict(causal=1), TypeError), (dict(scale=float("inf")), ValueError),
                     (dict(backend="nope"), ValueError), (dict(deterministic="yes"), TypeError),
                     (dict(dropout=1.0), ValueError)):
-        with pytest.raises(exc, match=next(iter(kw))):
+        with pytest.raises(exc, match=rf"^{next(iter(kw))}\b"):
             L.MaskedAttention(**kw)
 
 
@@ -746,6 +746,10 @@ def _bad_cases():
         ("seed int32 tensor", (q, k, v), {"dropout_p": 0.1, "seed": torch.tensor([1], dtype=torch.int32)}, TypeError,
          "seed"),
         ("generator type", (q, k, v), {"dropout_p": 0.1, "generator": 3}, TypeError, "generator"),
+        # checked even without dropout: a bad seed must not wait for the first p > 0
+        ("seed str, no dropout", (q, k, v), {"seed": "junk"}, TypeError, "seed"),
+        ("seed negative, no dropout", (q, k, v), {"seed": -1}, ValueError, "seed"),
+        ("generator type, no dropout", (q, k, v), {"generator": "junk"}, TypeError, "generator"),
         ("backend", (q, k, v), {"backend": "nope"}, ValueError, "backend"),
         ("backend cpu", (q, k, v), {"backend": "cpu"}, ValueError, "backend"),
         ("q type", (q.numpy(), k, v), {}, TypeError, "q must"),
@@ -879,6 +883,26 @@ def test_dropout_is_unbiased(gen):
     plain = L.attention(q, k, v, backend="torch").double()
     se = runs.std(0) / math.sqrt(n)
     assert ((runs.mean(0) - plain).abs() <= 6 * se + 1e-6).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_dropout_seed_tensor_is_not_kept(gen, backend):
+    """The backward reads a copy of a seed tensor: a caller advancing theirs in place meanwhile changes nothing."""
+    q, k, v = _qkv(gen, 1, 2, 2, 20, 20, 16)
+    seed = torch.tensor([5])
+    out = L.attention(q, k, v, dropout_p=0.3, seed=seed, backend=backend)
+    seed.add_(1)
+    got = torch.autograd.grad(out.sum(), (q, k, v))
+    want = torch.autograd.grad(L.attention(q, k, v, dropout_p=0.3, seed=5, backend=backend).sum(), (q, k, v))
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_dropout_keep_in_chunks(monkeypatch):
+    """The keep mask drawn in small chunks (of rows and of queries) is the one drawn at once."""
+    whole = ref.dropout_keep(3, 2, 3, 37, 29, 0.4)
+    monkeypatch.setattr(ref, "_DROPOUT_CHUNK", 7)
+    assert torch.equal(ref.dropout_keep(3, 2, 3, 37, 29, 0.4), whole)
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])

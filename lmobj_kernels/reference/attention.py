@@ -11,7 +11,7 @@ from torch import Tensor
 
 from lmobj_kernels.reference.corruption import STREAM_ATTN_DROPOUT, philox4x32_10_torch
 
-_DROPOUT_CHUNK = 1 << 22  # Philox temporaries are int64: the keep mask is drawn this many entries at a time
+_DROPOUT_CHUNK = 1 << 20  # Philox temporaries are int64: the keep mask is drawn ~this many blocks at a time
 
 
 class SoftCap(torch.autograd.Function):
@@ -82,14 +82,17 @@ def dropout_keep(seed: Tensor | int, batch: int, heads: int, sq: int, sk: int, p
     keep = torch.empty(B * H, sq, sk, dtype=torch.bool, device=device)
     if keep.numel() == 0:
         return keep.view(B, H, sq, sk)
-    i = torch.arange(sq, device=device).view(1, sq, 1)
-    blocks = torch.arange((sk + 3) // 4, device=device).view(1, 1, -1)  # one Philox block serves 4 keys
-    step = max(1, _DROPOUT_CHUNK // (sq * sk))
-    for r0 in range(0, B * H, step):
-        rows = torch.arange(r0, min(r0 + step, B * H), device=device).view(-1, 1, 1)
-        words = philox4x32_10_torch(seed, blocks, i, rows, STREAM_ATTN_DROPOUT)
-        u = torch.stack(words, dim=-1).flatten(-2)[..., :sk]  # key j: word j % 4 of block j // 4
-        keep[r0:r0 + step] = u >= t
+    nb = (sk + 3) // 4
+    blocks = torch.arange(nb, device=device).view(1, 1, nb)  # one Philox block serves 4 keys
+    q_step = max(1, min(sq, _DROPOUT_CHUNK // nb))  # chunks of (rows, queries) with ~_DROPOUT_CHUNK blocks
+    r_step = max(1, _DROPOUT_CHUNK // (q_step * nb))
+    for r0 in range(0, B * H, r_step):
+        rows = torch.arange(r0, min(r0 + r_step, B * H), device=device).view(-1, 1, 1)
+        for i0 in range(0, sq, q_step):
+            i = torch.arange(i0, min(i0 + q_step, sq), device=device).view(1, -1, 1)
+            words = philox4x32_10_torch(seed, blocks, i, rows, STREAM_ATTN_DROPOUT)
+            u = torch.stack(words, dim=-1).flatten(-2)[..., :sk]  # key j: word j % 4 of block j // 4
+            keep[r0:r0 + r_step, i0:i0 + q_step] = u >= t
     return keep.view(B, H, sq, sk)
 
 

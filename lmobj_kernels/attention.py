@@ -201,7 +201,7 @@ def _dropout_seed(seed, generator, device: torch.device) -> Tensor:
     if seed is None and generator is None:
         return torch.randint(0, 2**62, (1,), device=device)
     t = seed_tensor(seed, generator, device)
-    return t.clone() if isinstance(seed, Tensor) and t.data_ptr() == seed.data_ptr() else t
+    return t.clone() if isinstance(seed, Tensor) else t  # one element; data_ptr() would break torch.compile
 
 
 def _resolve(backend: str, q: Tensor) -> str:

@@ -59,11 +59,6 @@ def make_mask(name: str, B: int, S: int, device, gen: torch.Generator) -> dict:
 WINDOW = 1024
 
 
-def mask_only(opts: dict) -> dict:
-    """opts without dropout (which changes the work, not the mask)."""
-    return {k: v for k, v in opts.items() if k != "dropout_p"}
-
-
 def bool_mask(opts: dict, B: int, S: int, device) -> torch.Tensor:
     return ref.attention_mask(B, S, S, causal=opts.get("causal", False), prefix_lens=opts.get("prefix_lens"),
                               doc_ids=opts.get("doc_ids"), kv_lens=opts.get("kv_lens"), window=opts.get("window"),
@@ -71,7 +66,6 @@ def bool_mask(opts: dict, B: int, S: int, device) -> torch.Tensor:
 
 
 def allowed_fraction(opts: dict, B: int, S: int, device) -> float:
-    opts = mask_only(opts)
     if set(opts) == {"causal"}:
         return (S + 1) / (2 * S)
     total = 0

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from lmobj_kernels import _attention_ops  # noqa: F401  (registers lmobj::attn_*_triton)
 from lmobj_kernels._backend import check_backend_name, resolve, why_unavailable
 from lmobj_kernels._checks import FLOAT32_MAX, FLOAT32_TINY, autocast_inputs, check_flag, fits_int64, is_int, is_real
-from lmobj_kernels.corruption import seed_tensor
+from lmobj_kernels.corruption import check_seed, seed_tensor
 from lmobj_kernels.reference import attention as ref
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -176,23 +176,6 @@ def _check_dropout(dropout_p, name: str = "dropout_p") -> None:
         raise ValueError(f"{name} must be a float in [0, 1), got {dropout_p!r}")
 
 
-def _check_seed(seed, generator) -> None:
-    """seed / generator checked whatever dropout_p is (a bad one must not wait for the first p > 0), building
-    nothing."""
-    if seed is not None and generator is not None:
-        raise ValueError("pass seed or generator, not both")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    if isinstance(seed, Tensor):
-        if seed.dtype != torch.int64 or seed.numel() != 1:
-            raise TypeError(f"seed as a tensor must be int64 with one element, got {seed.dtype} {tuple(seed.shape)}")
-    elif seed is not None:
-        if not is_int(seed):
-            raise TypeError(f"seed must be an int, an int64 tensor or None, got {type(seed).__name__}")
-        if not 0 <= seed < 2**63:
-            raise ValueError(f"seed must be in [0, 2^63), got {seed}")
-
-
 def _dropout_seed(seed, generator, device: torch.device) -> Tensor:
     """The int64 [1] dropout seed on `device`, without a host synchronisation: `seed` (an int in [0, 2^63) or an
     int64 tensor, copied: the backward reads it, and the caller may advance theirs in place meanwhile), a draw from
@@ -331,7 +314,7 @@ def attention(
     for name, flag in (("return_lse", return_lse), ("deterministic", deterministic)):
         check_flag(name, flag)
     name = _resolve(backend, q)
-    _check_seed(seed, generator)
+    check_seed(seed, generator)  # whatever dropout_p is: a bad seed must not wait for the first p > 0
     seed_t = _dropout_seed(seed, generator, q.device) if dropout_p > 0 else None
     if name == "triton" and doc_ids is not None and doc_ids.dtype == torch.int64:
         _check_range("doc_ids", doc_ids, 2**31 - 1, "the triton kernels compare ids as int32", low=-(2**31))

@@ -118,24 +118,32 @@ def _id_list(name: str, ids, vocab_size: int | None, ordered: bool = False) -> l
 
 
 # ---- seeds and small constant tensors ----
-def seed_tensor(seed=None, generator: torch.Generator | None = None, device=None) -> Tensor:
-    """The int64 [1] seed tensor the ops take, on `device`, without a device synchronisation."""
-    device = torch.device(device if device is not None else "cpu")
+def check_seed(seed=None, generator: torch.Generator | None = None) -> None:
+    """seed (an int in [0, 2^63), an int64 tensor of one element, or None) and generator (a torch.Generator or
+    None, not both), checked without building anything."""
     if seed is not None and generator is not None:
         raise ValueError("pass seed or generator, not both")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if isinstance(seed, Tensor):
         if seed.dtype != torch.int64 or seed.numel() != 1:
             raise TypeError(f"seed as a tensor must be int64 with one element, got {seed.dtype} {tuple(seed.shape)}")
+    elif seed is not None:
+        _check_int("seed", seed, 0, 2**63)
+
+
+def seed_tensor(seed=None, generator: torch.Generator | None = None, device=None) -> Tensor:
+    """The int64 [1] seed tensor the ops take, on `device`, without a device synchronisation."""
+    device = torch.device(device if device is not None else "cpu")
+    check_seed(seed, generator)
+    if isinstance(seed, Tensor):
         seed = seed.reshape(1)
         return _to_device(seed, device) if seed.device.type == "cpu" else seed.to(device)
     if seed is None:
         if generator is not None:
-            if not isinstance(generator, torch.Generator):
-                raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
             s = torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)
             return _to_device(s, device) if s.device.type == "cpu" else s.to(device)
         seed = int(torch.randint(0, 2**62, (1,)).item())  # the default CPU generator: no device sync
-    _check_int("seed", seed, 0, 2**63)
     return torch.full((1,), int(seed), dtype=torch.int64, device=device)
 
 

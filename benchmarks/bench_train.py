@@ -6,6 +6,7 @@ kernels; `--timing-skip`).
   python benchmarks/bench_train.py            # CPU, small model (a few minutes)
   python benchmarks/bench_train.py --quick    # seconds (smoke test)
   python benchmarks/bench_train.py --gpu      # GPU: a larger model in bf16 (run by gpu_check.sh)
+  python benchmarks/bench_train.py --gpu --dropout 0.1   # with BERT's and T5's dropout (fused vs SDPA's)
 Prints a table and writes benchmarks/results/train-<machine>-<date>.json.
 """
 
@@ -46,8 +47,11 @@ def main() -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--out", default=common.RESULTS)
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="train with this dropout (0.1: BERT's and T5's recipe; the baseline uses SDPA's own)")
     a = p.parse_args()
-    size = SIZES["quick" if a.quick else ("gpu" if a.gpu else "cpu")]
+    size = SIZES["quick" if a.quick else ("gpu" if a.gpu else "cpu")] + (["--dropout", str(a.dropout)] if a.dropout
+                                                                          else [])
     rows, table = [], []
     common.write_on_term("train-quick" if a.quick else "train", rows, a.out)
     for objective in ("clm", "mlm", "t5"):

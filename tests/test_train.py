@@ -79,6 +79,82 @@ def test_resume_is_bit_exact(objective, tmp_path):
             assert torch.equal(s[k], b["opt"]["state"][i][k]), (i, k)
 
 
+def test_dropout_resume_is_bit_exact(tmp_path):
+    """With --dropout the draws are a function of (seed, step): a stopped and resumed run equals a whole one, and
+    dropout changes what is learned (so it is applied)."""
+    whole, parts, none = tmp_path / "whole", tmp_path / "parts", tmp_path / "none"
+    common = ["--objective", "all", "--steps", "4", "--no-demo"]
+    assert train(*common, "--dropout", "0.2", "--out", str(whole)) == 0
+    assert train(*common, "--dropout", "0.2", "--out", str(parts), "--stop-after", "2") == 0
+    assert cli.main(["train", "--resume", str(parts), "--quiet", "--no-demo"]) == 0
+    assert train(*common, "--out", str(none)) == 0
+    for name in ("clm", "mlm", "t5"):
+        a, b, c = params(whole, name)["model"], params(parts, name)["model"], params(none, name)["model"]
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+        assert any(not torch.equal(a[k], c[k]) for k in a), name
+    assert train(*common, "--dropout", "0.2", "--baseline", "--out", str(tmp_path / "base")) == 0  # SDPA's dropout
+    kernels.use_baseline(False)
+    for run in (whole, tmp_path / "base"):
+        recs = [json.loads(x) for x in open(run / "metrics.jsonl")]
+        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
+
+
+@pytest.mark.parametrize("name", ["gpt", "bert", "t5"])
+def test_models_drop_out_in_training_only(name, monkeypatch):
+    """Every attention call gets dropout_p in training and 0 in evaluation, where the model equals its dropout-free
+    twin; in training two seeds give two losses."""
+    from lmobj_kernels.train.models import MODELS, ModelConfig
+
+    seen = []
+
+    def spy(q, k, v, **kw):
+        seen.append(kw["dropout_p"])
+        return kernels._library_attention(q, k, v, **kw)
+
+    monkeypatch.setattr(kernels, "attention", spy)
+    torch.manual_seed(0)
+    model = MODELS[name](ModelConfig(vocab_size=40, block_size=16, n_layer=1, n_head=2, d_model=16, dropout=0.3))
+    twin = MODELS[name](ModelConfig(vocab_size=40, block_size=16, n_layer=1, n_head=2, d_model=16))
+    twin.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 40, (3, 12), generator=g)
+    labels = torch.where(torch.rand(3, 12, generator=g) < 0.5, ids, torch.full_like(ids, -100))
+    batch = {"input_ids": ids, "labels": labels, "input_lens": torch.tensor([12, 7, 1]),
+             "decoder_input_ids": ids[:, :8], "t5_labels": labels[:, :8]}
+    if name == "t5":
+        batch["labels"] = batch.pop("t5_labels")
+    losses = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        losses.append(model(batch))
+    assert set(seen) == {0.3} and len(seen) == {"gpt": 1, "bert": 1, "t5": 3}[name] * 2
+    assert losses[0] != losses[1]
+    seen.clear()
+    model.eval()
+    torch.testing.assert_close(model(batch), twin(batch), rtol=0, atol=0)
+    assert set(seen) == {0.0}
+
+
+def test_baseline_dropout_masks_padding_keys():
+    """The baseline's SDPA dropout path applies the padding mask: what the padding keys hold never reaches the
+    output, for the same draws."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 9, 8, generator=g) for _ in range(3))
+    kv_lens = torch.tensor([9, 4])
+    v2 = v.clone()
+    v2[1, :, 4:] = 1e6
+    outs = []
+    for vv in (v, v2):
+        torch.manual_seed(3)
+        outs.append(kernels._sdpa_attention(q, k, vv, kv_lens=kv_lens, dropout_p=0.5))
+    assert torch.equal(outs[0], outs[1]) and outs[0].abs().max() < 100
+    torch.manual_seed(3)
+    other = kernels._sdpa_attention(q, k, v, kv_lens=kv_lens, dropout_p=0.5)
+    torch.manual_seed(4)
+    assert not torch.equal(other, kernels._sdpa_attention(q, k, v, kv_lens=kv_lens, dropout_p=0.5))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -129,6 +205,9 @@ def test_ddp_matches_single_process(tmp_path):
     (["--stop-after", "-2"], "--stop-after must be at least 1"),
     (["--d-model", "528", "--n-head", "2"], "--n-head = 264 channels per head: the attention takes at most 256"),
     (["--data", "EMPTY"], "no text in it"),
+    (["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
+    (["--dropout", "-0.1"], "--dropout must be in [0, 1), got -0.1"),
+    (["--dropout", "nan"], "--dropout must be in [0, 1), got nan"),
 ])
 def test_cli_rejects_bad_arguments(argv, message, tmp_path, capsys):
     small = tmp_path / "small.txt"

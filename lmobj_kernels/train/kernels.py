@@ -19,6 +19,7 @@ from lmobj_kernels.attention import attention  # noqa: F401 (the models call it)
 from lmobj_kernels.attention import attention as _library_attention  # fixed: use_baseline rebinds `attention`
 from lmobj_kernels.corruption import mlm_mask, span_corrupt
 from lmobj_kernels.losses import causal_lm_loss, masked_lm_loss, seq2seq_lm_loss  # noqa: F401 (the models call these)
+from lmobj_kernels.reference.attention import attention_mask as _attention_mask
 from lmobj_kernels.reference.corruption import span_counts as _span_counts
 
 _CORR = "lmobj_kernels.span_corrupt / mlm_mask"
@@ -26,9 +27,18 @@ SOURCE = {"attention": "lmobj_kernels.attention", "corruption": _CORR,
           "losses": "lmobj_kernels (fused linear cross-entropy)"}
 
 
-def _sdpa_attention(q, k, v, **mask):
-    """The baseline's attention: PyTorch's SDPA with a boolean mask (the library's `torch` backend is exactly that)."""
-    return _library_attention(q, k, v, backend="torch", **mask)
+def _sdpa_attention(q, k, v, *, causal=False, kv_lens=None, dropout_p=0.0):
+    """The baseline's attention: PyTorch's SDPA with a boolean mask (the library's `torch` backend is exactly that).
+    With dropout, SDPA's own (the torch backend would compute the library's draws the plain way instead); the
+    trainer's masks leave no query row without a key, so SDPA's empty-row behaviour never matters."""
+    if dropout_p == 0:
+        return _library_attention(q, k, v, backend="torch", causal=causal, kv_lens=kv_lens)
+    mask = None
+    if kv_lens is not None:
+        mask = _attention_mask(q.shape[0], q.shape[2], k.shape[2], causal=causal, kv_lens=kv_lens,
+                               device=q.device).unsqueeze(1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                          dropout_p=dropout_p)
 
 
 # ---- the baseline: the same model with PyTorch's own pieces ----

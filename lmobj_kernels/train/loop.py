@@ -6,7 +6,8 @@
 
 Reads top to bottom: arguments, distributed set-up, one objective's training loop (evaluate, checkpoint, resume),
 the end-of-run demos, the comparison table and the plot. Every step's windows and corruption are a function of
-(seed, step) only, so a resumed run continues bit-exactly and every rank can build the same global batch.
+(seed, step) only, so a resumed run continues bit-exactly and every rank can build the same global batch; dropout's
+draws are a function of (seed, step, rank), so resume stays exact with dropout too.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from lmobj_kernels.train.objectives import OBJECTIVES
 # train. Their argparse defaults are None, so that check_args can tell what was passed (and refuse, on --resume, a
 # value that differs from the run's, even one that equals the default); check_args fills in the rest.
 DEFAULTS = {"objective": "all", "data": None, "steps": 300, "batch_size": 16, "seq_len": 128, "d_model": 128,
-            "n_layer": 2, "n_head": 4, "lr": 1.5e-3, "warmup": 20, "weight_decay": 0.01, "grad_clip": 1.0,
-            "eval_every": 50, "eval_batches": 4, "seed": 0, "dtype": "fp32", "mask_prob": 0.15,
+            "n_layer": 2, "n_head": 4, "dropout": 0.0, "lr": 1.5e-3, "warmup": 20, "weight_decay": 0.01,
+            "grad_clip": 1.0, "eval_every": 50, "eval_batches": 4, "seed": 0, "dtype": "fp32", "mask_prob": 0.15,
             "noise_density": 0.15, "mean_span_length": 3.0, "baseline": False}
 RUN_KEYS = tuple(DEFAULTS)
 
@@ -61,6 +62,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     run_arg("d_model", type=int)
     run_arg("n_layer", "layers (T5: per encoder and per decoder)", type=int)
     run_arg("n_head", type=int)
+    run_arg("dropout", "dropout of the attention weights, residual branches and embeddings, in [0, 1) (GPT-2, BERT "
+            "and T5 trained with 0.1)", type=float)
     run_arg("lr", "peak learning rate (linear warm-up, cosine decay to a tenth)", type=float)
     run_arg("warmup", "warm-up steps", type=int)
     run_arg("weight_decay", type=float)
@@ -183,6 +186,8 @@ def check_args(args, p: argparse.ArgumentParser) -> None:
                 f"most {MAX_HEAD_DIM}; use more heads")
     if (args.d_model // args.n_head) % 2:  # rotary embeddings turn pairs of channels
         p.error(f"--d-model / --n-head = {args.d_model // args.n_head} channels per head must be even")
+    if not 0 <= args.dropout < 1:  # also refuses nan
+        p.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if not (math.isfinite(args.lr) and args.lr > 0):
         p.error(f"--lr must be a positive number, got {args.lr}")
     for name in ("warmup", "timing_skip"):
@@ -353,7 +358,7 @@ def lr_at(step: int, args) -> float:
 
 def build(obj_name: str, args, tok: ByteTokenizer, device: torch.device):
     torch.manual_seed(args.seed)
-    cfg = ModelConfig(tok.vocab_size, args.seq_len + 2, args.n_layer, args.n_head, args.d_model)
+    cfg = ModelConfig(tok.vocab_size, args.seq_len + 2, args.n_layer, args.n_head, args.d_model, args.dropout)
     model = MODELS[OBJECTIVES[obj_name].model](cfg).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
@@ -458,6 +463,8 @@ def train_objective(name: str, args, corpus: Corpus, tok: ByteTokenizer, device,
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
         batch = make("train", step, args.batch_size, 0)  # the global batch, the same on every rank
+        # dropout draws from the default generators: a function of (seed, step, rank) too, so resume stays exact
+        torch.manual_seed(step_seed(args.seed, step, 1000 + rank))
         n_global = obj.n_targets(batch)
         mine = {k: v[lo:hi] for k, v in batch.items()}
         with autocast(args, device):

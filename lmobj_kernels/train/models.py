@@ -7,6 +7,9 @@
 Every model ties its LM head to the token embedding and never materialises the logits in training: the library's
 fused losses (`kernels.causal_lm_loss` ...) take the final hidden states and the embedding matrix. Attention goes
 through `kernels.attention`.
+Dropout (`ModelConfig.dropout`, GPT-2's, BERT's and T5's 0.1 in their papers; 0 by default here) is applied where
+GPT-2 applies it: to the softmax weights (the library's fused attention dropout), to each residual branch and to the
+embeddings; in training mode only.
 Each model's forward takes a batch dict and returns the summed loss; `logits` is for evaluation and demos only.
 """
 
@@ -28,6 +31,7 @@ class ModelConfig:
     n_layer: int = 2  # T5 gets n_layer in its encoder and n_layer in its decoder
     n_head: int = 4
     d_model: int = 128
+    dropout: float = 0.0  # attention weights, residual branches and embeddings, in training
 
 
 def rope(x: Tensor) -> Tensor:
@@ -50,6 +54,8 @@ class Attention(nn.Module):
         self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.p = cfg.dropout
+        self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, memory: Tensor | None = None, *, causal=False, kv_lens=None) -> Tensor:
         B, S, D = x.shape
@@ -58,8 +64,9 @@ class Attention(nn.Module):
         q, (k, v) = heads(self.q(x)), (heads(t) for t in self.kv(src).split(D, dim=-1))
         if memory is None:
             q, k = rope(q), rope(k)
-        y = kernels.attention(q, k, v, causal=causal, kv_lens=kv_lens)
-        return self.proj(y.transpose(1, 2).reshape(B, S, D))
+        # the seed comes from the default generator, which the loop seeds per step
+        y = kernels.attention(q, k, v, causal=causal, kv_lens=kv_lens, dropout_p=self.p if self.training else 0.0)
+        return self.drop(self.proj(y.transpose(1, 2).reshape(B, S, D)))
 
 
 class MLP(nn.Module):
@@ -67,9 +74,10 @@ class MLP(nn.Module):
         super().__init__()
         self.up = nn.Linear(cfg.d_model, 4 * cfg.d_model, bias=False)
         self.down = nn.Linear(4 * cfg.d_model, cfg.d_model, bias=False)
+        self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(F.gelu(self.up(x)))
+        return self.drop(self.down(F.gelu(self.up(x))))
 
 
 class Block(nn.Module):
@@ -94,6 +102,7 @@ class Embedding(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
         self.block_size = cfg.block_size
 
     @property
@@ -103,7 +112,7 @@ class Embedding(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         if ids.shape[1] > self.block_size:
             raise ValueError(f"sequence of {ids.shape[1]} tokens is longer than the model's {self.block_size}")
-        return self.tok(ids)
+        return self.drop(self.tok(ids))
 
 
 def _init(module: nn.Module, n_layer: int) -> None:

@@ -5,10 +5,11 @@
   python benchmarks/bench_attention.py --quick   tiny CPU run (seconds; the smoke test runs it)
   python benchmarks/bench_attention.py --gpu     GPU, ~3 min: TFLOP/s forward and forward+backward, D=128 at
                                                  S=2k/8k and D=64 at 8k, masks causal / prefix-LM / documents /
-                                                 sliding window (1024 keys) / softcap 50 / BERT's padding
-                                                 with dropout 0.1, vs SDPA (flash, efficient, cudnn; no
-                                                 softcap), FlexAttention (at 8k only: it compiles per mask; no
-                                                 dropout), FlashAttention
+                                                 sliding window (1024 keys) / softcap 50 / ALiBi (causal,
+                                                 the paper's slopes) / BERT's padding with dropout 0.1, vs SDPA
+                                                 (flash, efficient, cudnn; no softcap; ALiBi as a float mask),
+                                                 FlexAttention (at 8k only: it compiles per mask; no dropout;
+                                                 ALiBi as a score_mod), FlashAttention
   python benchmarks/bench_attention.py --gpu --full   D 64/128, S 1k..16k, plus key padding (a longer run)
 
 FLOPs (ALGORITHMS.md): forward 4 * B * Hq * Sq * Sk * D * (fraction of allowed pairs); backward 2.5x forward,
@@ -53,6 +54,8 @@ def make_mask(name: str, B: int, S: int, device, gen: torch.Generator) -> dict:
         return {"causal": True, "softcap": 50.0}
     if name == "dropout":  # BERT pre-training: key padding and attention dropout 0.1
         return {**make_mask("padding", B, S, device, gen), "dropout_p": 0.1}
+    if name == "alibi":  # BLOOM / MPT: causal with ALiBi's per-head slopes (run_gpu sizes them to its heads)
+        return {"causal": True, "alibi_slopes": None}
     raise ValueError(name)
 
 
@@ -156,7 +159,7 @@ def _sdpa_backends():
     return names
 
 
-def _flex(opts, B, H, S, device):
+def _flex(opts, B, H, S, device, slopes=None):
     """(attention fn, block-mask build time in s) of FlexAttention for this mask, or None if unavailable."""
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -187,10 +190,12 @@ def _flex(opts, B, H, S, device):
     t_build = time_gpu(build)
     flex = torch.compile(flex_attention, dynamic=False)
     score_mod = None if cap is None else (lambda s, b, h, qi, kj: cap * torch.tanh(s / cap))
+    if slopes is not None:  # ALiBi: -slope * |i - j|
+        score_mod = lambda s, b, h, qi, kj: s - slopes[h] * (qi - kj).abs()  # noqa: E731
     return (lambda q, k, v: flex(q, k, v, score_mod=score_mod, block_mask=block_mask)), t_build
 
 
-def _flash_attn(opts, B, S):
+def _flash_attn(opts, B, S, slopes=None):
     """fn(q, k, v, dropout_p) of FlashAttention for this mask, or None (no prefix-LM; padding unwired)."""
     try:
         from flash_attn import flash_attn_func, flash_attn_varlen_func
@@ -198,7 +203,9 @@ def _flash_attn(opts, B, S):
         return None
     if set(opts) == {"causal"}:
         return lambda q, k, v, p: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                  dropout_p=p, causal=True).transpose(1, 2)
+                                                  dropout_p=p, causal=True, alibi_slopes=slopes).transpose(1, 2)
+    if slopes is not None:
+        return None
     if set(opts) == {"causal", "softcap"}:
         cap = opts["softcap"]
         return lambda q, k, v, p: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -235,11 +242,11 @@ def run_gpu(full: bool) -> list[dict]:
     dtype = torch.bfloat16
     if full:
         configs = [(d, s, m) for d in (64, 128) for s in (1024, 2048, 4096, 8192, 16384)
-                   for m in ("causal", "prefix", "docs", "padding", "window", "softcap", "dropout")]
+                   for m in ("causal", "prefix", "docs", "padding", "window", "softcap", "dropout", "alibi")]
     else:
         # most important first (gpu_check may cut the tail): the 8k masks at D=128, then D=64 and a short sequence
         configs = [(128, 8192, m) for m in ("causal", "prefix", "docs")] + [(64, 8192, "causal"), (128, 2048, "causal")]
-        configs += [(128, 8192, "window"), (128, 8192, "softcap"), (64, 512, "dropout")]
+        configs += [(128, 8192, "window"), (128, 8192, "softcap"), (64, 512, "dropout"), (128, 8192, "alibi")]
     rows = []
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # one graph per mask
     sdpa = _sdpa_backends()
@@ -250,14 +257,20 @@ def run_gpu(full: bool) -> list[dict]:
         B = max(1, 16384 // S)  # 16k tokens per batch: fills an H100
         opts = make_mask(mname, B, S, dev, gen)
         drop = opts.pop("dropout_p", 0.0)
+        slopes = L.alibi_slopes(H, device=dev) if "alibi_slopes" in opts else None
+        opts.pop("alibi_slopes", None)
         frac = allowed_fraction(opts, B, S, dev)
         fl = 4 * B * H * S * S * D * frac
         shape = f"{B}x{H}x{S}x{D} {mname}"
         q, k, v = (torch.randn(B, H, S, D, generator=gen).to(dev, dtype).requires_grad_() for _ in range(3))
         do = torch.randn(B, H, S, D, generator=gen).to(dev, dtype)
         mask = None if mname in ("causal", "softcap") else bool_mask(opts, B, S, dev).unsqueeze(1)
+        if slopes is not None:  # SDPA takes ALiBi as a materialised float mask (1, H, S, S)
+            mask = torch.where(bool_mask(opts, 1, S, dev).unsqueeze(1), ref.alibi_bias(slopes, 1, H, S, S, dtype=dtype,
+                               device=dev), torch.tensor(-float("inf"), dtype=dtype, device=dev))
         # every contender takes the dropout probability p: 0 for the check, `drop` for the timing
-        cands = {"lmobj.triton": lambda q, k, v, p, o=opts: L.attention(q, k, v, backend="triton", dropout_p=p, **o)}
+        cands = {"lmobj.triton": lambda q, k, v, p, o=opts, sl=slopes: L.attention(
+            q, k, v, backend="triton", dropout_p=p, alibi_slopes=sl, **o)}
         for name, be in (sdpa.items() if "softcap" not in opts else ()):  # SDPA has no softcap
             def f(q, k, v, p, be=be, m=mask):
                 with sdpa_kernel(be):
@@ -266,13 +279,14 @@ def run_gpu(full: bool) -> list[dict]:
                     return F.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=p)
             cands[f"sdpa.{name}"] = f
         # each mask compiles (~30 s): in the short run only the masks FlashAttention cannot express
-        flex_masks = ("prefix", "docs", "window", "softcap")
-        flex = _flex(opts, B, H, S, dev) if not drop and (full or (S >= 8192 and mname in flex_masks)) else None
+        flex_masks = ("prefix", "docs", "window", "softcap", "alibi")
+        flex = _flex(opts, B, H, S, dev, slopes) if not drop and (full or (S >= 8192 and mname in flex_masks)) \
+            else None
         if flex is not None:
             cands["flex"] = lambda q, k, v, p, fn=flex[0]: fn(q, k, v)
             rows.append({"bench": "attention_block_mask", "backend": "flex", "shape": shape, "metric": "time",
                          "value": flex[1] * 1e3, "unit": "ms"})
-        fa = _flash_attn(opts, B, S)
+        fa = _flash_attn(opts, B, S, slopes)
         if fa is not None:
             cands["flash_attn"] = fa
         want = None

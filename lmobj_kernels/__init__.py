@@ -8,6 +8,7 @@ from lmobj_kernels._backend import BACKENDS, available_backends  # noqa: E402
 from lmobj_kernels._build_info import build_info  # noqa: E402
 from lmobj_kernels.attention import (  # noqa: E402
     MaskedAttention,
+    alibi_slopes,
     attention,
     doc_ids_from_cu_seqlens,
     doc_ids_from_eos,
@@ -55,6 +56,7 @@ __all__ = [
     "SpanCorruptionOutput",
     "SpanCorruptionCollator",
     "MLMCollator",
+    "alibi_slopes",
     "attention",
     "doc_ids_from_cu_seqlens",
     "doc_ids_from_eos",

@@ -10,6 +10,8 @@
 - `window=(left, right)`: sliding-window (local) attention, query i sees keys i - left .. i + right (None: that
   side unbounded), as FlashAttention's `window_size`; with causal=True, `(w - 1, None)` is Mistral's window of w;
 - `softcap=c`: Gemma 2's soft-capped scores, c * tanh(s / c) of the scaled scores s (FlashAttention's `softcap`);
+- `alibi_slopes` (Hq,) or (B, Hq): ALiBi's linear position bias (BLOOM, MPT), -slope * |i + Sk - Sq - j| added
+  to the scores, as FlashAttention's `alibi_slopes` (`alibi_slopes(n_heads)` gives the paper's slopes);
 - `dropout_p=p`: attention dropout (BERT's and T5's 0.1) on the softmax weights, drawn from a counter-based
   Philox stream (`reference.attention.dropout_keep`): the same seed drops the same weights on every backend, and
   the backward regenerates them instead of storing a mask.
@@ -171,6 +173,52 @@ def _check_softcap(softcap, scale: float) -> None:
                          f"{softcap!r}")
 
 
+def _check_alibi(alibi_slopes, q: Tensor, Sk: int) -> Tensor | None:
+    """alibi_slopes as a detached (B, Hq) tensor in its own float dtype, or None. Values are checked (finite, and
+    the bias -slope * distance finite in float32 after the kernels' * log2(e)) where that needs no device sync:
+    CPU slopes outside torch.compile."""
+    if alibi_slopes is None:
+        return None
+    B, Hq = q.shape[0], q.shape[1]
+    if not isinstance(alibi_slopes, Tensor) or alibi_slopes.dtype not in _FLOATS:
+        raise TypeError(f"alibi_slopes must be a float tensor of shape ({Hq},) or ({B}, {Hq}), got "
+                        f"{alibi_slopes.dtype if isinstance(alibi_slopes, Tensor) else type(alibi_slopes).__name__}")
+    if tuple(alibi_slopes.shape) not in ((Hq,), (B, Hq)):
+        raise ValueError(f"alibi_slopes must have shape ({Hq},) or ({B}, {Hq}) (one slope per query head), got "
+                         f"{tuple(alibi_slopes.shape)}")
+    if alibi_slopes.device != q.device:
+        raise ValueError(f"alibi_slopes is on {alibi_slopes.device}, q on {q.device}")
+    if alibi_slopes.requires_grad:
+        raise ValueError("alibi_slopes requires grad, but no gradient is computed for the slopes (as in "
+                         "FlashAttention); pass alibi_slopes.detach()")
+    if not alibi_slopes.is_cuda and not torch.compiler.is_compiling() and alibi_slopes.numel():
+        bound = FLOAT32_MAX / _LOG2E / max(q.shape[2], Sk, 1)
+        top = float(alibi_slopes.abs().max())
+        if not top <= bound:
+            raise ValueError(f"alibi_slopes must be finite, with |slope| * sequence length finite in float32; got "
+                             f"|slope| up to {top}")
+    return alibi_slopes.detach().expand(B, Hq)
+
+
+def alibi_slopes(n_heads: int, *, device: torch.device | str = "cpu") -> Tensor:
+    """ALiBi's per-head slopes (Press et al., 2022), float32 (n_heads,): for n a power of two the geometric series
+    2^(-8/n), 2^(-16/n), ..., 2^(-8); otherwise the slopes of the power of two m just below n, followed by every
+    other slope of 2m (the first n - m of them), as BLOOM builds them."""
+    n_heads = _plain_int(n_heads)
+    if not isinstance(n_heads, int) or isinstance(n_heads, bool) or n_heads < 1:
+        raise ValueError(f"n_heads must be an int >= 1, got {n_heads!r}")
+
+    def series(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
+
+    m = 1 << (n_heads.bit_length() - 1)
+    slopes = series(m) + series(2 * m)[0::2][: n_heads - m]
+    return torch.tensor(slopes, dtype=torch.float32, device=device)
+
+
+_paper_slopes = alibi_slopes  # for the code whose argument of that name hides the function
+
+
 def _check_dropout(dropout_p, name: str = "dropout_p") -> None:
     if not is_real(dropout_p) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{name} must be a float in [0, 1), got {dropout_p!r}")
@@ -212,10 +260,10 @@ def _nonempty_rows(allowed: Tensor, kv_lens: Tensor, doc_ids: Tensor | None, win
 
 
 def _torch_attention(q, k, v, causal, prefix_lens, doc_ids, kv_lens, window, scale, softcap, return_lse,
-                     plain=False, dropout_p=0.0, seed=None):
+                     plain=False, dropout_p=0.0, seed=None, alibi_slopes=None):
     """plain: the reference's computation in float32 (deterministic on a GPU, where SDPA's backward need not be);
-    a softcap, which SDPA cannot apply, and dropout, whose SDPA draws no other backend could repeat, compute that
-    way too."""
+    a softcap, which SDPA cannot apply, dropout, whose SDPA draws no other backend could repeat, and ALiBi (SDPA
+    would need the same (B, H, Sq, Sk) bias materialised as a float mask) compute that way too."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     gqa = Hq != Hkv
@@ -226,8 +274,9 @@ def _torch_attention(q, k, v, causal, prefix_lens, doc_ids, kv_lens, window, sca
         valid = (torch.arange(Sk, device=k.device) < kv_lens.view(B, 1, 1, 1).to(k.device)).view(B, 1, Sk, 1)
         zero = torch.zeros((), dtype=k.dtype, device=k.device)
         k, v = torch.where(valid, k, zero), torch.where(valid, v, zero)
-    if plain or softcap is not None or dropout_p > 0:
-        out, lse = ref.attention(q, k, v, scale=scale, softcap=softcap, dropout_p=dropout_p, seed=seed, **masks)
+    if plain or softcap is not None or dropout_p > 0 or alibi_slopes is not None:
+        out, lse = ref.attention(q, k, v, scale=scale, softcap=softcap, dropout_p=dropout_p, seed=seed,
+                                 alibi_slopes=alibi_slopes, **masks)
         return out, lse.detach().to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     if Sk == 0:
         # keeps the graph: zero gradients for q, and for k and v (empty, but present, as Triton returns them)
@@ -270,6 +319,7 @@ def attention(
     window: tuple[int | None, int | None] | None = None,
     scale: float | None = None,
     softcap: float | None = None,
+    alibi_slopes: Tensor | None = None,
     dropout_p: float = 0.0,
     seed: int | Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -286,6 +336,9 @@ def attention(
     Sq == Sk; so do doc_ids and a window. scale defaults to D ** -0.5. softcap c (Gemma 2's attention logit
     soft-capping): the scaled scores s become c * tanh(s / c) before the softmax; the torch backend then
     materialises the scores (SDPA has no cap).
+    alibi_slopes: ALiBi, a float tensor (Hq,) or (B, Hq) (`alibi_slopes(Hq)` gives the paper's): the bias
+    -slope * |i + Sk - Sq - j| is added to the (capped) scores, FlashAttention's definition (|i - j| when Sq ==
+    Sk). No gradient for the slopes. The torch backend then materialises the scores.
     dropout_p: attention dropout probability in [0, 1) (as SDPA's; apply it in training only: the module form
     does). Weight (b, h, i, j) is dropped when its Philox draw says so (`reference.attention.dropout_keep`), kept
     weights are scaled by 1 / (1 - dropout_p). The draws come from `seed` (int in [0, 2^63) or int64 tensor),
@@ -293,8 +346,8 @@ def attention(
     generator on another device than q's is copied over). seed and generator are checked even when dropout_p is 0.
     The same seed gives the same dropped weights on every backend; the torch backend then materialises the scores.
     Rows with no allowed key output zeros with zero gradient (SDPA returns NaN there).
-    return_lse: also the log-sum-exp of each row's scaled (and capped) scores (B, Hq, Sq), float32 (float64 for float64
-    inputs), detached; -inf on empty rows (the torch backend computes it in a second pass that materialises the
+    return_lse: also the log-sum-exp of each row's scaled (capped, biased) scores (B, Hq, Sq), float32 (float64 for
+    float64 inputs), detached; -inf on empty rows (the torch backend computes it in a second pass that materialises the
     scores).
     deterministic: bitwise-repeatable gradients. The Triton backward always is (no atomics: dK/dV and dQ come
     from separate kernels); the torch backend on a GPU then computes plainly instead of through SDPA, whose
@@ -311,6 +364,7 @@ def attention(
         scale = q.shape[-1] ** -0.5
     _check_softcap(softcap, scale)
     _check_dropout(dropout_p)
+    slopes = _check_alibi(alibi_slopes, q, k.shape[2])
     for name, flag in (("return_lse", return_lse), ("deterministic", deterministic)):
         check_flag(name, flag)
     name = _resolve(backend, q)
@@ -321,12 +375,14 @@ def attention(
     if name == "torch":
         out, lse = _torch_attention(q, k, v, causal, prefix_lens, doc_ids, kv_lens, window, float(scale),
                                     None if softcap is None else float(softcap), return_lse,
-                                    plain=deterministic and q.is_cuda, dropout_p=float(dropout_p), seed=seed_t)
+                                    plain=deterministic and q.is_cuda, dropout_p=float(dropout_p), seed=seed_t,
+                                    alibi_slopes=slopes)
     else:
         left, right = (-1 if w is None else w for w in (window or (None, None)))  # -1: unbounded
         out, lse = torch.ops.lmobj.attn_fwd_triton(q, k, v, prefix_lens, doc_ids, kv_lens, causal, left, right,
                                                    float(scale), 0.0 if softcap is None else float(softcap),
-                                                   float(dropout_p), seed_t)
+                                                   float(dropout_p), seed_t,
+                                                   None if slopes is None else slopes.float().contiguous())
     if return_lse:
         return out, lse.detach()
     return out
@@ -393,14 +449,17 @@ def doc_ids_from_eos(tokens: Tensor, eos_id: int) -> Tensor:
 
 
 class MaskedAttention(nn.Module):
-    """Module form of `attention`: options fixed at construction (causal, window, scale, softcap, dropout,
-    deterministic, backend), per-batch masks at call time: forward(q, k, v, prefix_lens=None, doc_ids=None,
+    """Module form of `attention`: options fixed at construction (causal, window, scale, softcap, ALiBi slopes,
+    dropout, deterministic, backend), per-batch masks at call time: forward(q, k, v, prefix_lens=None, doc_ids=None,
     kv_lens=None). dropout applies in training mode only (as nn.Dropout), each call with a fresh seed from the
-    device's default generator (so torch.manual_seed makes a run repeatable)."""
+    device's default generator (so torch.manual_seed makes a run repeatable). alibi_slopes: a float tensor (H,),
+    or True for the paper's slopes of `n_heads` heads, kept as a buffer (it moves with .to(), is saved in the
+    state dict, and is not trained)."""
 
     def __init__(self, *, causal: bool = False, window: tuple[int | None, int | None] | None = None,
-                 scale: float | None = None, softcap: float | None = None, dropout: float = 0.0,
-                 deterministic: bool = False, backend: str = "auto"):
+                 scale: float | None = None, softcap: float | None = None, alibi_slopes: Tensor | bool | None = None,
+                 n_heads: int | None = None, dropout: float = 0.0, deterministic: bool = False,
+                 backend: str = "auto"):
         super().__init__()
         # checked here, not in the first forward (deep in a model's first step); scale None is D ** -0.5 <= 1
         for flag_name, flag in (("causal", causal), ("deterministic", deterministic)):
@@ -412,10 +471,23 @@ class MaskedAttention(nn.Module):
         self.causal, self.window, self.scale, self.softcap = causal, _window_bounds(window), scale, softcap
         self.dropout = float(dropout)
         self.deterministic, self.backend = deterministic, backend
+        if alibi_slopes is True:
+            if n_heads is None:
+                raise ValueError("alibi_slopes=True needs n_heads (the paper's slopes depend on the head count)")
+            alibi_slopes = _paper_slopes(n_heads)
+        elif alibi_slopes is False:
+            alibi_slopes = None
+        if alibi_slopes is not None:
+            if not isinstance(alibi_slopes, Tensor) or alibi_slopes.dtype not in _FLOATS or alibi_slopes.dim() != 1:
+                raise TypeError("alibi_slopes must be True, None or a float tensor of shape (n_heads,)")
+            if n_heads is not None and alibi_slopes.shape[0] != n_heads:
+                raise ValueError(f"alibi_slopes has {alibi_slopes.shape[0]} slopes for n_heads {n_heads}")
+            alibi_slopes = alibi_slopes.detach().clone()
+        self.register_buffer("alibi_slopes", alibi_slopes)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, prefix_lens=None, doc_ids=None, kv_lens=None) -> Tensor:
         return attention(q, k, v, causal=self.causal, prefix_lens=prefix_lens, doc_ids=doc_ids, kv_lens=kv_lens,
-                         window=self.window, scale=self.scale, softcap=self.softcap,
+                         window=self.window, scale=self.scale, softcap=self.softcap, alibi_slopes=self.alibi_slopes,
                          dropout_p=self.dropout if self.training else 0.0, deterministic=self.deterministic,
                          backend=self.backend)
 
@@ -423,4 +495,5 @@ class MaskedAttention(nn.Module):
         w = "" if self.window is None else f", window={tuple(self.window)}"
         c = "" if self.softcap is None else f", softcap={self.softcap}"
         d = f", dropout={self.dropout}" if self.dropout else ""
-        return f"causal={self.causal}{w}, scale={self.scale}{c}{d}, backend={self.backend!r}"
+        a = "" if self.alibi_slopes is None else f", alibi_slopes=({self.alibi_slopes.shape[0]},)"
+        return f"causal={self.causal}{w}, scale={self.scale}{c}{a}{d}, backend={self.backend!r}"

@@ -750,6 +750,17 @@ def _bad_cases():
         ("seed str, no dropout", (q, k, v), {"seed": "junk"}, TypeError, "seed"),
         ("seed negative, no dropout", (q, k, v), {"seed": -1}, ValueError, "seed"),
         ("generator type, no dropout", (q, k, v), {"generator": "junk"}, TypeError, "generator"),
+        ("alibi list", (q, k, v), {"alibi_slopes": [0.5] * 4}, TypeError, "alibi_slopes"),
+        ("alibi int", (q, k, v), {"alibi_slopes": torch.ones(4, dtype=torch.long)}, TypeError, "alibi_slopes"),
+        ("alibi shape", (q, k, v), {"alibi_slopes": torch.ones(2)}, ValueError,
+         r"alibi_slopes must have shape \(4,\) or \(2, 4\)"),
+        ("alibi batch shape", (q, k, v), {"alibi_slopes": torch.ones(3, 4)}, ValueError, "alibi_slopes"),
+        ("alibi device", (q, k, v), {"alibi_slopes": torch.ones(4, device="meta")}, ValueError, "alibi_slopes"),
+        ("alibi grad", (q, k, v), {"alibi_slopes": torch.ones(4, requires_grad=True)}, ValueError, "detach"),
+        ("alibi nan", (q, k, v), {"alibi_slopes": torch.full((4,), float("nan"))}, ValueError, "alibi_slopes"),
+        ("alibi inf", (q, k, v), {"alibi_slopes": torch.full((2, 4), -float("inf"))}, ValueError, "alibi_slopes"),
+        ("alibi x length past float32", (q, k, v), {"alibi_slopes": torch.full((4,), 3e37)}, ValueError,
+         "alibi_slopes"),
         ("backend", (q, k, v), {"backend": "nope"}, ValueError, "backend"),
         ("backend cpu", (q, k, v), {"backend": "cpu"}, ValueError, "backend"),
         ("q type", (q.numpy(), k, v), {}, TypeError, "q must"),
@@ -927,25 +938,137 @@ def test_module_dropout_only_in_training(gen):
     torch.testing.assert_close(m(q, k, v), L.attention(q, k, v, causal=True, backend="torch"))
 
 
+# ---- ALiBi: -slope * |i + Sk - Sq - j| added to the scores ----
+def test_alibi_bias_is_the_formula():
+    """The reference's bias, entry by entry from the definition (FlashAttention's alignment: the last query
+    faces the last key), for Sq == Sk, Sq < Sk and Sq > Sk, per-head and per-(batch, head) slopes."""
+    slopes = torch.tensor([[0.5, 0.25, 2.0], [1.0, 0.0, 0.125]])
+    for sq, sk in ((5, 5), (3, 7), (6, 2)):
+        for sl in (slopes, slopes[0]):
+            bias = ref.alibi_bias(sl, 2, 3, sq, sk, dtype=torch.float64)
+            full = sl.expand(2, 3)
+            for b, h, i, j in itertools.product(range(2), range(3), range(sq), range(sk)):
+                assert bias[b, h, i, j] == -float(full[b, h]) * abs(i + sk - sq - j)
+
+
+def _alibi_sdpa(q, k, v, slopes, allowed):
+    """ALiBi through SDPA's float mask (bias where allowed, -inf elsewhere), built from the formula: an
+    independent route to the same attention (rows with no allowed key excluded by the callers)."""
+    B, H, Sq, _ = q.shape
+    Sk = k.shape[2]
+    i, j = torch.arange(Sq).view(-1, 1), torch.arange(Sk).view(1, -1)
+    bias = -slopes.expand(B, H).double()[..., None, None] * (i + Sk - Sq - j).abs().double()
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.masked_fill(~allowed[:, None], float("-inf")))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_alibi_against_sdpa_float_mask(gen, backend):
+    """Causal self-attention and padded cross attention with ALiBi equal SDPA given the bias as a float mask; a
+    causal model's bias can also be written BLOOM's way, slope * j (the row's constant -slope * i cancels in the
+    softmax)."""
+    B, H, S, D = 2, 3, 40, 16
+    q, k, v = (t.detach().double() for t in _qkv(gen, B, H, H, S, S, D))
+    slopes = L.alibi_slopes(H) * 4
+    want = _alibi_sdpa(q, k, v, slopes, ref.attention_mask(B, S, S, causal=True))
+    run = lambda q, k, v, **kw: L.attention(q.float(), k.float(), v.float(), alibi_slopes=slopes,  # noqa: E731
+                                            backend=backend, **kw).double()
+    torch.testing.assert_close(run(q, k, v, causal=True), want, atol=2e-6, rtol=1e-5)
+    bloom = slopes.double().view(1, H, 1, 1) * torch.arange(S).double()
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v, attn_mask=bloom.masked_fill(~causal, -math.inf)),
+                               want)
+    kc, vc = (torch.randn(B, H, 57, D, generator=gen).double() for _ in range(2))
+    kv_lens = torch.tensor([57, 20])
+    want = _alibi_sdpa(q, kc, vc, slopes, ref.attention_mask(B, S, 57, kv_lens=kv_lens))
+    torch.testing.assert_close(run(q, kc, vc, kv_lens=kv_lens), want, atol=2e-6, rtol=1e-5)
+
+
+ALIBI_CASES = [
+    ("causal", 37, dict(causal=True), "heads"),
+    ("prefix+docs+kvlens+gqa", 45, dict(causal=True, prefix=True, docs=True, kv=True, gqa=True), "batch"),
+    ("bidirectional+kvlens", 33, dict(kv=True), "steep"),
+    ("cross+kvlens+gqa", 21, dict(cross=True, kv=True, gqa=True), "batch"),
+    ("window+softcap+dropout", 40, dict(causal=True, window=(9, None), softcap=3.0, dropout_p=0.3), "heads"),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("case", ALIBI_CASES, ids=lambda c: c[0])
+def test_alibi_matches_reference(gen, backend, case):
+    """Forward, lse and gradients with ALiBi against the float64 reference: every mask it combines with, slopes per
+    head (the paper's), per (batch, head), and steep (8x the paper's: most weight on the nearest keys)."""
+    _, length, m, kind = case
+    m = dict(m)
+    gqa, cross = m.pop("gqa", False), m.pop("cross", False)
+    extra = {key: m.pop(key) for key in ("window", "softcap", "dropout_p") if key in m}
+    B, Hq, Hkv, Sq, Sk = _shape(length, gqa, cross)
+    opts = {**_mask(gen, B, Sq, Sk, **m), **extra}
+    if "dropout_p" in opts:
+        opts["seed"] = int(torch.randint(0, 2**62, (1,), generator=gen))
+    slopes = L.alibi_slopes(Hq)
+    if kind == "batch":
+        slopes = slopes * torch.rand(B, Hq, generator=gen) * 2
+    elif kind == "steep":
+        slopes = slopes * 8
+    _check(gen, backend, B, Hq, Hkv, Sq, Sk, 16, dict(opts, alibi_slopes=slopes))
+
+
+def test_alibi_slopes_are_the_papers():
+    """Powers of two: 2^(-8/n) ... 2^(-8); otherwise those of the power of two below, then every other slope of
+    the next one (BLOOM's build_alibi_tensor: 12 heads -> the 8 of n=8, then 2^-0.5, 2^-1.5, 2^-2.5, 2^-3.5)."""
+    assert L.alibi_slopes(8).tolist() == [2.0**-e for e in range(1, 9)]
+    assert L.alibi_slopes(1).tolist() == [2.0**-8]
+    want = torch.tensor([2.0**-e for e in range(1, 9)] + [2.0**-e for e in (0.5, 1.5, 2.5, 3.5)])
+    assert torch.equal(L.alibi_slopes(12), want)
+    s = L.alibi_slopes(40)
+    assert s.dtype == torch.float32 and s.shape == (40,) and len(set(s.tolist())) == 40 and (s > 0).all()
+    for bad in (0, -3, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="n_heads"):
+            L.alibi_slopes(bad)
+
+
+def test_module_alibi(gen):
+    """MaskedAttention keeps its slopes as a buffer (state dict, .to()), never as a parameter."""
+    q, k, v = _qkv(gen, 1, 4, 2, 20, 20, 16)
+    m = L.MaskedAttention(causal=True, alibi_slopes=True, n_heads=4, backend="torch")
+    assert torch.equal(m.alibi_slopes, L.alibi_slopes(4)) and not list(m.parameters())
+    assert "alibi_slopes" in m.state_dict() and "alibi_slopes=(4,)" in repr(m)
+    torch.testing.assert_close(m(q, k, v), L.attention(q, k, v, causal=True, alibi_slopes=L.alibi_slopes(4),
+                                                       backend="torch"))
+    mine = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    m2 = L.MaskedAttention(alibi_slopes=mine)
+    mine.add_(1)  # the module keeps a copy
+    assert m2.alibi_slopes[0] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="n_heads"):
+        L.MaskedAttention(alibi_slopes=True)
+    with pytest.raises(ValueError, match="n_heads 3"):
+        L.MaskedAttention(alibi_slopes=mine, n_heads=3)
+    with pytest.raises(TypeError, match="alibi_slopes"):
+        L.MaskedAttention(alibi_slopes=[0.5])
+
+
 # ---- registration, opcheck, torch.compile ----
 @needs_triton
 def test_opcheck_triton_ops(gen):
     q, k, v = _qkv(gen, 1, 2, 1, 20, 20, 16)
     kvl = torch.tensor([13], dtype=torch.int32)
     docs = torch.tensor([[0] * 7 + [1] * 13], dtype=torch.int32)
-    fwd_args = (q, k, v, torch.tensor([4], dtype=torch.int32), docs, kvl, True, 6, -1, 0.25, 0.0, 0.0, None)
+    fwd_args = (q, k, v, torch.tensor([4], dtype=torch.int32), docs, kvl, True, 6, -1, 0.25, 0.0, 0.0, None, None)
     torch.library.opcheck(torch.ops.lmobj.attn_fwd_triton, fwd_args)
     out, lse = torch.ops.lmobj.attn_fwd_triton(*fwd_args)
     do = torch.randn(out.shape, generator=gen)
     bwd_args = (do, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), None, None, kvl, False, 3, 5,
-                0.25, 0.0, 0.0, None)
+                0.25, 0.0, 0.0, None, None)
     torch.library.opcheck(torch.ops.lmobj.attn_bwd_triton, bwd_args)
-    capped = fwd_args[:-3] + (2.0, 0.0, None)  # a softcap: the backward op through the forward's autograd
+    capped = fwd_args[:-4] + (2.0, 0.0, None, None)  # a softcap: the backward op through the forward's autograd
     torch.library.opcheck(torch.ops.lmobj.attn_fwd_triton, capped)
     seed = torch.tensor([2**40 + 3])
-    dropped = fwd_args[:-2] + (0.3, seed)  # dropout: the seed tensor travels to the backward op
+    dropped = fwd_args[:-3] + (0.3, seed, None)  # dropout: the seed tensor travels to the backward op
     torch.library.opcheck(torch.ops.lmobj.attn_fwd_triton, dropped)
-    torch.library.opcheck(torch.ops.lmobj.attn_bwd_triton, bwd_args[:-2] + (0.3, seed))
+    torch.library.opcheck(torch.ops.lmobj.attn_bwd_triton, bwd_args[:-3] + (0.3, seed, None))
+    slopes = torch.tensor([[0.5, 0.125]])  # ALiBi: (B, Hq) float32 slopes, no gradient
+    torch.library.opcheck(torch.ops.lmobj.attn_fwd_triton, fwd_args[:-1] + (slopes,))
+    torch.library.opcheck(torch.ops.lmobj.attn_bwd_triton, bwd_args[:-1] + (slopes,))
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
@@ -955,10 +1078,11 @@ def test_torch_compile_fullgraph(gen, backend):
     prefix, kvl = torch.tensor([6]), torch.tensor([20])
     docs = torch.tensor([[0] * 10 + [1] * 14])
     seed = torch.tensor([12345])
+    slopes = L.alibi_slopes(2)
 
     def f(q, k, v):
         return L.attention(q, k, v, causal=True, prefix_lens=prefix, doc_ids=docs, kv_lens=kvl, window=(9, None),
-                           softcap=4.0, dropout_p=0.2, seed=seed, backend=backend)
+                           softcap=4.0, alibi_slopes=slopes, dropout_p=0.2, seed=seed, backend=backend)
 
     out = torch.compile(f, fullgraph=True)(q, k, v)
     out.sum().backward()
@@ -1096,6 +1220,19 @@ def test_gpu_triton_dropout(gen, D):
     _check(gen, "triton", 2, 8, 2, S, S, D, dict(_mask(gen, 2, S, S, causal=True, docs=True, device="cuda"),
                                                 dropout_p=0.5, seed=7), dtype=torch.bfloat16, device="cuda")
     _check_dropout_bits(gen, "triton", D, 300, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_triton_alibi(gen, D):
+    """ALiBi at real sizes: causal with the paper's slopes (BLOOM, MPT), and bidirectional with key padding,
+    documents and GQA with per-(batch, head) slopes."""
+    S = 2048
+    _check(gen, "triton", 2, 8, 8, S, S, D, dict(causal=True, alibi_slopes=L.alibi_slopes(8).cuda()),
+           dtype=torch.bfloat16, device="cuda")
+    slopes = (L.alibi_slopes(8) * torch.rand(2, 8, generator=gen) * 2).cuda()
+    _check(gen, "triton", 2, 8, 2, S, S, D, dict(_mask(gen, 2, S, S, docs=True, kv=True, device="cuda"),
+                                                alibi_slopes=slopes), dtype=torch.bfloat16, device="cuda")
 
 
 # last of the GPU tests: its float32 kernels take ~35 s each to compile (and spill), the cheap checks run first

@@ -93,7 +93,8 @@ def _launch_everything(gen):
         masks = [dict(causal=True), dict(causal=True, prefix_lens=torch.tensor([3, 9])),
                  dict(doc_ids=torch.tensor([[0] * 4 + [1] * 5, [0] * 9]), kv_lens=torch.tensor([9, 5])),
                  dict(causal=True, window=(3, None), kv_lens=torch.tensor([9, 5])), dict(causal=True, softcap=5.0),
-                 dict(causal=True, kv_lens=torch.tensor([9, 5]), dropout_p=0.25, seed=5)]
+                 dict(causal=True, kv_lens=torch.tensor([9, 5]), dropout_p=0.25, seed=5),
+                 dict(causal=True, alibi_slopes=L.alibi_slopes(2))]
         for m in masks:
             out = L.attention(q, k, v, backend="triton", **m)
             torch.autograd.grad(out.float().sum(), (q, k, v))

@@ -9,6 +9,8 @@ Masks (constexpr feature flags, so each variant compiles to lean code): causal, 
 bidirectional inside the prefix, causal after), packed documents (doc ids per position: equal ids attend), key
 padding (kv_len per batch), a sliding window (query i sees keys i - left .. i + right), grouped-query heads,
 cross attention (Sq != Sk, non-causal). A softcap c turns the scaled scores s into c * tanh(s / c) (Gemma 2).
+ALiBi (HAS_ALIBI) adds -slope * |i + Sk - Sq - j| to the (capped) scores, one slope per (batch, query head); the
+bias is recomputed from positions in every kernel, and being additive it leaves the backward's chain unchanged.
 Dropout (HAS_DROPOUT) zeroes the softmax weights whose Philox draw (`_dropout_keep`, the bits of
 lmobj_kernels/reference/attention.py's `dropout_keep`) falls under the threshold and scales the rest by
 1 / (1 - p); the row sums (and lse) stay those of the undropped weights. The backward draws the same bits again
@@ -182,6 +184,16 @@ def _scores(raw, qk_scale, cap_in, cap_l2, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _alibi(s, slope_l2, offs_q, offs_k, alibi_off, HAS_ALIBI: tl.constexpr):
+    """s (base 2) plus ALiBi's bias -slope * |i + alibi_off - j| (slope_l2 = slope * log2(e), alibi_off = Sk - Sq);
+    offs_q and offs_k are already shaped to broadcast ((M, 1) with (1, N), or (1, M) with (N, 1))."""
+    if HAS_ALIBI:
+        return s - slope_l2 * tl.abs(offs_q + alibi_off - offs_k).to(tl.float32)
+    else:
+        return s
+
+
+@triton.jit
 def _dropout_keep(seed, bh, offs_m, offs_n, drop_t):
     """(queries, keys) keep mask of attention dropout for query positions offs_m and the key block offs_n (1-D; it
     starts at a multiple of 4) of row bh = b * Hq + h: key j reads word j % 4 of Philox4x32-10 at counter
@@ -308,10 +320,11 @@ def _query_block(pid_m, bh, Hq, group, Sq, Sk, PREFIX, KVLEN, DOC, DOC_RANGE, st
 
 @triton.jit
 def _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d, D, Sk, kv_len,
-              prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in, cap_l2, seed, bh, drop_t,
-              CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr,
-              HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK: tl.constexpr,
-              PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
+              prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in, cap_l2, seed, bh, drop_t, slope_l2,
+              alibi_off, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr,
+              HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+              HAS_ALIBI: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+              EVEN_D: tl.constexpr):
     """One key block of the online softmax (base 2): returns the updated (acc, m_i, l_i); with dropout acc sums
     only the kept weights (unscaled: the caller scales once at the end), l_i all of them."""
     offs_n = start_n + offs_n0
@@ -320,6 +333,7 @@ def _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, o
     kT = tl.load(K_base + offs_n[None, :] * stride_ks + offs_d[:, None],
                  mask=_and_d(kmask[None, :], dmask[:, None], EVEN_D), other=0.0)
     s, _ = _scores(_mm(q, kT, PREC, UPCAST), qk_scale, cap_in, cap_l2, HAS_SOFTCAP)
+    s = _alibi(s, slope_l2, offs_m[:, None], offs_n[None, :], alibi_off, HAS_ALIBI)
     if MASK:
         k_doc = offs_n
         if HAS_DOCS:
@@ -342,12 +356,13 @@ def _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, o
 
 # one compiled kernel for every sequence length and window
 @triton.jit(do_not_specialize=["Sq", "Sk", "n_qblocks", "win_l", "win_r", "drop_t"])
-def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX, KVLEN, DOC, DOC_RANGE, SEED, stride_qb, stride_qh, stride_qs, stride_kb,
-                     stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os, stride_doc,
-                     Hq, Sq, Sk, D, group, qk_scale, n_qblocks, win_l, win_r, cap_in, cap_l2, drop_t, keep_scale,
-                     CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr,
-                     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX, KVLEN, DOC, DOC_RANGE, SEED, ALIBI, stride_qb, stride_qh, stride_qs,
+                     stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
+                     stride_doc, Hq, Sq, Sk, D, group, qk_scale, n_qblocks, win_l, win_r, cap_in, cap_l2, drop_t,
+                     keep_scale, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr,
+                     HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                     HAS_DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
                      UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
     """O[b, h, i] = softmax over allowed keys j of (q_i . k_j * scale, capped to c * tanh(. / c) with a softcap)
     times v_j; LSE[b, h, i] (natural log).
@@ -358,7 +373,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX, KVLEN, DOC, DOC_RANGE, SEED, strid
     a document with it, and [first, last) key block of the same single document as the whole query block.
     group = Hq // Hkv; qk_scale = scale * log2(e); win_l / win_r: the window (Sk for an unbounded side).
     Dropout: SEED int64 [1], drop_t = threshold - 2^31 (see `_dropout_keep`), keep_scale = 1 / (1 - p).
-    Grid: (n_qblocks * B * Hq,)."""
+    ALiBi: ALIBI float32 (B, Hq) contiguous slopes. Grid: (n_qblocks * B * Hq,)."""
     pid_m, bh = _block_and_row(n_qblocks)
     b, h, hk, offs_m, rmask, kv_len, prefix_len, DOC_row, q_doc, lo, c_lo, c_hi, hi = _query_block(
         pid_m, bh, Hq, group, Sq, Sk, PREFIX, KVLEN, DOC, DOC_RANGE, stride_doc, n_qblocks, win_l, win_r, CAUSAL,
@@ -376,22 +391,29 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX, KVLEN, DOC, DOC_RANGE, SEED, strid
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
+    slope_l2 = 0.0
+    if HAS_ALIBI:
+        slope_l2 = tl.load(ALIBI + bh) * 1.4426950408889634
+    alibi_off = Sk - Sq
     if HAS_DOCS or HAS_WINDOW:  # blocks before the own document / the window's left edge (partly allowed)
         for start_n in range(lo, c_lo, BLOCK_N):
-            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0,
-                                      offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in,
-                                      cap_l2, seed, bh, drop_t, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW,
-                                      HAS_SOFTCAP, HAS_DROPOUT, True, PREC, UPCAST, EVEN_D)
+            acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m,
+                                      offs_n0, offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r,
+                                      qk_scale, cap_in, cap_l2, seed, bh, drop_t, slope_l2, alibi_off, CAUSAL,
+                                      HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT,
+                                      HAS_ALIBI, True, PREC, UPCAST, EVEN_D)
     for start_n in range(c_lo, c_hi, BLOCK_N):
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0,
-                                  offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in,
-                                  cap_l2, seed, bh, drop_t, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW,
-                                  HAS_SOFTCAP, HAS_DROPOUT, False, PREC, UPCAST, EVEN_D)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m,
+                                  offs_n0, offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale,
+                                  cap_in, cap_l2, seed, bh, drop_t, slope_l2, alibi_off, CAUSAL, HAS_PREFIX, HAS_KVLEN,
+                                  HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, HAS_ALIBI, False, PREC, UPCAST,
+                                  EVEN_D)
     for start_n in range(c_hi, hi, BLOCK_N):
-        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0,
-                                  offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in,
-                                  cap_l2, seed, bh, drop_t, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW,
-                                  HAS_SOFTCAP, HAS_DROPOUT, True, PREC, UPCAST, EVEN_D)
+        acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m,
+                                  offs_n0, offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale,
+                                  cap_in, cap_l2, seed, bh, drop_t, slope_l2, alibi_off, CAUSAL, HAS_PREFIX, HAS_KVLEN,
+                                  HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, HAS_ALIBI, True, PREC, UPCAST,
+                                  EVEN_D)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]
@@ -426,10 +448,10 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride
 @triton.jit
 def _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, stride_dos, start_m, offs_m0, offs_n,
                offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, win_l, win_r, qk_scale, cap_in, cap_l2, seed,
-               bhq, drop_t, keep_scale, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr,
-               HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-               HAS_DROPOUT: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-               EVEN_D: tl.constexpr):
+               bhq, drop_t, keep_scale, slope_l2, alibi_off, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
+               HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+               HAS_DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
+               UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
     """One query block's contribution to dK (unscaled) and dV of a key block, in transposed (key, query) form;
     bhq = b * Hq + h of the query head. With dropout dV sums the kept weights unscaled (the caller scales)."""
     offs_m = start_m + offs_m0
@@ -443,6 +465,7 @@ def _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, str
     lse = tl.where(lse == -float("inf"), float("inf"), lse) * 1.4426950408889634  # empty rows: p = 0
     delta = tl.load(DELTA_row + offs_m, mask=rmask, other=0.0)
     sT, dcapT = _scores(_mm(k, tl.trans(q), PREC, UPCAST), qk_scale, cap_in, cap_l2, HAS_SOFTCAP)
+    sT = _alibi(sT, slope_l2, offs_m[None, :], offs_n[:, None], alibi_off, HAS_ALIBI)
     pT = tl.exp2(sT - lse[None, :])
     if MASK:
         q_doc = offs_m
@@ -503,14 +526,14 @@ def _query_range(b, pid_n, start_n, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_out
 
 # one compiled kernel for every sequence length and window
 @triton.jit(do_not_specialize=["Sq", "Sk", "n_kblocks", "win_l", "win_r", "drop_t"])
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, DOC_RANGE, SEED, stride_qb, stride_qh,
-                          stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_dob,
-                          stride_doh, stride_dos, stride_doc, Hq, Hkv, Sq, Sk, D, group, sm_scale, qk_scale, n_kblocks,
-                          win_l, win_r, cap_in, cap_l2, drop_t, keep_scale, CAUSAL: tl.constexpr,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, DOC_RANGE, SEED, ALIBI, stride_qb,
+                          stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+                          stride_dob, stride_doh, stride_dos, stride_doc, Hq, Hkv, Sq, Sk, D, group, sm_scale,
+                          qk_scale, n_kblocks, win_l, win_r, cap_in, cap_l2, drop_t, keep_scale, CAUSAL: tl.constexpr,
                           HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr,
                           HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-                          UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
+                          HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
     """dK, dV (B, Hkv, Sk, D) contiguous, for one key block and kv head, summed over the `group` query heads that
     share it and over the query blocks the mask leaves (a causal key block starts at its diagonal unless it lies in
     the prefix; a block past kv_len has nothing; documents: DOC_RANGE (B, n_kblocks, 4), see `_doc_block_range`;
@@ -545,24 +568,29 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, D
         LSE_row = LSE + (b * Hq + h) * Sq
         DELTA_row = DELTA + (b * Hq + h) * Sq
         bhq = b * Hq + h
+        slope_l2 = 0.0
+        if HAS_ALIBI:
+            slope_l2 = tl.load(ALIBI + bhq) * 1.4426950408889634
+        alibi_off = Sk - Sq
         for start_m in range(lo, c_lo, BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, stride_dos, start_m,
                                 offs_m0, offs_n, offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, win_l, win_r,
-                                qk_scale, cap_in, cap_l2, seed, bhq, drop_t, keep_scale, CAUSAL, HAS_PREFIX,
-                                HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, True, PREC, UPCAST, EVEN_D)
+                                qk_scale, cap_in, cap_l2, seed, bhq, drop_t, keep_scale, slope_l2, alibi_off, CAUSAL,
+                                HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, HAS_ALIBI, True,
+                                PREC, UPCAST, EVEN_D)
         for start_m in range(c_lo, c_hi, BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, stride_dos, start_m,
                                 offs_m0, offs_n, offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, win_l, win_r,
-                                qk_scale, cap_in, cap_l2, seed, bhq, drop_t, keep_scale, CAUSAL, HAS_PREFIX,
-                                HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, False, PREC, UPCAST,
-                                EVEN_D)
+                                qk_scale, cap_in, cap_l2, seed, bhq, drop_t, keep_scale, slope_l2, alibi_off, CAUSAL,
+                                HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, HAS_ALIBI,
+                                False, PREC, UPCAST, EVEN_D)
         if HAS_DOCS or HAS_WINDOW:  # query blocks after the key block's own document / past the window
             for start_m in range(c_hi, hi, BLOCK_M):
                 dk, dv = _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, stride_dos, start_m,
                                     offs_m0, offs_n, offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, win_l,
-                                    win_r, qk_scale, cap_in, cap_l2, seed, bhq, drop_t, keep_scale, CAUSAL,
-                                    HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, True,
-                                    PREC, UPCAST, EVEN_D)
+                                    win_r, qk_scale, cap_in, cap_l2, seed, bhq, drop_t, keep_scale, slope_l2,
+                                    alibi_off, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP,
+                                    HAS_DROPOUT, HAS_ALIBI, True, PREC, UPCAST, EVEN_D)
     out = bh * Sk * D + offs_n[:, None] * D + offs_d[None, :]
     omask = _and_d(kmask[:, None], dmask[None, :], EVEN_D)
     if HAS_DROPOUT:
@@ -574,9 +602,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, D
 @triton.jit
 def _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d, D, Sk,
              kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in, cap_l2, seed, bh, drop_t, keep_scale,
-             CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr,
-             HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK: tl.constexpr,
-             PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
+             slope_l2, alibi_off, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr,
+             HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+             HAS_ALIBI: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+             EVEN_D: tl.constexpr):
     """One key block's contribution to dQ (unscaled) of a query block."""
     offs_n = start_n + offs_n0
     kmask = _keys_read(offs_n, Sk, kv_len, HAS_KVLEN)
@@ -586,6 +615,7 @@ def _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_
     vT = tl.load(V_base + offs_n[None, :] * stride_vs + offs_d[:, None],
                  mask=_and_d(kmask[None, :], dmask[:, None], EVEN_D), other=0.0)
     s, dcap = _scores(_mm(q, kT, PREC, UPCAST), qk_scale, cap_in, cap_l2, HAS_SOFTCAP)
+    s = _alibi(s, slope_l2, offs_m[:, None], offs_n[None, :], alibi_off, HAS_ALIBI)
     p = tl.exp2(s - lse[:, None])
     if MASK:
         k_doc = offs_n
@@ -606,14 +636,15 @@ def _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_
 
 # one compiled kernel for every sequence length and window
 @triton.jit(do_not_specialize=["Sq", "Sk", "n_qblocks", "win_l", "win_r", "drop_t"])
-def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX, KVLEN, DOC, DOC_RANGE, SEED, stride_qb, stride_qh,
-                        stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_dob,
-                        stride_doh, stride_dos, stride_doc, Hq, Sq, Sk, D, group, sm_scale, qk_scale, n_qblocks, win_l,
-                        win_r, cap_in, cap_l2, drop_t, keep_scale, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
-                        HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                        HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                        EVEN_D: tl.constexpr):
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX, KVLEN, DOC, DOC_RANGE, SEED, ALIBI, stride_qb,
+                        stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+                        stride_dob, stride_doh, stride_dos, stride_doc, Hq, Sq, Sk, D, group, sm_scale, qk_scale,
+                        n_qblocks, win_l, win_r, cap_in, cap_l2, drop_t, keep_scale, CAUSAL: tl.constexpr,
+                        HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr,
+                        HAS_WINDOW: tl.constexpr,
+                        HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                        UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
     """dQ (B, Hq, Sq, D) contiguous for one query block: the same key range as the forward
     (DOC_RANGE (B, n_qblocks, 4), see `_doc_block_range`). Grid: (n_qblocks * B * Hq,)."""
     pid_m, bh = _block_and_row(n_qblocks)
@@ -636,22 +667,26 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX, KVLEN, DOC, DOC_RAN
     seed = 0
     if HAS_DROPOUT:
         seed = tl.load(SEED)
+    slope_l2 = 0.0
+    if HAS_ALIBI:
+        slope_l2 = tl.load(ALIBI + bh) * 1.4426950408889634
+    alibi_off = Sk - Sq
     if HAS_DOCS or HAS_WINDOW:
         for start_n in range(lo, c_lo, BLOCK_N):
-            dq = _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d,
-                          D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in, cap_l2, seed, bh,
-                          drop_t, keep_scale, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP,
-                          HAS_DROPOUT, True, PREC, UPCAST, EVEN_D)
+            dq = _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0,
+                          offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in, cap_l2,
+                          seed, bh, drop_t, keep_scale, slope_l2, alibi_off, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS,
+                          HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, HAS_ALIBI, True, PREC, UPCAST, EVEN_D)
     for start_n in range(c_lo, c_hi, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d, D,
-                      Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in, cap_l2, seed, bh, drop_t,
-                      keep_scale, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, False,
-                      PREC, UPCAST, EVEN_D)
+        dq = _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0,
+                      offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in, cap_l2,
+                      seed, bh, drop_t, keep_scale, slope_l2, alibi_off, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS,
+                      HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, HAS_ALIBI, False, PREC, UPCAST, EVEN_D)
     for start_n in range(c_hi, hi, BLOCK_N):
-        dq = _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d, D,
-                      Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in, cap_l2, seed, bh, drop_t,
-                      keep_scale, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, True,
-                      PREC, UPCAST, EVEN_D)
+        dq = _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0,
+                      offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in, cap_l2,
+                      seed, bh, drop_t, keep_scale, slope_l2, alibi_off, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS,
+                      HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, HAS_ALIBI, True, PREC, UPCAST, EVEN_D)
     tl.store(DQ + bh * Sq * D + offs_m[:, None] * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=_and_d(rmask[:, None], dmask[None, :], EVEN_D))
 
@@ -767,6 +802,14 @@ def _dropout(dropout_p: float, seed, dummy: torch.Tensor) -> tuple[bool, torch.T
     return True, seed, min(round(dropout_p * 2**32), 2**32 - 1) - 2**31, 1.0 / (1.0 - dropout_p)
 
 
+def _alibi_arg(alibi_slopes, q: torch.Tensor, dummy: torch.Tensor) -> tuple[bool, torch.Tensor]:
+    """(HAS_ALIBI, ALIBI) for the kernels: the slopes as float32 (B, Hq) contiguous."""
+    if alibi_slopes is None:
+        return False, dummy
+    B, Hq = q.shape[0], q.shape[1]
+    return True, alibi_slopes.to(device=q.device, dtype=torch.float32).expand(B, Hq).contiguous()
+
+
 def _softcap(softcap: float, scale: float) -> tuple[bool, float, float]:
     """(HAS_SOFTCAP, cap_in, cap_l2) for the kernels: scores c * tanh(raw * scale / c), in base 2; a cap <= 0 is
     none."""
@@ -777,7 +820,7 @@ def _softcap(softcap: float, scale: float) -> tuple[bool, float, float]:
 
 @on_data_device
 def attention_forward(q, k, v, prefix_lens, doc_ids, kv_lens, causal: bool, window_left: int, window_right: int,
-                      scale: float, softcap: float = 0.0, dropout_p: float = 0.0, seed=None):
+                      scale: float, softcap: float = 0.0, dropout_p: float = 0.0, seed=None, alibi_slopes=None):
     """(out (B, Hq, Sq, D) like q, lse (B, Hq, Sq) float32)."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, Hq, Sq, D = q.shape
@@ -790,6 +833,7 @@ def attention_forward(q, k, v, prefix_lens, doc_ids, kv_lens, causal: bool, wind
     has_window, wl, wr = _window(window_left, window_right, Sk)
     has_cap, cap_in, cap_l2 = _softcap(softcap, scale)
     has_drop, seed_t, drop_t, keep_scale = _dropout(dropout_p, seed, prefix)
+    has_alibi, slopes = _alibi_arg(alibi_slopes, q, lse)
     block_d = max(16, triton.next_power_of_2(D))
     kv_len_arg = kvl if kv_lens is not None else None
 
@@ -797,13 +841,13 @@ def attention_forward(q, k, v, prefix_lens, doc_ids, kv_lens, causal: bool, wind
         n_qb = triton.cdiv(Sq, bm)
         rng = _doc_block_range(doc, bm, bn, kv_len_arg) if doc_ids is not None else prefix
         _attn_fwd_kernel[(n_qb * B * Hq,)](
-            q, k, v, out, lse, prefix, kvl, doc, rng, seed_t,
+            q, k, v, out, lse, prefix, kvl, doc, rng, seed_t, slopes,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), doc.stride(0),
             Hq, Sq, Sk, D, Hq // Hkv, scale * LOG2E, n_qb, wl, wr, cap_in, cap_l2, drop_t, keep_scale,
             CAUSAL=causal, HAS_PREFIX=prefix_lens is not None, HAS_KVLEN=kv_lens is not None,
             HAS_DOCS=doc_ids is not None, HAS_WINDOW=has_window, HAS_SOFTCAP=has_cap, HAS_DROPOUT=has_drop,
-            BLOCK_M=bm, BLOCK_N=bn,
+            HAS_ALIBI=has_alibi, BLOCK_M=bm, BLOCK_N=bn,
             BLOCK_D=block_d, PREC=_prec(q.dtype), UPCAST=_upcast(q), EVEN_D=block_d == D,
             num_warps=warps, num_stages=stages)
 
@@ -813,7 +857,8 @@ def attention_forward(q, k, v, prefix_lens, doc_ids, kv_lens, causal: bool, wind
 
 @on_data_device
 def attention_backward(do, q, k, v, out, lse, prefix_lens, doc_ids, kv_lens, causal: bool, window_left: int,
-                       window_right: int, scale: float, softcap: float = 0.0, dropout_p: float = 0.0, seed=None):
+                       window_right: int, scale: float, softcap: float = 0.0, dropout_p: float = 0.0, seed=None,
+                       alibi_slopes=None):
     """(dq, dk, dv), each contiguous in its input's dtype. Deterministic: no atomics."""
     do, q, k, v, out = (_last_dim_contiguous(t) for t in (do, q, k, v, out))
     B, Hq, Sq, D = q.shape
@@ -829,9 +874,10 @@ def attention_backward(do, q, k, v, out, lse, prefix_lens, doc_ids, kv_lens, cau
     has_cap, cap_in, cap_l2 = _softcap(softcap, scale)
     prefix, kvl, doc = _meta(q, prefix_lens, kv_lens, doc_ids)
     has_drop, seed_t, drop_t, keep_scale = _dropout(dropout_p, seed, prefix)
+    has_alibi, slopes = _alibi_arg(alibi_slopes, q, lse)
     flags = dict(CAUSAL=causal, HAS_PREFIX=prefix_lens is not None, HAS_KVLEN=kv_lens is not None,
                  HAS_DOCS=doc_ids is not None, HAS_WINDOW=has_window, HAS_SOFTCAP=has_cap, HAS_DROPOUT=has_drop,
-                 BLOCK_D=block_d, PREC=_prec(q.dtype), UPCAST=_upcast(q), EVEN_D=block_d == D)
+                 HAS_ALIBI=has_alibi, BLOCK_D=block_d, PREC=_prec(q.dtype), UPCAST=_upcast(q), EVEN_D=block_d == D)
     kv_len_arg = kvl if kv_lens is not None else None
     group = Hq // Hkv
 
@@ -848,7 +894,7 @@ def attention_backward(do, q, k, v, out, lse, prefix_lens, doc_ids, kv_lens, cau
         n_kb = triton.cdiv(Sk, bn)
         rng = _doc_block_range(doc, bn, bm, kv_len_arg, keys_outer=True) if doc_ids is not None else prefix
         _attn_bwd_dkdv_kernel[(n_kb * B * Hkv,)](
-            q, k, v, do, lse, delta, dk, dv, prefix, kvl, doc, rng, seed_t, *strides,
+            q, k, v, do, lse, delta, dk, dv, prefix, kvl, doc, rng, seed_t, slopes, *strides,
             Hq, Hkv, Sq, Sk, D, group, scale, scale * LOG2E, n_kb, wl, wr, cap_in, cap_l2, drop_t, keep_scale,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags)
 
@@ -856,7 +902,7 @@ def attention_backward(do, q, k, v, out, lse, prefix_lens, doc_ids, kv_lens, cau
         n_qb = triton.cdiv(Sq, bm)
         rng = _doc_block_range(doc, bm, bn, kv_len_arg) if doc_ids is not None else prefix
         _attn_bwd_dq_kernel[(n_qb * B * Hq,)](
-            q, k, v, do, lse, delta, dq, prefix, kvl, doc, rng, seed_t, *strides,
+            q, k, v, do, lse, delta, dq, prefix, kvl, doc, rng, seed_t, slopes, *strides,
             Hq, Sq, Sk, D, group, scale, scale * LOG2E, n_qb, wl, wr, cap_in, cap_l2, drop_t, keep_scale,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags)
 

@@ -66,6 +66,16 @@ def attention_mask(
     return allowed
 
 
+def alibi_bias(slopes: Tensor, batch: int, heads: int, sq: int, sk: int, *, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> Tensor:
+    """(B, H, Sq, Sk) ALiBi bias -slopes[b, h] * |i + Sk - Sq - j|: FlashAttention's `alibi_slopes`, the distance
+    measured with the last query aligned to the last key (so |i - j| when Sq == Sk). slopes: (H,) or (B, H)."""
+    i = torch.arange(sq, device=device, dtype=torch.int64).view(sq, 1)
+    j = torch.arange(sk, device=device, dtype=torch.int64).view(1, sk)
+    dist = (i + (sk - sq) - j).abs().to(dtype)
+    return -slopes.to(device=device, dtype=dtype).expand(batch, heads).view(batch, heads, 1, 1) * dist
+
+
 def dropout_threshold(p: float) -> int:
     """The uint32 threshold of a dropout probability p in [0, 1): an entry is dropped when its draw < it."""
     return min(round(p * 2**32), 2**32 - 1)
@@ -110,12 +120,14 @@ def attention(
     softcap: float | None = None,
     dropout_p: float = 0.0,
     seed: Tensor | int | None = None,
+    alibi_slopes: Tensor | None = None,
     upcast: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """(out (B, Hq, Sq, D) in q's dtype, lse (B, Hq, Sq) float32/float64).
 
     Grouped-query attention repeats each of k's Hkv heads Hq / Hkv times. softcap c: scores c * tanh(s / c) of the
-    scaled scores s. dropout_p > 0 (needs `seed`): the
+    scaled scores s. alibi_slopes (Hq,) or (B, Hq): ALiBi, -slope * |i + Sk - Sq - j| added to the (capped) scores
+    of query i and key j (`alibi_bias`). dropout_p > 0 (needs `seed`): the
     softmax weights kept by `dropout_keep` are scaled by 1 / (1 - dropout_p), the others zeroed (lse is of the
     undropped scores, as FlashAttention's). A query row with no allowed key gives
     zeros and lse = -inf, and gradients of zero (never NaN). upcast=False computes in the inputs' own precision
@@ -130,6 +142,8 @@ def attention(
     s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
     if softcap is not None:  # Gemma 2's attention logit soft-capping
         s = SoftCap.apply(s, softcap)
+    if alibi_slopes is not None:
+        s = s + alibi_bias(alibi_slopes, B, Hq, Sq, Sk, dtype=ct, device=q.device)
     allowed = attention_mask(B, Sq, Sk, causal=causal, prefix_lens=prefix_lens, doc_ids=doc_ids, kv_lens=kv_lens,
                              window=window, device=q.device).unsqueeze(1)
     nonempty = allowed.any(dim=-1, keepdim=True)  # (B, 1, Sq, 1)

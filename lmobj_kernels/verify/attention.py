@@ -16,7 +16,7 @@ def _row(op, backend, dtype, shape, err, bound):
             "max_err": err, "bound": bound, "ok": bool(err <= bound)}
 
 
-def _masks(B, S, gen):
+def _masks(B, Hq, S, gen):
     prefix = torch.randint(0, S + 1, (B,), generator=gen)
     kv = torch.randint(1, S + 1, (B,), generator=gen)
     docs = torch.sort(torch.randint(0, 4, (B, S), generator=gen), dim=1).values
@@ -30,6 +30,7 @@ def _masks(B, S, gen):
         "local_padding": dict(window=(S // 7, S // 9), kv_lens=kv),
         "softcap": dict(causal=True, window=(S // 3, None), softcap=1.0),
         "dropout_padding": dict(kv_lens=kv, dropout_p=0.1, seed=int(torch.randint(0, 2**62, (1,), generator=gen))),
+        "alibi_causal": dict(causal=True, alibi_slopes=L.alibi_slopes(Hq)),
     }
 
 
@@ -47,7 +48,7 @@ def cases(device: str = "cpu"):
         v = torch.randn(B, Hkv, S, D, generator=gen).to(device=dev, dtype=dtype).requires_grad_()
         do = torch.randn(B, Hq, S, D, generator=gen).to(device=dev, dtype=dtype)
         q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-        for mask_name, opts in _masks(B, S, gen).items():
+        for mask_name, opts in _masks(B, Hq, S, gen).items():
             opts = {n: (t.to(dev) if isinstance(t, torch.Tensor) else t) for n, t in opts.items()}
             r, _ = ref.attention(q64, k64, v64, **opts)
             rg = torch.autograd.grad(r, (q64, k64, v64), do.double())

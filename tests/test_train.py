@@ -155,6 +155,90 @@ def test_baseline_dropout_masks_padding_keys():
     assert not torch.equal(other, kernels._sdpa_attention(q, k, v, kv_lens=kv_lens, dropout_p=0.5))
 
 
+def test_corpus_documents():
+    """Without --doc-mask the stream is the documents joined by a blank line, as before; with it each document
+    ends with EOS (and the held-out sentence never holds one)."""
+    from lmobj_kernels.train.data import Corpus, default_docs
+
+    tok = ByteTokenizer()
+    docs, _ = default_docs()
+    plain, packed = Corpus.load(None, tok), Corpus.load(None, tok, eos_between=True)
+    ids = tok.encode("\n\n".join(docs))
+    assert torch.equal(torch.cat([plain.train, plain.val]), ids)
+    stream = torch.cat([packed.train, packed.val])
+    assert int((stream == tok.eos_id).sum()) == len(docs) and stream[-1] == tok.eos_id
+    assert torch.equal(stream[stream != tok.eos_id], torch.cat([tok.encode(d) for d in docs]))
+    assert "\x00" not in packed.sentence()
+
+
+@pytest.mark.parametrize("name", ["gpt", "bert", "t5"])
+def test_doc_mask_keeps_documents_apart(name):
+    """With doc_ids a document's hidden states do not depend on another document's tokens (GPT: the documents
+    before it; BERT and T5's encoder: both sides); without them they do."""
+    from lmobj_kernels.train.models import MODELS, ModelConfig
+
+    tok = ByteTokenizer()
+    torch.manual_seed(0)
+    model = MODELS[name](ModelConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=2, d_model=16))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(tok.offset, tok.offset + 256, (2, 24), generator=g)
+    ids[:, 9] = tok.eos_id  # document 0: positions 0..9, document 1: 10..23
+    other = ids.clone()
+    other[:, :9] = torch.randint(tok.offset, tok.offset + 256, (2, 9), generator=g)  # another document 0
+    docs = kernels.doc_ids_from_eos(ids, tok.eos_id)
+    assert torch.equal(docs, kernels.doc_ids_from_eos(other, tok.eos_id))
+
+    def hidden(x, doc_ids):
+        if name == "t5":
+            return model.encode(x, torch.tensor([24, 24]), doc_ids)
+        return model.hidden(x, doc_ids=doc_ids)
+
+    with torch.no_grad():
+        a, b = hidden(ids, docs), hidden(other, docs)
+        torch.testing.assert_close(a[:, 10:], b[:, 10:], rtol=0, atol=1e-6)  # document 1 never sees document 0
+        assert not torch.allclose(a[:, :10], b[:, :10])
+        assert not torch.allclose(hidden(ids, None)[:, 10:], hidden(other, None)[:, 10:])
+
+
+def test_t5_doc_ids_leave_no_row_empty():
+    """The encoder's documents are those of its EOS tokens; padding past input_lens (rows of several lengths: the
+    trainer's fixed windows have none, a plugged-in objective may) joins the row's last document, so every query row
+    keeps a key (SDPA, the baseline's attention with dropout, would give NaN rows)."""
+    from lmobj_kernels.reference.attention import attention_mask
+    from lmobj_kernels.train.objectives import _docs, t5_batch
+
+    tok = ByteTokenizer()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(tok.offset, tok.offset + 256, (4, 64), generator=g)
+    ids[:, [20, 41]] = tok.eos_id
+    b = t5_batch(ids, tok, 5, {"doc_mask": True})
+    assert torch.equal(b["doc_ids"], kernels.doc_ids_from_eos(b["input_ids"], tok.eos_id))
+    padded = torch.full((3, 12), tok.pad_id)
+    lens = torch.tensor([12, 7, 4])
+    for r, n in enumerate(lens.tolist()):
+        padded[r, :n] = torch.randint(tok.offset, tok.offset + 256, (n,), generator=g)
+        padded[r, n - 1] = tok.eos_id  # span corruption ends each input with EOS
+    padded[:, 2] = tok.eos_id
+    docs = _docs({"input_ids": padded, "input_lens": lens}, tok, {"doc_mask": True})["doc_ids"]
+    assert docs.tolist() == [[0] * 3 + [1] * 9, [0] * 3 + [1] * 9, [0] * 3 + [1] * 9]
+    assert attention_mask(3, 12, 12, doc_ids=docs, kv_lens=lens).any(-1).all()
+
+
+def test_doc_mask_trains_with_library_and_baseline(tmp_path):
+    """--doc-mask end to end: every objective trains, and the baseline (SDPA with the same document mask) reaches
+    the same losses; a run without it differs (the mask is applied)."""
+    for mode in ("lib", "base", "nomask"):
+        extra = {"lib": ["--doc-mask"], "base": ["--doc-mask", "--baseline"], "nomask": []}[mode]
+        assert train("--objective", "all", "--out", str(tmp_path / mode), "--no-demo", *extra) == 0
+    kernels.use_baseline(False)
+    val = {m: [(r["objective"], r["step"], r["loss"]) for r in map(json.loads, open(tmp_path / m / "metrics.jsonl"))
+               if r["kind"] == "val"] for m in ("lib", "base", "nomask")}
+    assert [v[:2] for v in val["lib"]] == [v[:2] for v in val["base"]]
+    torch.testing.assert_close([v[2] for v in val["lib"]], [v[2] for v in val["base"]], rtol=1e-4, atol=1e-5)
+    assert [v[2] for v in val["lib"]] != [v[2] for v in val["nomask"]]
+    assert json.load(open(tmp_path / "lib" / "args.json"))["doc_mask"] is True
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -344,10 +428,10 @@ def test_data_folder_reads_regular_files_and_resumes_from_elsewhere(tmp_path, mo
     (data / "broken").symlink_to(tmp_path / "nowhere")
     (data / "link.txt").symlink_to(data / "a.txt")
     os.mkfifo(data / "fifo")
-    from lmobj_kernels.train.data import read_text, text_files
+    from lmobj_kernels.train.data import read_docs, text_files
 
     assert text_files(str(data)) == [str(data / f) for f in ("a.txt", "link.txt", "sub/b.txt")]
-    assert read_text(str(data))[1].endswith("(3 text files)")
+    assert read_docs(str(data))[1].endswith("(3 text files)")
     monkeypatch.chdir(tmp_path)
     assert train("--objective", "clm", "--data", "data", "--out", "run", "--stop-after", "2") == 0
     assert json.load(open(tmp_path / "run" / "args.json"))["data"] == str(data)

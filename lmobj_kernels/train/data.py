@@ -50,11 +50,11 @@ class ByteTokenizer:
         return "".join(out)
 
 
-def default_text() -> tuple[str, str]:
-    """The documentation text that ships with every Python: pydoc_data.topics (~465 k characters)."""
+def default_docs() -> tuple[list[str], str]:
+    """The documentation that ships with every Python: pydoc_data.topics (79 topics, ~465 k characters)."""
     from pydoc_data import topics
 
-    return "\n\n".join(topics.topics[k] for k in sorted(topics.topics)), "pydoc_data.topics (Python's own docs)"
+    return [topics.topics[k] for k in sorted(topics.topics)], "pydoc_data.topics (Python's own docs)"
 
 
 def text_files(path: str) -> list[str]:
@@ -71,9 +71,9 @@ def text_files(path: str) -> list[str]:
     return sorted(files)
 
 
-def read_text(path: str) -> tuple[str, str]:
+def read_docs(path: str) -> tuple[list[str], str]:
     """A text file, or every text file under a folder (see text_files; files with NUL bytes are skipped as
-    binary)."""
+    binary): one document per file."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"--data {path}: no such file or folder")
     parts = []
@@ -85,7 +85,7 @@ def read_text(path: str) -> tuple[str, str]:
             raise ValueError(f"--data {path}: cannot read {f} ({e.strerror or e})") from None
         if b"\0" not in raw:
             parts.append(raw.decode("utf-8", errors="replace"))
-    return "\n\n".join(parts), f"{path} ({len(parts)} text file{'s' if len(parts) != 1 else ''})"
+    return parts, f"{path} ({len(parts)} text file{'s' if len(parts) != 1 else ''})"
 
 
 @dataclass
@@ -95,11 +95,18 @@ class Corpus:
     source: str
 
     @classmethod
-    def load(cls, path: str | None, tok: ByteTokenizer, val_fraction: float = 0.1) -> Corpus:
-        text, source = default_text() if path is None else read_text(path)
-        if not text:
+    def load(cls, path: str | None, tok: ByteTokenizer, val_fraction: float = 0.1, eos_between: bool = False
+             ) -> Corpus:
+        """The documents (pydoc topics, or files) as one stream of ids, joined by a blank line; with
+        `eos_between`, each document ends with an EOS instead (packed documents: the trainer's --doc-mask)."""
+        docs, source = default_docs() if path is None else read_docs(path)
+        if not "".join(docs):
             raise ValueError(f"--data {path}: no text in it (empty, or only binary files)")
-        ids = tok.encode(text)
+        if eos_between:
+            eos = torch.tensor([tok.eos_id])
+            ids = torch.cat([t for d in docs if d for t in (tok.encode(d), eos)])
+        else:
+            ids = tok.encode("\n\n".join(docs))
         n_val = int(len(ids) * val_fraction)
         return cls(ids[: len(ids) - n_val], ids[len(ids) - n_val:], source)
 
@@ -112,7 +119,9 @@ class Corpus:
 
     def sentence(self, min_len: int = 40, max_len: int = 100) -> str:
         """A held-out sentence (from the validation split) for the end-of-run demos."""
-        text = bytes((self.val - ByteTokenizer.offset).clamp(0, 255).tolist()).decode("utf-8", errors="replace")
+        raw = self.val - ByteTokenizer.offset
+        raw = torch.where((raw < 0) | (raw > 255), ord("\n"), raw)  # EOS between documents (--doc-mask): a break
+        text = bytes(raw.tolist()).decode("utf-8", errors="replace")
         for line in text.replace(". ", ".\n").split("\n"):
             line = " ".join(line.split())
             if min_len <= len(line) <= max_len and line.isascii() and line[0].isupper():

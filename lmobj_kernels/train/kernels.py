@@ -1,6 +1,7 @@
 """The one place where the trainer meets the library's attention and corruption ops.
 
-The trainer only ever calls `attention`, the three losses, `mlm_corrupt` and `t5_corrupt` from this module.
+The trainer only ever calls `attention`, the three losses, `mlm_corrupt`, `t5_corrupt` and `doc_ids_from_eos` from
+this module.
 `use_baseline()` swaps them for what people use today (PyTorch's own SDPA, F.cross_entropy over materialised
 logits, corruption on the CPU before the copy), for `lmobj train --baseline` tokens/s comparisons. `SOURCE` says
 which is in use.
@@ -15,7 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmobj_kernels.attention import attention  # noqa: F401 (the models call it)
+from lmobj_kernels.attention import (
+    attention,  # noqa: F401 (the models call it)
+    doc_ids_from_eos,  # noqa: F401 (the objectives call it)
+)
 from lmobj_kernels.attention import attention as _library_attention  # fixed: use_baseline rebinds `attention`
 from lmobj_kernels.corruption import mlm_mask, span_corrupt
 from lmobj_kernels.losses import causal_lm_loss, masked_lm_loss, seq2seq_lm_loss  # noqa: F401 (the models call these)
@@ -27,15 +31,15 @@ SOURCE = {"attention": "lmobj_kernels.attention", "corruption": _CORR,
           "losses": "lmobj_kernels (fused linear cross-entropy)"}
 
 
-def _sdpa_attention(q, k, v, *, causal=False, kv_lens=None, dropout_p=0.0):
+def _sdpa_attention(q, k, v, *, causal=False, kv_lens=None, doc_ids=None, dropout_p=0.0):
     """The baseline's attention: PyTorch's SDPA with a boolean mask (the library's `torch` backend is exactly that).
     With dropout, SDPA's own (the torch backend would compute the library's draws the plain way instead); the
     trainer's masks leave no query row without a key, so SDPA's empty-row behaviour never matters."""
     if dropout_p == 0:
-        return _library_attention(q, k, v, backend="torch", causal=causal, kv_lens=kv_lens)
+        return _library_attention(q, k, v, backend="torch", causal=causal, kv_lens=kv_lens, doc_ids=doc_ids)
     mask = None
-    if kv_lens is not None:
-        mask = _attention_mask(q.shape[0], q.shape[2], k.shape[2], causal=causal, kv_lens=kv_lens,
+    if kv_lens is not None or doc_ids is not None:
+        mask = _attention_mask(q.shape[0], q.shape[2], k.shape[2], causal=causal, kv_lens=kv_lens, doc_ids=doc_ids,
                                device=q.device).unsqueeze(1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                           dropout_p=dropout_p)

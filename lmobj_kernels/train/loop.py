@@ -39,7 +39,7 @@ from lmobj_kernels.train.objectives import OBJECTIVES
 DEFAULTS = {"objective": "all", "data": None, "steps": 300, "batch_size": 16, "seq_len": 128, "d_model": 128,
             "n_layer": 2, "n_head": 4, "dropout": 0.0, "lr": 1.5e-3, "warmup": 20, "weight_decay": 0.01,
             "grad_clip": 1.0, "eval_every": 50, "eval_batches": 4, "seed": 0, "dtype": "fp32", "mask_prob": 0.15,
-            "noise_density": 0.15, "mean_span_length": 3.0, "baseline": False}
+            "noise_density": 0.15, "mean_span_length": 3.0, "doc_mask": False, "baseline": False}
 RUN_KEYS = tuple(DEFAULTS)
 
 
@@ -75,6 +75,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     run_arg("mask_prob", "MLM: share of tokens to predict, in (0, 1)", type=float)
     run_arg("noise_density", "T5: share of tokens corrupted, in (0, 1)", type=float)
     run_arg("mean_span_length", "T5: mean corrupted span length, at least 1", type=float)
+    run_arg("doc_mask", "packed documents: each document (a pydoc topic, a --data file) ends with EOS, and "
+            "attention stays inside a document (the attention's doc_ids; T5: its encoder)", shown="off",
+            action=argparse.BooleanOptionalAction)
     run_arg("seed", type=int)
     p.add_argument("--device", default="auto",
                    help="auto (cuda if there is a GPU, else cpu), cpu, cuda, cuda:N (default: %(default)s)")
@@ -98,15 +101,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def _shown(key: str, v) -> str:
-    if key == "baseline":
-        return _flag(key) if v else "--no-baseline"
+    if key in ("baseline", "doc_mask"):
+        return _flag(key) if v else f"--no-{_flag(key)[2:]}"
     if key == "data" and v is None:
         return "--data (the default corpus)"
     return f"{_flag(key)} {v}"
 
 
 def _run_value(key: str, v) -> str:
-    if key == "baseline":
+    if key in ("baseline", "doc_mask"):
         return _shown(key, v)
     return "the default corpus" if key == "data" and v is None else str(v)
 
@@ -397,7 +400,7 @@ def train_objective(name: str, args, corpus: Corpus, tok: ByteTokenizer, device,
     obj = OBJECTIVES[name]
     log.where = {"objective": name, "step": 0, "steps": args.steps, "saved": None}  # refined once loaded
     opts = {"mask_prob": args.mask_prob, "noise_density": args.noise_density,
-            "mean_span_length": args.mean_span_length}
+            "mean_span_length": args.mean_span_length, "doc_mask": args.doc_mask}
     model, opt = build(name, args, tok, device)
     state = {"step": 0, "start_val": None, "val": None, "train_time": 0.0, "tokens": 0, "steady_time": 0.0,
              "steady_tokens": 0}
@@ -665,7 +668,7 @@ def run(args, p: argparse.ArgumentParser) -> int:
 def _run(args, p: argparse.ArgumentParser, ctx: dict) -> int:
     tok = ByteTokenizer()
     try:
-        corpus = Corpus.load(args.data, tok)
+        corpus = Corpus.load(args.data, tok, eos_between=args.doc_mask)
     except ValueError as e:
         p.error(str(e))
     check_data(args, corpus, p)
@@ -682,7 +685,8 @@ def _run(args, p: argparse.ArgumentParser, ctx: dict) -> int:
                 "arithmetic's order depends on it)")
     names = list(OBJECTIVES) if args.objective == "all" else [args.objective]
     log.say(f"lmobj train: {', '.join(names)} on {device} x{world} | data {corpus.source}: {len(corpus.train)} "
-            f"train / {len(corpus.val)} val tokens\n  attention: {kernels.SOURCE['attention']}\n  corruption: "
+            f"train / {len(corpus.val)} val tokens\n  attention: {kernels.SOURCE['attention']}"
+            f"{' (packed documents: masked per document)' if args.doc_mask else ''}\n  corruption: "
             f"{kernels.SOURCE['corruption']}\n  losses: {kernels.SOURCE['losses']}")
     t0 = time.perf_counter()
     results = {n: train_objective(n, args, corpus, tok, device, rank, world, run_dir, log) for n in names}

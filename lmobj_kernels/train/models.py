@@ -6,7 +6,8 @@
 
 Every model ties its LM head to the token embedding and never materialises the logits in training: the library's
 fused losses (`kernels.causal_lm_loss` ...) take the final hidden states and the embedding matrix. Attention goes
-through `kernels.attention`.
+through `kernels.attention`; a batch's `doc_ids` (packed documents, `--doc-mask`) keep the self-attention of
+the model's input (GPT's, BERT's, T5's encoder's) inside each document.
 Dropout (`ModelConfig.dropout`, GPT-2's, BERT's and T5's 0.1 in their papers; 0 by default here) is applied where
 GPT-2 applies it: to the softmax weights (the library's fused attention dropout), to each residual branch and to the
 embeddings; in training mode only.
@@ -57,7 +58,7 @@ class Attention(nn.Module):
         self.p = cfg.dropout
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, memory: Tensor | None = None, *, causal=False, kv_lens=None) -> Tensor:
+    def forward(self, x: Tensor, memory: Tensor | None = None, *, causal=False, kv_lens=None, doc_ids=None) -> Tensor:
         B, S, D = x.shape
         src = x if memory is None else memory
         heads = lambda t: t.view(B, t.shape[1], self.n_head, D // self.n_head).transpose(1, 2)  # (B, H, S, Dh)
@@ -65,7 +66,8 @@ class Attention(nn.Module):
         if memory is None:
             q, k = rope(q), rope(k)
         # the seed comes from the default generator, which the loop seeds per step
-        y = kernels.attention(q, k, v, causal=causal, kv_lens=kv_lens, dropout_p=self.p if self.training else 0.0)
+        y = kernels.attention(q, k, v, causal=causal, kv_lens=kv_lens, doc_ids=doc_ids,
+                              dropout_p=self.p if self.training else 0.0)
         return self.drop(self.proj(y.transpose(1, 2).reshape(B, S, D)))
 
 
@@ -89,8 +91,8 @@ class Block(nn.Module):
         self.ln_x, self.xattn = (nn.LayerNorm(cfg.d_model), Attention(cfg)) if cross else (None, None)
         self.ln2, self.mlp = nn.LayerNorm(cfg.d_model), MLP(cfg)
 
-    def forward(self, x, *, causal=False, kv_lens=None, memory=None, memory_lens=None):
-        x = x + self.attn(self.ln1(x), causal=causal, kv_lens=kv_lens)
+    def forward(self, x, *, causal=False, kv_lens=None, doc_ids=None, memory=None, memory_lens=None):
+        x = x + self.attn(self.ln1(x), causal=causal, kv_lens=kv_lens, doc_ids=doc_ids)
         if self.xattn is not None:
             x = x + self.xattn(self.ln_x(x), memory, kv_lens=memory_lens)
         return x + self.mlp(self.ln2(x))
@@ -132,19 +134,20 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model)
         _init(self, cfg.n_layer)
 
-    def hidden(self, ids: Tensor) -> Tensor:
+    def hidden(self, ids: Tensor, doc_ids: Tensor | None = None) -> Tensor:
         x = self.emb(ids)
         for block in self.blocks:
-            x = block(x, causal=True)
+            x = block(x, causal=True, doc_ids=doc_ids)
         return self.ln_f(x)
 
     def forward(self, batch: dict, reduction: str = "sum") -> Tensor:
-        h = self.hidden(batch["input_ids"])
+        h = self.hidden(batch["input_ids"], batch.get("doc_ids"))
         return kernels.causal_lm_loss(h, self.emb.weight, batch["labels"], reduction=reduction)
 
     def logits(self, batch: dict) -> tuple[Tensor, Tensor]:
         """(logits, targets) aligned: position t predicts token t+1."""
-        return self.hidden(batch["input_ids"])[:, :-1] @ self.emb.weight.T, batch["labels"][:, 1:]
+        h = self.hidden(batch["input_ids"], batch.get("doc_ids"))
+        return h[:, :-1] @ self.emb.weight.T, batch["labels"][:, 1:]
 
 
 class BERT(nn.Module):
@@ -157,18 +160,19 @@ class BERT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model)
         _init(self, cfg.n_layer)
 
-    def hidden(self, ids: Tensor, lens: Tensor | None = None) -> Tensor:
+    def hidden(self, ids: Tensor, lens: Tensor | None = None, doc_ids: Tensor | None = None) -> Tensor:
         x = self.emb(ids)
         for block in self.blocks:
-            x = block(x, kv_lens=lens)
+            x = block(x, kv_lens=lens, doc_ids=doc_ids)
         return self.ln_f(x)
 
     def forward(self, batch: dict, reduction: str = "sum") -> Tensor:
-        h = self.hidden(batch["input_ids"], batch.get("input_lens"))
+        h = self.hidden(batch["input_ids"], batch.get("input_lens"), batch.get("doc_ids"))
         return kernels.masked_lm_loss(h, self.emb.weight, batch["labels"], reduction=reduction)
 
     def logits(self, batch: dict) -> tuple[Tensor, Tensor]:
-        return self.hidden(batch["input_ids"], batch.get("input_lens")) @ self.emb.weight.T, batch["labels"]
+        h = self.hidden(batch["input_ids"], batch.get("input_lens"), batch.get("doc_ids"))
+        return h @ self.emb.weight.T, batch["labels"]
 
 
 class T5(nn.Module):
@@ -182,10 +186,10 @@ class T5(nn.Module):
         self.ln_enc, self.ln_dec = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
         _init(self, 2 * cfg.n_layer)
 
-    def encode(self, ids: Tensor, lens: Tensor | None) -> Tensor:
+    def encode(self, ids: Tensor, lens: Tensor | None, doc_ids: Tensor | None = None) -> Tensor:
         x = self.emb(ids)
         for block in self.encoder:
-            x = block(x, kv_lens=lens)
+            x = block(x, kv_lens=lens, doc_ids=doc_ids)
         return self.ln_enc(x)
 
     def decode(self, dec_ids: Tensor, memory: Tensor, memory_lens: Tensor | None) -> Tensor:
@@ -195,7 +199,7 @@ class T5(nn.Module):
         return self.ln_dec(y)
 
     def hidden(self, batch: dict) -> Tensor:
-        memory = self.encode(batch["input_ids"], batch.get("input_lens"))
+        memory = self.encode(batch["input_ids"], batch.get("input_lens"), batch.get("doc_ids"))
         return self.decode(batch["decoder_input_ids"], memory, batch.get("input_lens"))
 
     def forward(self, batch: dict, reduction: str = "sum") -> Tensor:

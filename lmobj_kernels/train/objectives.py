@@ -3,6 +3,8 @@
 An objective is a corruption function plus a model. More denoising objectives (BART noise, UL2 mixtures) plug in as
 one more `Objective(..., model="t5", corrupt=...)` whose corrupt function returns the same keys as `t5_batch`.
 Every tensor in a batch has the batch as its first axis, so a rank's share is a slice of the global batch.
+With opts["doc_mask"] (packed documents, each ending with EOS) a batch also holds `doc_ids` (B, S) for the attention
+of the model's (encoder's) input: a token attends only to tokens of its own document.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 from lmobj_kernels.train import kernels
@@ -29,8 +32,18 @@ class Objective:
         return int((labels != -100).sum())
 
 
+def _docs(batch: dict, tok: ByteTokenizer, opts: dict) -> dict:
+    if opts.get("doc_mask"):
+        docs = kernels.doc_ids_from_eos(batch["input_ids"], tok.eos_id)
+        if "input_lens" in batch:  # padding joins the last document: no query row is left without a key
+            last = docs.gather(1, (batch["input_lens"].to(docs.device).long() - 1).clamp(min=0)[:, None])
+            docs = torch.minimum(docs, last)
+        batch["doc_ids"] = docs
+    return batch
+
+
 def clm_batch(ids: Tensor, tok: ByteTokenizer, seed: int, opts: dict) -> dict:
-    return {"input_ids": ids, "labels": ids}
+    return _docs({"input_ids": ids, "labels": ids}, tok, opts)
 
 
 def mlm_batch(ids: Tensor, tok: ByteTokenizer, seed: int, opts: dict) -> dict:
@@ -40,15 +53,18 @@ def mlm_batch(ids: Tensor, tok: ByteTokenizer, seed: int, opts: dict) -> dict:
                                          # random replacements are bytes: 104 of the 360 ids are pad, BOS, EOS,
                                          # [MASK] and T5's sentinels, which BERT's text never holds
                                          random_range=(tok.offset, tok.offset + 256))
-    return {"input_ids": inputs, "labels": labels}
+    # EOS is special: never masked, so the documents are those of the text (the mask's ids are not EOS)
+    return _docs({"input_ids": inputs, "labels": labels}, tok, opts)
 
 
 def t5_batch(ids: Tensor, tok: ByteTokenizer, seed: int, opts: dict) -> dict:
     b = kernels.t5_corrupt(ids, vocab_size=tok.vocab_size, eos_id=tok.eos_id, pad_id=tok.pad_id,
                            decoder_start_id=tok.bos_id, seed=seed, noise_density=opts.get("noise_density", 0.15),
                            mean_span_length=opts.get("mean_span_length", 3.0), max_sentinels=tok.n_sentinels)
-    return {"input_ids": b.input_ids, "input_lens": b.input_lens, "decoder_input_ids": b.decoder_input_ids,
-            "labels": b.labels}
+    # the encoder's documents: those whose EOS survived corruption (an EOS inside a noise span joins its two
+    # documents), the last one ending at the EOS span corruption appends
+    return _docs({"input_ids": b.input_ids, "input_lens": b.input_lens, "decoder_input_ids": b.decoder_input_ids,
+                  "labels": b.labels}, tok, opts)
 
 
 OBJECTIVES = {

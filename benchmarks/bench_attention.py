@@ -266,8 +266,10 @@ def run_gpu(full: bool) -> list[dict]:
         do = torch.randn(B, H, S, D, generator=gen).to(dev, dtype)
         mask = None if mname in ("causal", "softcap") else bool_mask(opts, B, S, dev).unsqueeze(1)
         if slopes is not None:  # SDPA takes ALiBi as a materialised float mask (1, H, S, S)
-            mask = torch.where(bool_mask(opts, 1, S, dev).unsqueeze(1), ref.alibi_bias(slopes, 1, H, S, S, dtype=dtype,
-                               device=dev), torch.tensor(-float("inf"), dtype=dtype, device=dev))
+            bias = ref.alibi_bias(slopes, 1, H, S, S, device=dev).to(dtype)  # float32 distances, then cast
+            mask = torch.where(bool_mask(opts, 1, S, dev).unsqueeze(1), bias,
+                               torch.tensor(-float("inf"), dtype=dtype, device=dev))
+            bias = None
         # every contender takes the dropout probability p: 0 for the check, `drop` for the timing
         cands = {"lmobj.triton": lambda q, k, v, p, o=opts, sl=slopes: L.attention(
             q, k, v, backend="triton", dropout_p=p, alibi_slopes=sl, **o)}

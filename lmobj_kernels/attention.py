@@ -174,9 +174,9 @@ def _check_softcap(softcap, scale: float) -> None:
 
 
 def _check_alibi(alibi_slopes, q: Tensor, Sk: int) -> Tensor | None:
-    """alibi_slopes as a detached (B, Hq) tensor in its own float dtype, or None. Values are checked (finite, and
-    the bias -slope * distance finite in float32 after the kernels' * log2(e)) where that needs no device sync:
-    CPU slopes outside torch.compile."""
+    """alibi_slopes as a detached (B, Hq) tensor in its own float dtype, or None. Values must be finite, with the
+    bias -slope * distance finite in float32 after the kernels' * log2(e): read on the CPU, a device-side assert on
+    a GPU or while compiling (no host synchronisation)."""
     if alibi_slopes is None:
         return None
     B, Hq = q.shape[0], q.shape[1]
@@ -191,22 +191,29 @@ def _check_alibi(alibi_slopes, q: Tensor, Sk: int) -> Tensor | None:
     if alibi_slopes.requires_grad:
         raise ValueError("alibi_slopes requires grad, but no gradient is computed for the slopes (as in "
                          "FlashAttention); pass alibi_slopes.detach()")
-    if not alibi_slopes.is_cuda and not torch.compiler.is_compiling() and alibi_slopes.numel():
-        bound = FLOAT32_MAX / _LOG2E / max(q.shape[2], Sk, 1)
-        top = float(alibi_slopes.abs().max())
-        if not top <= bound:
-            raise ValueError(f"alibi_slopes must be finite, with |slope| * sequence length finite in float32; got "
-                             f"|slope| up to {top}")
+    bound = FLOAT32_MAX / _LOG2E / max(q.shape[2], Sk, 1)
+    ok = (alibi_slopes.abs() <= bound).all()  # NaN fails too
+    if alibi_slopes.is_cuda or torch.compiler.is_compiling():
+        torch._assert_async(ok, "alibi_slopes holds a slope that is not finite, or whose bias over the sequence "
+                                "overflows float32")
+    elif not bool(ok):
+        raise ValueError(f"alibi_slopes must be finite, with |slope| * sequence length finite in float32; got "
+                         f"|slope| up to {float(alibi_slopes.abs().max())}")
     return alibi_slopes.detach().expand(B, Hq)
+
+
+def _check_heads(n_heads) -> int:
+    n_heads = _plain_int(n_heads)
+    if not isinstance(n_heads, int) or isinstance(n_heads, bool) or n_heads < 1:
+        raise ValueError(f"n_heads must be an int >= 1, got {n_heads!r}")
+    return n_heads
 
 
 def alibi_slopes(n_heads: int, *, device: torch.device | str = "cpu") -> Tensor:
     """ALiBi's per-head slopes (Press et al., 2022), float32 (n_heads,): for n a power of two the geometric series
     2^(-8/n), 2^(-16/n), ..., 2^(-8); otherwise the slopes of the power of two m just below n, followed by every
     other slope of 2m (the first n - m of them), as BLOOM builds them."""
-    n_heads = _plain_int(n_heads)
-    if not isinstance(n_heads, int) or isinstance(n_heads, bool) or n_heads < 1:
-        raise ValueError(f"n_heads must be an int >= 1, got {n_heads!r}")
+    n_heads = _check_heads(n_heads)
 
     def series(n: int) -> list[float]:
         return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
@@ -338,7 +345,10 @@ def attention(
     materialises the scores (SDPA has no cap).
     alibi_slopes: ALiBi, a float tensor (Hq,) or (B, Hq) (`alibi_slopes(Hq)` gives the paper's): the bias
     -slope * |i + Sk - Sq - j| is added to the (capped) scores, FlashAttention's definition (|i - j| when Sq ==
-    Sk). No gradient for the slopes. The torch backend then materialises the scores.
+    Sk). Sq and Sk are the tensors' lengths, padding included: in cross attention with kv_lens the last query
+    faces the last padded key (as FlashAttention's flash_attn_func; its varlen form aligns to the real key count),
+    so there padding is not transparent. No gradient for the slopes. Values are checked (a device-side assert on
+    a GPU). The torch backend then materialises the scores.
     dropout_p: attention dropout probability in [0, 1) (as SDPA's; apply it in training only: the module form
     does). Weight (b, h, i, j) is dropped when its Philox draw says so (`reference.attention.dropout_keep`), kept
     weights are scaled by 1 / (1 - dropout_p). The draws come from `seed` (int in [0, 2^63) or int64 tensor),
@@ -453,8 +463,8 @@ class MaskedAttention(nn.Module):
     dropout, deterministic, backend), per-batch masks at call time: forward(q, k, v, prefix_lens=None, doc_ids=None,
     kv_lens=None). dropout applies in training mode only (as nn.Dropout), each call with a fresh seed from the
     device's default generator (so torch.manual_seed makes a run repeatable). alibi_slopes: a float tensor (H,),
-    or True for the paper's slopes of `n_heads` heads, kept as a buffer (it moves with .to(), is saved in the
-    state dict, and is not trained)."""
+    or True for the paper's slopes of `n_heads` heads, kept as a float32 buffer (it moves with .to(), stays float32
+    when the module is cast to bfloat16 or float16, is saved in the state dict, and is not trained)."""
 
     def __init__(self, *, causal: bool = False, window: tuple[int | None, int | None] | None = None,
                  scale: float | None = None, softcap: float | None = None, alibi_slopes: Tensor | bool | None = None,
@@ -478,12 +488,26 @@ class MaskedAttention(nn.Module):
         elif alibi_slopes is False:
             alibi_slopes = None
         if alibi_slopes is not None:
-            if not isinstance(alibi_slopes, Tensor) or alibi_slopes.dtype not in _FLOATS or alibi_slopes.dim() != 1:
+            if not isinstance(alibi_slopes, Tensor) or alibi_slopes.dtype not in _FLOATS:
                 raise TypeError("alibi_slopes must be True, None or a float tensor of shape (n_heads,)")
-            if n_heads is not None and alibi_slopes.shape[0] != n_heads:
+            if alibi_slopes.dim() != 1:
+                raise ValueError(f"alibi_slopes must have shape (n_heads,), got {tuple(alibi_slopes.shape)}")
+            if alibi_slopes.requires_grad:
+                raise ValueError("alibi_slopes requires grad, but no gradient is computed for the slopes (as in "
+                                 "FlashAttention); pass alibi_slopes.detach()")
+            if n_heads is not None and alibi_slopes.shape[0] != _check_heads(n_heads):
                 raise ValueError(f"alibi_slopes has {alibi_slopes.shape[0]} slopes for n_heads {n_heads}")
-            alibi_slopes = alibi_slopes.detach().clone()
+            alibi_slopes = alibi_slopes.to(torch.float32, copy=True)
         self.register_buffer("alibi_slopes", alibi_slopes)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() would round the slopes (bfloat16: a bias ~3 logits off at distance 2k for 112 heads);
+        # FlashAttention takes float32 slopes too. Moves between devices go through.
+        slopes = self.alibi_slopes
+        out = super()._apply(fn, recurse)
+        if slopes is not None and self.alibi_slopes.dtype != torch.float32:
+            self.alibi_slopes = slopes.to(self.alibi_slopes.device)
+        return out
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, prefix_lens=None, doc_ids=None, kv_lens=None) -> Tensor:
         return attention(q, k, v, causal=self.causal, prefix_lens=prefix_lens, doc_ids=doc_ids, kv_lens=kv_lens,

@@ -988,6 +988,7 @@ ALIBI_CASES = [
     ("prefix+docs+kvlens+gqa", 45, dict(causal=True, prefix=True, docs=True, kv=True, gqa=True), "batch"),
     ("bidirectional+kvlens", 33, dict(kv=True), "steep"),
     ("cross+kvlens+gqa", 21, dict(cross=True, kv=True, gqa=True), "batch"),
+    ("cross, Sq > Sk", 61, dict(cross="short", kv=True), "steep"),
     ("window+softcap+dropout", 40, dict(causal=True, window=(9, None), softcap=3.0, dropout_p=0.3), "heads"),
 ]
 
@@ -1001,7 +1002,9 @@ def test_alibi_matches_reference(gen, backend, case):
     m = dict(m)
     gqa, cross = m.pop("gqa", False), m.pop("cross", False)
     extra = {key: m.pop(key) for key in ("window", "softcap", "dropout_p") if key in m}
-    B, Hq, Hkv, Sq, Sk = _shape(length, gqa, cross)
+    B, Hq, Hkv, Sq, Sk = _shape(length, gqa, bool(cross))
+    if cross == "short":  # fewer keys than queries: the alignment offset Sk - Sq is negative
+        Sk = length // 3
     opts = {**_mask(gen, B, Sq, Sk, **m), **extra}
     if "dropout_p" in opts:
         opts["seed"] = int(torch.randint(0, 2**62, (1,), generator=gen))
@@ -1045,6 +1048,16 @@ def test_module_alibi(gen):
         L.MaskedAttention(alibi_slopes=mine, n_heads=3)
     with pytest.raises(TypeError, match="alibi_slopes"):
         L.MaskedAttention(alibi_slopes=[0.5])
+    with pytest.raises(ValueError, match="shape"):
+        L.MaskedAttention(alibi_slopes=torch.ones(2, 4))
+    with pytest.raises(ValueError, match="detach"):
+        L.MaskedAttention(alibi_slopes=torch.ones(4, requires_grad=True))
+    with pytest.raises(ValueError, match="n_heads"):
+        L.MaskedAttention(alibi_slopes=torch.ones(4), n_heads=4.0)
+    # casting the module to a low precision keeps the slopes float32 (as FlashAttention needs them), on any device
+    m3 = L.MaskedAttention(alibi_slopes=True, n_heads=36).to(torch.bfloat16)
+    assert m3.alibi_slopes.dtype == torch.float32 and torch.equal(m3.alibi_slopes, L.alibi_slopes(36))
+    assert m3.half().to("meta").alibi_slopes.device.type == "meta"
 
 
 # ---- registration, opcheck, torch.compile ----
@@ -1220,6 +1233,18 @@ def test_gpu_triton_dropout(gen, D):
     _check(gen, "triton", 2, 8, 2, S, S, D, dict(_mask(gen, 2, S, S, causal=True, docs=True, device="cuda"),
                                                 dropout_p=0.5, seed=7), dtype=torch.bfloat16, device="cuda")
     _check_dropout_bits(gen, "triton", D, 300, device="cuda")
+
+
+def test_alibi_compiled_values_are_checked(gen):
+    """Under torch.compile (as on a GPU) the slope values are checked by an assert in the graph, not read back."""
+    torch._dynamo.reset()
+    q, k, v = (t.detach() for t in _qkv(gen, 1, 2, 2, 8, 8, 16))
+    f = torch.compile(lambda q, k, v, s: L.attention(q, k, v, causal=True, alibi_slopes=s, backend="torch"),
+                      fullgraph=True)
+    torch.testing.assert_close(f(q, k, v, L.alibi_slopes(2)),
+                               L.attention(q, k, v, causal=True, alibi_slopes=L.alibi_slopes(2), backend="torch"))
+    with pytest.raises(RuntimeError, match="alibi_slopes"):
+        f(q, k, v, torch.tensor([0.5, float("inf")]))
 
 
 @pytest.mark.gpu

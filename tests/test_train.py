@@ -335,6 +335,8 @@ def test_resume_refuses_options_that_differ(tmp_path, capsys):
         (["--objective", "all"], "--objective all (the run has clm)"),
         (["--lr", "0.0015", "--seq-len", "128"], "--seq-len 128 (the run has 32)"),
         (["--baseline"], "--baseline (the run has --no-baseline)"),
+        (["--doc-mask"], "--doc-mask (the run has --no-doc-mask)"),
+        (["--dropout", "0.1"], "--dropout 0.1 (the run has 0.0)"),
         (["--data", str(tmp_path)], "(the run has the default corpus)"),
         (["--out", str(tmp_path / "elsewhere")], "continues the run in its own folder; drop --out"),
     ]:
@@ -342,6 +344,12 @@ def test_resume_refuses_options_that_differ(tmp_path, capsys):
             cli.main(["train", "--resume", str(run), *argv, "--quiet"])
         assert e.value.code == 2 and message in capsys.readouterr().err, argv
     assert not (tmp_path / "elsewhere").exists()
+    # a run saved before --dropout and --doc-mask existed trained without them: they too must match
+    saved = json.loads((run / "args.json").read_text())
+    (run / "args.json").write_text(json.dumps({k: v for k, v in saved.items() if k not in ("dropout", "doc_mask")}))
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--resume", str(run), "--dropout", "0.1", "--quiet"])
+    assert "--dropout 0.1 (the run has 0.0)" in capsys.readouterr().err
     # the run's own values, given explicitly, and --out naming the run's folder are fine
     assert cli.main(["train", "--resume", str(run), "--steps", "3", "--seq-len", "32", "--out", str(run),
                      "--quiet", "--no-demo"]) == 0

@@ -72,8 +72,9 @@ def alibi_bias(slopes: Tensor, batch: int, heads: int, sq: int, sk: int, *, dtyp
     measured with the last query aligned to the last key (so |i - j| when Sq == Sk). slopes: (H,) or (B, H)."""
     i = torch.arange(sq, device=device, dtype=torch.int64).view(sq, 1)
     j = torch.arange(sk, device=device, dtype=torch.int64).view(1, sk)
-    dist = (i + (sk - sq) - j).abs().to(dtype)
-    return -slopes.to(device=device, dtype=dtype).expand(batch, heads).view(batch, heads, 1, 1) * dist
+    dist = (i + (sk - sq) - j).abs().to(torch.float64 if dtype == torch.float64 else torch.float32)
+    bias = -slopes.to(device=device, dtype=dist.dtype).expand(batch, heads).view(batch, heads, 1, 1) * dist
+    return bias.to(dtype)
 
 
 def dropout_threshold(p: float) -> int:

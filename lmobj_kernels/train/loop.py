@@ -148,7 +148,8 @@ def check_args(args, p: argparse.ArgumentParser) -> None:
                 loaded = json.load(f)
         except (OSError, ValueError) as e:
             p.error(f"--resume {args.resume}: cannot read its args.json ({e})")
-        run = {k: v for k, v in loaded.items() if k in RUN_KEYS}
+        # a key the run lacks was added later: the run trained with its default (e.g. --dropout 0, no --doc-mask)
+        run = {k: loaded.get(k, DEFAULTS[k]) for k in RUN_KEYS}
         args.saved_environment = loaded.get("environment")
         # what to train comes from the run; an option given here that disagrees would be silently dropped
         def same(k, v):  # a run saved by an earlier version may hold --data as typed, relative

@@ -7,6 +7,7 @@ kernels; `--timing-skip`).
   python benchmarks/bench_train.py --quick    # seconds (smoke test)
   python benchmarks/bench_train.py --gpu      # GPU: a larger model in bf16 (run by gpu_check.sh)
   python benchmarks/bench_train.py --gpu --dropout 0.1   # with BERT's and T5's dropout (fused vs SDPA's)
+  python benchmarks/bench_train.py --gpu --doc-mask       # packed documents (doc_ids vs SDPA's boolean mask)
 Prints a table and writes benchmarks/results/train-<machine>-<date>.json.
 """
 
@@ -49,9 +50,11 @@ def main() -> int:
     p.add_argument("--out", default=common.RESULTS)
     p.add_argument("--dropout", type=float, default=0.0,
                    help="train with this dropout (0.1: BERT's and T5's recipe; the baseline uses SDPA's own)")
+    p.add_argument("--doc-mask", action="store_true",
+                   help="packed documents with attention masked per document (the baseline: SDPA with that mask)")
     a = p.parse_args()
-    size = SIZES["quick" if a.quick else ("gpu" if a.gpu else "cpu")] + (["--dropout", str(a.dropout)] if a.dropout
-                                                                          else [])
+    size = list(SIZES["quick" if a.quick else ("gpu" if a.gpu else "cpu")])
+    size += (["--dropout", str(a.dropout)] if a.dropout else []) + (["--doc-mask"] if a.doc_mask else [])
     rows, table = [], []
     common.write_on_term("train-quick" if a.quick else "train", rows, a.out)
     for objective in ("clm", "mlm", "t5"):

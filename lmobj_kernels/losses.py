@@ -242,8 +242,8 @@ def linear_cross_entropy(
     hidden: (..., D); weight: (V, D) (the LM head / tied embedding); target: hidden.shape[:-1].
     shift=True scores position t against target t+1 along the second-to-last axis of hidden (causal LM; the last
     position of each sequence is ignored) without copying the labels. The rows run in chunks of `chunk_size`
-    (default: a logits chunk of at most 1 GiB on a GPU, 64 MiB on the CPU), which bounds the extra memory: the
-    chunk's logits plus a float32 accumulator for the weight gradient. With a scalar reduction
+    (default: a logits chunk of at most 1 GiB on a GPU, 20 MiB on the CPU: CHUNK_BYTES), which bounds the extra
+    memory: the chunk's logits plus a float32 accumulator for the weight gradient. With a scalar reduction
     the gradients are computed during the forward (no second pass over the logits) and scaled in backward.
     low_memory=True drops the accumulator and bounds the extra memory to about 96 MiB on a GPU (16 MiB on the CPU;
     `LOW_MEMORY_BYTES`): the weight gradient is computed by blocks of the vocabulary from recomputed logits, each

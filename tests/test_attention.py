@@ -1235,6 +1235,18 @@ def test_gpu_triton_dropout(gen, D):
     _check_dropout_bits(gen, "triton", D, 300, device="cuda")
 
 
+def test_dropout_compiles_with_an_int_seed(gen):
+    """An int seed is a constant of the compiled graph: Inductor once tried to fold the ten Philox rounds on it and
+    never finished (the keep mask is now an op it runs). Compiled equals eager, dropped weights included."""
+    torch._dynamo.reset()
+    q, k, v = (t.detach() for t in _qkv(gen, 1, 2, 2, 8, 8, 16))
+    f = torch.compile(lambda q, k, v: L.attention(q, k, v, dropout_p=0.3, seed=3, backend="torch"), fullgraph=True)
+    out, want = f(q, k, v), L.attention(q, k, v, dropout_p=0.3, seed=3, backend="torch")
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-5)
+    assert torch.equal(out == 0, want == 0)
+    torch.library.opcheck(torch.ops.lmobj.attn_dropout_keep, (torch.tensor([3]), 1, 2, 5, 7, 0.3))
+
+
 def test_alibi_compiled_values_are_checked(gen):
     """Under torch.compile (as on a GPU) the slope values are checked by an assert in the graph, not read back."""
     torch._dynamo.reset()

@@ -107,6 +107,18 @@ def dropout_keep(seed: Tensor | int, batch: int, heads: int, sq: int, sk: int, p
     return keep.view(B, H, sq, sk)
 
 
+@torch.library.custom_op("lmobj::attn_dropout_keep", mutates_args=())
+def _dropout_keep_op(seed: Tensor, batch: int, heads: int, sq: int, sk: int, p: float) -> Tensor:
+    """`dropout_keep` as an op, so that torch.compile runs it rather than tracing the Philox rounds: with a seed
+    that is a constant of the graph (an int seed) Inductor tried to fold all ten rounds and never finished."""
+    return dropout_keep(seed, batch, heads, sq, sk, p, device=seed.device)
+
+
+@_dropout_keep_op.register_fake
+def _(seed, batch, heads, sq, sk, p):
+    return seed.new_empty((batch, heads, sq, sk), dtype=torch.bool)
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -156,7 +168,8 @@ def attention(
     if dropout_p > 0:
         if seed is None:
             raise ValueError("dropout_p > 0 needs a seed")
-        keep = dropout_keep(seed, B, Hq, Sq, Sk, dropout_p, device=q.device)
+        seed_t = seed if isinstance(seed, Tensor) else torch.tensor(seed, dtype=torch.int64)
+        keep = _dropout_keep_op(seed_t.to(q.device), B, Hq, Sq, Sk, float(dropout_p))
         p = p * keep * (1.0 / (1.0 - dropout_p))
     out = torch.matmul(p, v.to(ct))
     return out.to(q.dtype), lse

@@ -173,6 +173,16 @@ def _check_softcap(softcap, scale: float) -> None:
                          f"{softcap!r}")
 
 
+def _check_slopes_tensor(alibi_slopes, expected: str) -> None:
+    """What attention() and MaskedAttention both ask of a slope tensor: a float tensor, with no gradient wanted."""
+    if not isinstance(alibi_slopes, Tensor) or alibi_slopes.dtype not in _FLOATS:
+        raise TypeError(f"alibi_slopes must be {expected}, got "
+                        f"{alibi_slopes.dtype if isinstance(alibi_slopes, Tensor) else type(alibi_slopes).__name__}")
+    if alibi_slopes.requires_grad:
+        raise ValueError("alibi_slopes requires grad, but no gradient is computed for the slopes (as in "
+                         "FlashAttention); pass alibi_slopes.detach()")
+
+
 def _check_alibi(alibi_slopes, q: Tensor, Sk: int) -> Tensor | None:
     """alibi_slopes as a detached (B, Hq) tensor in its own float dtype, or None. Values must be finite, with the
     bias -slope * distance finite in float32 after the kernels' * log2(e): read on the CPU, a device-side assert on
@@ -180,17 +190,12 @@ def _check_alibi(alibi_slopes, q: Tensor, Sk: int) -> Tensor | None:
     if alibi_slopes is None:
         return None
     B, Hq = q.shape[0], q.shape[1]
-    if not isinstance(alibi_slopes, Tensor) or alibi_slopes.dtype not in _FLOATS:
-        raise TypeError(f"alibi_slopes must be a float tensor of shape ({Hq},) or ({B}, {Hq}), got "
-                        f"{alibi_slopes.dtype if isinstance(alibi_slopes, Tensor) else type(alibi_slopes).__name__}")
+    _check_slopes_tensor(alibi_slopes, f"a float tensor of shape ({Hq},) or ({B}, {Hq})")
     if tuple(alibi_slopes.shape) not in ((Hq,), (B, Hq)):
         raise ValueError(f"alibi_slopes must have shape ({Hq},) or ({B}, {Hq}) (one slope per query head), got "
                          f"{tuple(alibi_slopes.shape)}")
     if alibi_slopes.device != q.device:
         raise ValueError(f"alibi_slopes is on {alibi_slopes.device}, q on {q.device}")
-    if alibi_slopes.requires_grad:
-        raise ValueError("alibi_slopes requires grad, but no gradient is computed for the slopes (as in "
-                         "FlashAttention); pass alibi_slopes.detach()")
     bound = FLOAT32_MAX / _LOG2E / max(q.shape[2], Sk, 1)
     ok = (alibi_slopes.abs() <= bound).all()  # NaN fails too
     if alibi_slopes.is_cuda or torch.compiler.is_compiling():
@@ -488,13 +493,9 @@ class MaskedAttention(nn.Module):
         elif alibi_slopes is False:
             alibi_slopes = None
         if alibi_slopes is not None:
-            if not isinstance(alibi_slopes, Tensor) or alibi_slopes.dtype not in _FLOATS:
-                raise TypeError("alibi_slopes must be True, None or a float tensor of shape (n_heads,)")
+            _check_slopes_tensor(alibi_slopes, "True, None or a float tensor of shape (n_heads,)")
             if alibi_slopes.dim() != 1:
                 raise ValueError(f"alibi_slopes must have shape (n_heads,), got {tuple(alibi_slopes.shape)}")
-            if alibi_slopes.requires_grad:
-                raise ValueError("alibi_slopes requires grad, but no gradient is computed for the slopes (as in "
-                                 "FlashAttention); pass alibi_slopes.detach()")
             if n_heads is not None and alibi_slopes.shape[0] != _check_heads(n_heads):
                 raise ValueError(f"alibi_slopes has {alibi_slopes.shape[0]} slopes for n_heads {n_heads}")
             alibi_slopes = alibi_slopes.to(torch.float32, copy=True)

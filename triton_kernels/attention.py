@@ -802,12 +802,12 @@ def _dropout(dropout_p: float, seed, dummy: torch.Tensor) -> tuple[bool, torch.T
     return True, seed, min(round(dropout_p * 2**32), 2**32 - 1) - 2**31, 1.0 / (1.0 - dropout_p)
 
 
-def _alibi_arg(alibi_slopes, q: torch.Tensor, dummy: torch.Tensor) -> tuple[bool, torch.Tensor]:
-    """(HAS_ALIBI, ALIBI) for the kernels: the slopes as float32 (B, Hq) contiguous."""
+def _alibi_arg(alibi_slopes, dummy: torch.Tensor) -> tuple[bool, torch.Tensor]:
+    """(HAS_ALIBI, ALIBI) for the kernels: the slopes, float32 (B, Hq) contiguous as the op takes them (the public
+    attention() converts them once, for the forward and the backward)."""
     if alibi_slopes is None:
         return False, dummy
-    B, Hq = q.shape[0], q.shape[1]
-    return True, alibi_slopes.to(device=q.device, dtype=torch.float32).expand(B, Hq).contiguous()
+    return True, alibi_slopes
 
 
 def _softcap(softcap: float, scale: float) -> tuple[bool, float, float]:
@@ -833,7 +833,7 @@ def attention_forward(q, k, v, prefix_lens, doc_ids, kv_lens, causal: bool, wind
     has_window, wl, wr = _window(window_left, window_right, Sk)
     has_cap, cap_in, cap_l2 = _softcap(softcap, scale)
     has_drop, seed_t, drop_t, keep_scale = _dropout(dropout_p, seed, prefix)
-    has_alibi, slopes = _alibi_arg(alibi_slopes, q, lse)
+    has_alibi, slopes = _alibi_arg(alibi_slopes, lse)
     block_d = max(16, triton.next_power_of_2(D))
     kv_len_arg = kvl if kv_lens is not None else None
 
@@ -874,7 +874,7 @@ def attention_backward(do, q, k, v, out, lse, prefix_lens, doc_ids, kv_lens, cau
     has_cap, cap_in, cap_l2 = _softcap(softcap, scale)
     prefix, kvl, doc = _meta(q, prefix_lens, kv_lens, doc_ids)
     has_drop, seed_t, drop_t, keep_scale = _dropout(dropout_p, seed, prefix)
-    has_alibi, slopes = _alibi_arg(alibi_slopes, q, lse)
+    has_alibi, slopes = _alibi_arg(alibi_slopes, lse)
     flags = dict(CAUSAL=causal, HAS_PREFIX=prefix_lens is not None, HAS_KVLEN=kv_lens is not None,
                  HAS_DOCS=doc_ids is not None, HAS_WINDOW=has_window, HAS_SOFTCAP=has_cap, HAS_DROPOUT=has_drop,
                  HAS_ALIBI=has_alibi, BLOCK_D=block_d, PREC=_prec(q.dtype), UPCAST=_upcast(q), EVEN_D=block_d == D)

@@ -100,7 +100,7 @@ class Corpus:
         """The documents (pydoc topics, or files) as one stream of ids, joined by a blank line; with
         `eos_between`, each document ends with an EOS instead (packed documents: the trainer's --doc-mask)."""
         docs, source = default_docs() if path is None else read_docs(path)
-        if not "".join(docs):
+        if not any(docs):
             raise ValueError(f"--data {path}: no text in it (empty, or only binary files)")
         if eos_between:
             eos = torch.tensor([tok.eos_id])

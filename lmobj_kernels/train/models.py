@@ -55,8 +55,7 @@ class Attention(nn.Module):
         self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.p = cfg.dropout
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)  # its p is also the attention dropout
 
     def forward(self, x: Tensor, memory: Tensor | None = None, *, causal=False, kv_lens=None, doc_ids=None) -> Tensor:
         B, S, D = x.shape
@@ -67,7 +66,7 @@ class Attention(nn.Module):
             q, k = rope(q), rope(k)
         # the seed comes from the default generator, which the loop seeds per step
         y = kernels.attention(q, k, v, causal=causal, kv_lens=kv_lens, doc_ids=doc_ids,
-                              dropout_p=self.p if self.training else 0.0)
+                              dropout_p=self.drop.p if self.training else 0.0)
         return self.drop(self.proj(y.transpose(1, 2).reshape(B, S, D)))
 
 

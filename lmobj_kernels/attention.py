@@ -417,7 +417,8 @@ def doc_ids_from_cu_seqlens(cu_seqlens: Tensor, seq_len: int) -> Tensor:
     starting at 0 and non-decreasing; a tensor, or a list of ints (of lists of ints), taken as a CPU tensor.
     Position t belongs to document d when cu[d] <= t < cu[d + 1]; positions past the last boundary (padding) get
     id n, a document of their own (combine with kv_lens to mask them out). Returns int32 of shape (1, seq_len) for
-    a 1-D input, (B, seq_len) otherwise, on cu_seqlens' device."""
+    a 1-D input, (B, seq_len) otherwise, on cu_seqlens' device. On the CPU the values are checked (non-decreasing,
+    from 0, ending at seq_len or before); a CUDA tensor is taken as it is, without a host synchronisation."""
     if isinstance(cu_seqlens, Sequence) and not isinstance(cu_seqlens, (str, bytes)):
         rows = [list(r) if isinstance(r, Sequence) and not isinstance(r, (str, bytes)) else r for r in cu_seqlens]
         flat = [v for r in rows for v in (r if isinstance(r, list) else [r])]
@@ -442,6 +443,9 @@ def doc_ids_from_cu_seqlens(cu_seqlens: Tensor, seq_len: int) -> Tensor:
             raise ValueError("cu_seqlens must be non-decreasing")
         if bool((cu[:, 0] != 0).any()):
             raise ValueError("cu_seqlens must start at 0 (the first document starts at position 0)")
+        if bool((cu[:, -1] > seq_len).any()):  # documents that claim more tokens than the row has: the wrong seq_len?
+            raise ValueError(f"cu_seqlens ends at {int(cu[:, -1].max())}, past seq_len={seq_len}: its documents hold "
+                             "more tokens than a row")
     pos = torch.arange(seq_len, device=cu.device).expand(cu.shape[0], seq_len).contiguous()
     return torch.searchsorted(cu[:, 1:].contiguous(), pos, right=True).to(torch.int32)
 
@@ -486,6 +490,8 @@ class MaskedAttention(nn.Module):
         self.causal, self.window, self.scale, self.softcap = causal, _window_bounds(window), scale, softcap
         self.dropout = float(dropout)
         self.deterministic, self.backend = deterministic, backend
+        if n_heads is not None:  # checked even without ALiBi, so a config that always passes it fails early if wrong
+            _check_heads(n_heads)
         if alibi_slopes is True:
             if n_heads is None:
                 raise ValueError("alibi_slopes=True needs n_heads (the paper's slopes depend on the head count)")
@@ -521,4 +527,5 @@ class MaskedAttention(nn.Module):
         c = "" if self.softcap is None else f", softcap={self.softcap}"
         d = f", dropout={self.dropout}" if self.dropout else ""
         a = "" if self.alibi_slopes is None else f", alibi_slopes=({self.alibi_slopes.shape[0]},)"
-        return f"causal={self.causal}{w}, scale={self.scale}{c}{a}{d}, backend={self.backend!r}"
+        det = ", deterministic=True" if self.deterministic else ""
+        return f"causal={self.causal}{w}, scale={self.scale}{c}{a}{d}{det}, backend={self.backend!r}"

@@ -124,7 +124,9 @@ def cross_entropy(
     return_lse: bool = False,
     backend: str = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Drop-in for `F.cross_entropy` on (N, V) or (B, S, V) logits with class-index targets of shape logits[:-1].
+    """Drop-in for `F.cross_entropy` on (N, V) or (B, S, V) logits with class-index targets of shape
+    `logits.shape[:-1]`: the classes are the last dimension (F.cross_entropy's (N, V, d...) layout is
+    `logits.movedim(1, -1)` here).
 
     loss_row = (1-e)(lse - z_y) + e(lse - mean z) + a lse^2 after an optional soft cap z <- c tanh(z/c)
     (e = label_smoothing, a = z_loss, c = softcap). Accumulates in float32; the gradient has the logits' dtype.
@@ -138,6 +140,11 @@ def cross_entropy(
         raise ValueError(f"logits must be (N, V) or (B, S, V), got shape {tuple(logits.shape)}")
     if logits.shape[-1] == 0:
         raise ValueError("logits must have at least one class (last dimension is 0)")
+    if (logits.dim() >= 3 and isinstance(target, Tensor) and tuple(target.shape) != tuple(logits.shape[:-1])
+            and tuple(target.shape) == (logits.shape[0], *logits.shape[2:])):
+        raise ValueError(f"logits of shape {tuple(logits.shape)} with target {tuple(target.shape)} look like "
+                         "F.cross_entropy's (N, V, d...) layout; here the classes are the last dimension: pass "
+                         "logits.movedim(1, -1)")
     _check_target("target", target, logits.shape[:-1], logits.device)
     V = logits.shape[-1]
     flat = logits.reshape(-1, V)

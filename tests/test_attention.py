@@ -549,6 +549,8 @@ def test_doc_ids_helpers():
         L.doc_ids_from_cu_seqlens(torch.tensor([0, 4, 2]), 5)
     with pytest.raises(ValueError, match="start at 0"):
         L.doc_ids_from_cu_seqlens(torch.tensor([2, 3, 5]), 5)
+    with pytest.raises(ValueError, match="past seq_len=5"):
+        L.doc_ids_from_cu_seqlens(torch.tensor([[0, 2, 5], [0, 3, 6]]), 5)
     assert L.doc_ids_from_cu_seqlens(torch.tensor([0, 2]), np.int64(3)).tolist() == [[0, 0, 1]]
     assert torch.equal(L.doc_ids_from_cu_seqlens([0, 3, 3, 7], 9), d)  # lists, as a data pipeline holds them
     assert torch.equal(L.doc_ids_from_cu_seqlens([[0, 2, 5], [0, 4, 4]], 5), d2)
@@ -598,6 +600,7 @@ def test_module_and_auto_backend(gen):
     torch.testing.assert_close(m(q, k, v), L.attention(q, k, v, causal=True, window=(4, None), softcap=3.0,
                                                        backend="torch"))
     assert "window=(4, None)" in repr(m) and "softcap=3.0" in repr(m)
+    assert "deterministic" not in repr(m) and "deterministic=True" in repr(L.MaskedAttention(deterministic=True))
     # options are checked when the layer is built, not in its first forward
     for kw, exc in ((dict(window=5), TypeError), (dict(window=(-1, 0)), ValueError), (dict(softcap=0.0), ValueError),
                     (dict(causal=1), TypeError), (dict(scale=float("inf")), ValueError),
@@ -1054,6 +1057,9 @@ def test_module_alibi(gen):
         L.MaskedAttention(alibi_slopes=torch.ones(4, requires_grad=True))
     with pytest.raises(ValueError, match="n_heads"):
         L.MaskedAttention(alibi_slopes=torch.ones(4), n_heads=4.0)
+    with pytest.raises(ValueError, match="n_heads"):  # checked without ALiBi too: a config's typo fails early
+        L.MaskedAttention(n_heads=0)
+    assert L.MaskedAttention(alibi_slopes=False, n_heads=4).alibi_slopes is None
     # casting the module to a low precision keeps the slopes float32 (as FlashAttention needs them), on any device
     m3 = L.MaskedAttention(alibi_slopes=True, n_heads=36).to(torch.bfloat16)
     assert m3.alibi_slopes.dtype == torch.float32 and torch.equal(m3.alibi_slopes, L.alibi_slopes(36))

@@ -366,6 +366,11 @@ def test_cross_entropy_bad_input():
         L.cross_entropy(x, t, backend="cuda")
     with pytest.raises(ValueError, match="logits"):
         L.cross_entropy(torch.randn(10), t)
+    # F.cross_entropy's class-dim-1 layout (B, V, S) is named as such, and the hint it gives is right
+    xs, ts = torch.randn(2, 10, 5), torch.randint(0, 10, (2, 5))
+    with pytest.raises(ValueError, match=r"movedim\(1, -1\)"):
+        L.cross_entropy(xs, ts)
+    torch.testing.assert_close(L.cross_entropy(xs.movedim(1, -1), ts), F.cross_entropy(xs, ts))
 
 
 # ---- linear cross-entropy ----

@@ -308,6 +308,35 @@ def test_doc_mask_trains_with_library_and_baseline(tmp_path, monkeypatch):
     assert json.load(open(tmp_path / "lib" / "args.json"))["doc_mask"] is True
 
 
+def test_doc_mask_says_when_few_windows_cross(tmp_path, capsys):
+    """crossing_fraction counts the windows with an EOS before their last token (checked window by window); a run
+    whose data gives the mask little to do says so, one with short documents does not."""
+    from lmobj_kernels.train.data import Corpus
+
+    tok = ByteTokenizer()
+    g = torch.Generator().manual_seed(2)
+    stream = torch.randint(3, 9, (300,), generator=g)
+    stream[torch.randint(0, 300, (12,), generator=g)] = tok.eos_id
+    corpus = Corpus(stream, stream[:10], "test")
+    for L in (1, 2, 7, 40, 300, 301):
+        starts = range(len(stream) - L + 1)
+        want = [bool((stream[s: s + L - 1] == tok.eos_id).any()) for s in starts]
+        got = corpus.crossing_fraction(L, tok.eos_id)
+        assert got == pytest.approx(sum(want) / len(want) if want else 0.0), L
+    one = tmp_path / "one.txt"
+    one.write_text("a single long document " * 400)
+    assert train("--objective", "clm", "--data", str(one), "--out", str(tmp_path / "a"), "--no-demo",
+                 "--doc-mask", "--steps", "1") == 0
+    assert "only 0.0% of the training windows" in capsys.readouterr().out
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(200):
+        (many / f"{i}.txt").write_text(f"document {i} is short")
+    assert train("--objective", "clm", "--data", str(many), "--out", str(tmp_path / "b"), "--no-demo",
+                 "--doc-mask", "--steps", "1") == 0
+    assert "cross a document boundary" not in capsys.readouterr().out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -392,6 +421,9 @@ def test_resume_in_another_environment_says_it_is_not_bit_exact(tmp_path, capsys
     out = capsys.readouterr().out
     assert "threads 1 -> 2" in out and "not bit-exactly" in out
     assert params(run, "clm")["state"]["step"] == 3
+    # args.json says where the run trained now and keeps where it trained before
+    saved_now = json.loads((run / "args.json").read_text())
+    assert saved_now["environment"]["threads"] == 2 and saved_now["earlier_environments"] == [saved]
 
 
 def test_resume_refuses_options_that_differ(tmp_path, capsys):

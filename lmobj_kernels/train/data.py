@@ -117,6 +117,15 @@ class Corpus:
         starts = torch.randint(0, len(data) - seq_len + 1, (batch_size,), generator=g)
         return torch.stack([data[s: s + seq_len] for s in starts.tolist()])
 
+    def crossing_fraction(self, seq_len: int, eos_id: int) -> float:
+        """The share of the training windows of seq_len tokens (as `windows` draws them) that hold a document
+        boundary: an EOS before their last token. What --doc-mask has to mask."""
+        n = len(self.train) - seq_len + 1
+        if n <= 0 or seq_len < 2:
+            return 0.0
+        ends = torch.cat([torch.zeros(1, dtype=torch.int64), (self.train == eos_id).cumsum(0)])
+        return float((ends[seq_len - 1: seq_len - 1 + n] - ends[:n] > 0).double().mean())
+
     def sentence(self, min_len: int = 40, max_len: int = 100) -> str:
         """A held-out sentence (from the validation split) for the end-of-run demos."""
         raw = self.val - ByteTokenizer.offset

@@ -151,6 +151,7 @@ def check_args(args, p: argparse.ArgumentParser) -> None:
         # a key the run lacks was added later: the run trained with its default (e.g. --dropout 0, no --doc-mask)
         run = {k: loaded.get(k, DEFAULTS[k]) for k in RUN_KEYS}
         args.saved_environment = loaded.get("environment")
+        args.earlier_environments = loaded.get("earlier_environments", [])
         # what to train comes from the run; an option given here that disagrees would be silently dropped
         def same(k, v):  # a run saved by an earlier version may hold --data as typed, relative
             if k == "data" and v is not None and getattr(args, k) is not None:
@@ -286,13 +287,16 @@ def out_dir(args, rank: int, world: int) -> str:
     if rank == 0:
         os.makedirs(path[0], exist_ok=True)
         with open(os.path.join(path[0], "args.json"), "w") as f:
-            json.dump({k: getattr(args, k) for k in RUN_KEYS} | {"environment": args.environment}, f, indent=1)
+            earlier = getattr(args, "earlier_environments", [])
+            json.dump({k: getattr(args, k) for k in RUN_KEYS} | {"environment": args.environment}
+                      | ({"earlier_environments": earlier} if earlier else {}), f, indent=1)
     return path[0]
 
 
 def environment(args, device: torch.device, world: int) -> dict:
     """How this process trains, beyond the run's settings: floating-point results (so bit-exact resume) depend on
-    it. Saved in args.json; --resume under another one continues, but says it is not bit-exact."""
+    it. Saved in args.json; --resume under another one continues, but says it is not bit-exact, and args.json then
+    lists the earlier ones under "earlier_environments"."""
     return {"device": device.type, "threads": torch.get_num_threads(), "processes": world,
             "compile": bool(args.compile)}
 
@@ -677,13 +681,19 @@ def _run(args, p: argparse.ArgumentParser, ctx: dict) -> int:
     ctx["rank"] = rank
     kernels.use_baseline(args.baseline)
     args.environment = environment(args, device, world)
+    saved = getattr(args, "saved_environment", None)
+    if saved and saved != args.environment:  # args.json keeps each environment the run trained in, oldest first
+        args.earlier_environments = [*getattr(args, "earlier_environments", []), saved]
     run_dir = ctx["run_dir"] = out_dir(args, rank, world)
     log = ctx["log"] = Log(os.path.join(run_dir, "metrics.jsonl"), rank, args.quiet)
-    saved = getattr(args, "saved_environment", None)
     if saved and saved != args.environment:
         diff = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in args.environment.items() if saved.get(k) != v)
         log.say(f"note: resumed with another environment ({diff}): the run continues, but not bit-exactly (the "
                 "arithmetic's order depends on it)")
+    if args.doc_mask and (share := corpus.crossing_fraction(args.seq_len, tok.eos_id)) < 0.1:
+        log.say(f"note: --doc-mask: only {share:.1%} of the training windows of {args.seq_len} tokens cross a "
+                f"document boundary in {corpus.source}, so the mask changes little; it is for many documents short "
+                "next to --seq-len (a --data folder of many files)")
     names = list(OBJECTIVES) if args.objective == "all" else [args.objective]
     log.say(f"lmobj train: {', '.join(names)} on {device} x{world} | data {corpus.source}: {len(corpus.train)} "
             f"train / {len(corpus.val)} val tokens\n  attention: {kernels.SOURCE['attention']}"

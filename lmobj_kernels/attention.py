@@ -6,7 +6,8 @@
   prefix, causal after it);
 - `kv_lens` (B,): key padding (BERT); non-causal with Sq != Sk: cross attention (encoder-decoder);
 - `doc_ids` (B, S) ints: packed documents, a query attends only to keys of its own document (build them with
-  `doc_ids_from_cu_seqlens` or `doc_ids_from_eos`);
+  `doc_ids_from_cu_seqlens` or `doc_ids_from_eos`); with `kv_doc_ids` (B, Sk) too, packed cross attention: the
+  queries' documents (B, Sq) against the keys' (a packed encoder-decoder);
 - `window=(left, right)`: sliding-window (local) attention, query i sees keys i - left .. i + right (None: that
   side unbounded), as FlashAttention's `window_size`; with causal=True, `(w - 1, None)` is Mistral's window of w;
 - `softcap=c`: Gemma 2's soft-capped scores, c * tanh(s / c) of the scaled scores s (FlashAttention's `softcap`);
@@ -101,7 +102,7 @@ def _check_range(name: str, x: Tensor, high: int, what: str, low: int = 0) -> No
         raise ValueError(f"{name} holds {bad}, outside [{low}, {high}] ({what})")
 
 
-def _check_masks(q, k, causal, prefix_lens, doc_ids, kv_lens):
+def _check_masks(q, k, causal, prefix_lens, doc_ids, kv_lens, kv_doc_ids=None):
     B, _, Sq, _ = q.shape
     Sk = k.shape[2]
     if not isinstance(causal, bool):
@@ -121,13 +122,21 @@ def _check_masks(q, k, causal, prefix_lens, doc_ids, kv_lens):
         if tuple(kv_lens.shape) != (B,):
             raise ValueError(f"kv_lens must have shape ({B},), got {tuple(kv_lens.shape)}")
         _check_range("kv_lens", kv_lens, Sk, "a number of valid keys per batch row")
+    if kv_doc_ids is not None:
+        if doc_ids is None:
+            raise ValueError("kv_doc_ids (the keys' documents) needs doc_ids (the queries' documents)")
+        kv_doc_ids = _as_index_tensor("kv_doc_ids", kv_doc_ids, q.device)
+        if tuple(kv_doc_ids.shape) != (B, Sk):
+            raise ValueError(f"kv_doc_ids must have shape (B, Sk) = ({B}, {Sk}), got {tuple(kv_doc_ids.shape)}")
     if doc_ids is not None:
         doc_ids = _as_index_tensor("doc_ids", doc_ids, q.device)
-        if Sq != Sk:
-            raise ValueError(f"doc_ids needs as many queries as keys (self-attention), got Sq={Sq}, Sk={Sk}")
+        if kv_doc_ids is None and Sq != Sk:
+            raise ValueError(f"doc_ids alone is for self-attention (Sq == Sk), got Sq={Sq}, Sk={Sk}; for packed "
+                             "cross attention pass the queries' documents as doc_ids and the keys' as kv_doc_ids")
         if tuple(doc_ids.shape) != (B, Sq):
-            raise ValueError(f"doc_ids must have shape (B, S) = ({B}, {Sq}), got {tuple(doc_ids.shape)}")
-    return prefix_lens, doc_ids, kv_lens
+            name = "(B, S)" if kv_doc_ids is None else "(B, Sq)"
+            raise ValueError(f"doc_ids must have shape {name} = ({B}, {Sq}), got {tuple(doc_ids.shape)}")
+    return prefix_lens, doc_ids, kv_lens, kv_doc_ids
 
 
 def _window_bounds(window) -> tuple[int | None, int | None] | None:
@@ -272,7 +281,7 @@ def _nonempty_rows(allowed: Tensor, kv_lens: Tensor, doc_ids: Tensor | None, win
 
 
 def _torch_attention(q, k, v, causal, prefix_lens, doc_ids, kv_lens, window, scale, softcap, return_lse,
-                     plain=False, dropout_p=0.0, seed=None, alibi_slopes=None):
+                     plain=False, dropout_p=0.0, seed=None, alibi_slopes=None, kv_doc_ids=None):
     """plain: the reference's computation in float32 (deterministic on a GPU, where SDPA's backward need not be);
     a softcap, which SDPA cannot apply, dropout, whose SDPA draws no other backend could repeat, and ALiBi (SDPA
     would need the same (B, H, Sq, Sk) bias materialised as a float mask) compute that way too."""
@@ -280,7 +289,8 @@ def _torch_attention(q, k, v, causal, prefix_lens, doc_ids, kv_lens, window, sca
     Hkv, Sk = k.shape[1], k.shape[2]
     gqa = Hq != Hkv
     only_causal = causal and prefix_lens is None and doc_ids is None and kv_lens is None and window is None
-    masks = dict(causal=causal, prefix_lens=prefix_lens, doc_ids=doc_ids, kv_lens=kv_lens, window=window)
+    masks = dict(causal=causal, prefix_lens=prefix_lens, doc_ids=doc_ids, kv_lens=kv_lens, window=window,
+                 kv_doc_ids=kv_doc_ids)
     lse = None
     if kv_lens is not None and Sk:  # padding keys hold anything: a NaN there would pass a 0 weight (0 * NaN)
         valid = (torch.arange(Sk, device=k.device) < kv_lens.view(B, 1, 1, 1).to(k.device)).view(B, 1, Sk, 1)
@@ -299,9 +309,9 @@ def _torch_attention(q, k, v, causal, prefix_lens, doc_ids, kv_lens, window, sca
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
     else:
         allowed = ref.attention_mask(B, Sq, Sk, device=q.device, **masks).unsqueeze(1)
-        if kv_lens is None:  # every query sees at least itself (causal diagonal, its own document, its window)
+        if kv_lens is None and kv_doc_ids is None:  # every query sees itself (diagonal, own document, window)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
-        else:
+        else:  # a query may see no key: key padding, or no key of its document (cross attention)
             nonempty = _nonempty_rows(allowed, kv_lens, doc_ids, window)
             if q.device.type == "cpu" and not torch.compiler.is_compiling() and bool(nonempty.all()):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
@@ -335,6 +345,7 @@ def attention(
     dropout_p: float = 0.0,
     seed: int | Tensor | None = None,
     generator: torch.Generator | None = None,
+    kv_doc_ids: Tensor | None = None,
     return_lse: bool = False,
     deterministic: bool = False,
     backend: str = "auto",
@@ -345,7 +356,10 @@ def attention(
     ones on a GPU). Query i attends key j when j < kv_lens[b], doc_ids[b, i] == doc_ids[b, j], and (causal only)
     j <= i or j < prefix_lens[b], and (with a window (left, right)) i - left <= j <= i + right, None meaning that
     side unbounded (causal with (w - 1, None): each query sees itself and the w - 1 keys before it). causal needs
-    Sq == Sk; so do doc_ids and a window. scale defaults to D ** -0.5. softcap c (Gemma 2's attention logit
+    Sq == Sk; so do doc_ids alone and a window. kv_doc_ids (B, Sk): packed cross attention (a packed T5's
+    decoder over its packed encoder, FlashAttention's cu_seqlens_q / cu_seqlens_k): doc_ids are then the queries'
+    documents (B, Sq) and query i attends key j when doc_ids[b, i] == kv_doc_ids[b, j]; a query whose document has
+    no key gets zeros. scale defaults to D ** -0.5. softcap c (Gemma 2's attention logit
     soft-capping): the scaled scores s become c * tanh(s / c) before the softmax; the torch backend then
     materialises the scores (SDPA has no cap).
     alibi_slopes: ALiBi, a float tensor (Hq,) or (B, Hq) (`alibi_slopes(Hq)` gives the paper's): the bias
@@ -372,7 +386,8 @@ def attention(
     if isinstance(q, Tensor):  # like SDPA under autocast
         q, k, v = autocast_inputs(q.device.type, q, k, v)
     _check_qkv(q, k, v)
-    prefix_lens, doc_ids, kv_lens = _check_masks(q, k, causal, prefix_lens, doc_ids, kv_lens)
+    prefix_lens, doc_ids, kv_lens, kv_doc_ids = _check_masks(q, k, causal, prefix_lens, doc_ids, kv_lens,
+                                                             kv_doc_ids)
     window = _check_window(window, q.shape[2], k.shape[2])
     _check_scale(scale)
     if scale is None:
@@ -385,19 +400,21 @@ def attention(
     name = _resolve(backend, q)
     check_seed(seed, generator)  # whatever dropout_p is: a bad seed must not wait for the first p > 0
     seed_t = _dropout_seed(seed, generator, q.device) if dropout_p > 0 else None
-    if name == "triton" and doc_ids is not None and doc_ids.dtype == torch.int64:
-        _check_range("doc_ids", doc_ids, 2**31 - 1, "the triton kernels compare ids as int32", low=-(2**31))
+    for doc_name, ids in (("doc_ids", doc_ids), ("kv_doc_ids", kv_doc_ids)):
+        if name == "triton" and ids is not None and ids.dtype == torch.int64:
+            _check_range(doc_name, ids, 2**31 - 1, "the triton kernels compare ids as int32", low=-(2**31))
     if name == "torch":
         out, lse = _torch_attention(q, k, v, causal, prefix_lens, doc_ids, kv_lens, window, float(scale),
                                     None if softcap is None else float(softcap), return_lse,
                                     plain=deterministic and q.is_cuda, dropout_p=float(dropout_p), seed=seed_t,
-                                    alibi_slopes=slopes)
+                                    alibi_slopes=slopes, kv_doc_ids=kv_doc_ids)
     else:
         left, right = (-1 if w is None else w for w in (window or (None, None)))  # -1: unbounded
         out, lse = torch.ops.lmobj.attn_fwd_triton(q, k, v, prefix_lens, doc_ids, kv_lens, causal, left, right,
                                                    float(scale), 0.0 if softcap is None else float(softcap),
                                                    float(dropout_p), seed_t,
-                                                   None if slopes is None else slopes.float().contiguous())
+                                                   None if slopes is None else slopes.float().contiguous(),
+                                                   kv_doc_ids)
     if return_lse:
         return out, lse.detach()
     return out
@@ -470,10 +487,10 @@ def doc_ids_from_eos(tokens: Tensor, eos_id: int) -> Tensor:
 class MaskedAttention(nn.Module):
     """Module form of `attention`: options fixed at construction (causal, window, scale, softcap, ALiBi slopes,
     dropout, deterministic, backend), per-batch masks at call time: forward(q, k, v, prefix_lens=None, doc_ids=None,
-    kv_lens=None). dropout applies in training mode only (as nn.Dropout), each call with a fresh seed from the
-    device's default generator (so torch.manual_seed makes a run repeatable). alibi_slopes: a float tensor (H,),
-    or True for the paper's slopes of `n_heads` heads, kept as a float32 buffer (it moves with .to(), stays float32
-    when the module is cast to bfloat16 or float16, is saved in the state dict, and is not trained)."""
+    kv_lens=None, kv_doc_ids=None). dropout applies in training mode only (as nn.Dropout), each call with a fresh
+    seed from the device's default generator (so torch.manual_seed makes a run repeatable). alibi_slopes: a float
+    tensor (H,), or True for the paper's slopes of `n_heads` heads, kept as a float32 buffer (it moves with .to(),
+    stays float32 when the module is cast to bfloat16 or float16, is saved in the state dict, and is not trained)."""
 
     def __init__(self, *, causal: bool = False, window: tuple[int | None, int | None] | None = None,
                  scale: float | None = None, softcap: float | None = None, alibi_slopes: Tensor | bool | None = None,
@@ -516,8 +533,10 @@ class MaskedAttention(nn.Module):
             self.alibi_slopes = slopes.to(self.alibi_slopes.device)
         return out
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, prefix_lens=None, doc_ids=None, kv_lens=None) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, prefix_lens=None, doc_ids=None, kv_lens=None,
+                kv_doc_ids=None) -> Tensor:
         return attention(q, k, v, causal=self.causal, prefix_lens=prefix_lens, doc_ids=doc_ids, kv_lens=kv_lens,
+                         kv_doc_ids=kv_doc_ids,
                          window=self.window, scale=self.scale, softcap=self.softcap, alibi_slopes=self.alibi_slopes,
                          dropout_p=self.dropout if self.training else 0.0, deterministic=self.deterministic,
                          backend=self.backend)

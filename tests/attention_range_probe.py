@@ -41,18 +41,19 @@ def _ranges_kernel(OUT, PREFIX, KVLEN, DOC_RANGE, Sq, Sk, n_blocks, win_l, win_r
 
 
 def ranges(keys: bool, B: int, Sq: int, Sk: int, bm: int, bn: int, causal: bool, prefix_lens, doc_ids, kv_lens,
-           window) -> torch.Tensor:
+           window, kv_doc_ids=None) -> torch.Tensor:
     """int64 (B, n_blocks, 4): per query block (keys=True) or key block, the (lo, c_lo, c_hi, hi) positions the
     kernels loop over; `window` as attention's (left, right)."""
     left, right = (-1 if w is None else w for w in (window or (None, None)))
     has_window, wl, wr = _window(left, right, Sk)
     q = torch.empty(1, 1, 1, 1)
-    prefix, kvl, doc = _meta(q, prefix_lens, kv_lens, doc_ids)
+    prefix, kvl, doc, kdoc = _meta(q, prefix_lens, kv_lens, doc_ids, kv_doc_ids)
     n_blocks = triton.cdiv(Sq, bm) if keys else triton.cdiv(Sk, bn)
     kvl_arg = kvl if kv_lens is not None else None
     rng = prefix
-    if doc_ids is not None:
-        rng = _doc_block_range(doc, bm, bn, kvl_arg) if keys else _doc_block_range(doc, bn, bm, kvl_arg, True)
+    if doc_ids is not None:  # as attention_forward / attention_backward call it
+        rng = (_doc_block_range(doc, bm, bn, kvl_arg, inner_doc=kdoc) if keys
+               else _doc_block_range(kdoc, bn, bm, kvl_arg, True, inner_doc=doc))
     out = torch.empty((B, n_blocks, 4), dtype=torch.int32)
     _ranges_kernel[(n_blocks, B)](out, prefix, kvl, rng, Sq, Sk, n_blocks, wl, wr, KEYS=keys, CAUSAL=causal,
                                   HAS_PREFIX=prefix_lens is not None, HAS_KVLEN=kv_lens is not None,

@@ -53,6 +53,9 @@ def _mask(gen, B, Sq, Sk, causal=False, prefix=False, docs=False, kv=False, devi
     if docs:
         d = torch.sort(torch.randint(0, max(1, Sq // 20) + 2, (B, Sq), generator=gen), dim=1).values
         opts["doc_ids"] = d.to(device)
+        if Sq != Sk:  # packed cross attention: the keys' documents, as many as the queries' (some may be empty)
+            kd = torch.sort(torch.randint(0, max(1, Sq // 20) + 2, (B, Sk), generator=gen), dim=1).values
+            opts["kv_doc_ids"] = kd.to(device)
     if kv:
         n = torch.randint(0, Sk + 1, (B,), generator=gen)
         n[0] = max(1, (2 * Sk) // 3)
@@ -96,7 +99,7 @@ def _check(gen, backend, B, Hq, Hkv, Sq, Sk, D, opts, dtype=torch.float32, devic
 
 # every combination of causal / prefix / documents / key padding / GQA (self-attention), and cross attention
 SELF = [(c, p, d, kv, g) for c, p, d, kv, g in itertools.product([False, True], repeat=5) if c or not p]
-CROSS = [(False, False, False, kv, g) for kv, g in itertools.product([False, True], repeat=2)]
+CROSS = [(False, False, d, kv, g) for d, kv, g in itertools.product([False, True], repeat=3)]  # docs: kv_doc_ids
 
 
 def _combo_id(c):
@@ -502,39 +505,57 @@ def test_block_ranges_are_exact(gen, window, causal, prefix, docs, kv):
     dK/dV: query blocks per key block), against a scan of the mask: the loops' blocks are disjoint and hold every
     allowed pair (nothing skipped wrongly); every block looped over holds an allowed pair, and no pair means no block
     (nothing loaded for nothing; the doc ids here are packed); every pair of the mask-free blocks is allowed."""
-    import attention_range_probe as probe
-
     B, S = 3, 150
     for bm, bn in ((32, 16), (16, 32), (64, 64)):
-        opts = _mask(gen, B, S, S, causal, prefix, docs, kv)
-        mask = ref.attention_mask(B, S, S, window=window, **opts)
-        for keys in (True, False):
-            rng = probe.ranges(keys, B, S, S, bm, bn, causal, opts.get("prefix_lens"), opts.get("doc_ids"),
-                               opts.get("kv_lens"), window)
-            outer, inner = (bm, bn) if keys else (bn, bm)
-            m = mask if keys else mask.transpose(1, 2)  # rows: the program's own block; columns: what it loops over
-            for b in range(B):
-                for o in range(rng.shape[1]):
-                    lo, c_lo, c_hi, hi = rng[b, o].tolist()
-                    rows = m[b, o * outer:(o + 1) * outer]
-                    starts = [(st, False) for st in range(c_lo, c_hi, inner)]
-                    starts += [(st, True) for st in [*range(lo, c_lo, inner), *range(c_hi, hi, inner)]]
-                    seen = torch.zeros(S, dtype=torch.int64)
-                    for st, masked in starts:
-                        seen[st:st + inner] += 1
-                        if not masked:  # the mask-free loop: every pair allowed (keys past the end never are)
-                            assert st + inner <= S or not keys, (b, o, st)
-                            assert rows[:, st:st + inner].all(), (b, o, st, (lo, c_lo, c_hi, hi))
-                    where = f"block {o} of row {b}, ranges {(lo, c_lo, c_hi, hi)}, {'keys' if keys else 'queries'}"
-                    assert int(seen.max()) <= 1, f"a position looped over twice: {where}"
-                    cols = rows.any(0)
-                    assert not (cols & (seen == 0)).any(), f"an allowed pair skipped: {where}"
-                    loaded = sorted(st for st, _ in starts)
-                    if not cols.any():
-                        assert not loaded, f"blocks loaded with nothing allowed: {where}"
-                    else:
-                        for st in loaded:
-                            assert cols[st:st + inner].any(), f"block {st} loaded for nothing: {where}"
+        _check_block_ranges(_mask(gen, B, S, S, causal, prefix, docs, kv), B, S, S, bm, bn, window)
+
+
+@needs_triton
+@pytest.mark.parametrize("Sq,Sk", [(90, 150), (150, 70), (33, 33)])
+@pytest.mark.parametrize("kv", [False, True])
+def test_cross_document_block_ranges_are_exact(gen, Sq, Sk, kv):
+    """The same for packed cross attention (doc_ids of the queries, kv_doc_ids of the keys, two lengths): a
+    document may have queries and no keys, keys and no queries, or both."""
+    B = 3
+    for bm, bn in ((32, 16), (16, 32), (64, 64)):
+        opts = _mask(gen, B, Sq, Sk, docs=True, kv=kv)
+        opts["kv_doc_ids"] = torch.sort(torch.randint(0, max(1, Sq // 20) + 2, (B, Sk), generator=gen), dim=1).values
+        _check_block_ranges(opts, B, Sq, Sk, bm, bn, None)
+
+
+def _check_block_ranges(opts, B, Sq, Sk, bm, bn, window):
+    import attention_range_probe as probe
+
+    mask = ref.attention_mask(B, Sq, Sk, window=window, **opts)
+    causal = opts.get("causal", False)
+    for keys in (True, False):
+        rng = probe.ranges(keys, B, Sq, Sk, bm, bn, causal, opts.get("prefix_lens"), opts.get("doc_ids"),
+                           opts.get("kv_lens"), window, opts.get("kv_doc_ids"))
+        outer, inner = (bm, bn) if keys else (bn, bm)
+        m = mask if keys else mask.transpose(1, 2)  # rows: the program's own block; columns: what it loops over
+        S = Sk if keys else Sq  # the length looped over
+        for b in range(B):
+            for o in range(rng.shape[1]):
+                lo, c_lo, c_hi, hi = rng[b, o].tolist()
+                rows = m[b, o * outer:(o + 1) * outer]
+                starts = [(st, False) for st in range(c_lo, c_hi, inner)]
+                starts += [(st, True) for st in [*range(lo, c_lo, inner), *range(c_hi, hi, inner)]]
+                seen = torch.zeros(S, dtype=torch.int64)
+                for st, masked in starts:
+                    seen[st:st + inner] += 1
+                    if not masked:  # the mask-free loop: every pair allowed (keys past the end never are)
+                        assert st + inner <= S or not keys, (b, o, st)
+                        assert rows[:, st:st + inner].all(), (b, o, st, (lo, c_lo, c_hi, hi))
+                where = f"block {o} of row {b}, ranges {(lo, c_lo, c_hi, hi)}, {'keys' if keys else 'queries'}"
+                assert int(seen.max()) <= 1, f"a position looped over twice: {where}"
+                cols = rows.any(0)
+                assert not (cols & (seen == 0)).any(), f"an allowed pair skipped: {where}"
+                loaded = sorted(st for st, _ in starts)
+                if not cols.any():
+                    assert not loaded, f"blocks loaded with nothing allowed: {where}"
+                else:
+                    for st in loaded:
+                        assert cols[st:st + inner].any(), f"block {st} loaded for nothing: {where}"
 
 
 # ---- helpers, module, backend choice ----
@@ -587,6 +608,28 @@ def test_packed_documents_equal_separate_sequences(gen):
     a = L.attention(q[:, :, :12], k[:, :, :12], v[:, :, :12], causal=True, backend="torch")
     b = L.attention(q[:, :, 12:], k[:, :, 12:], v[:, :, 12:], causal=True, backend="torch")
     torch.testing.assert_close(out, torch.cat([a, b], dim=2), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_packed_cross_attention_equals_separate_pairs(gen, backend):
+    """A packed encoder-decoder row (decoder documents of 5, 0 and 9 queries over encoder documents of 12, 7 and 11
+    keys, then key padding) attends exactly as each decoder document over its own encoder document alone; the
+    document with no queries changes nothing, and a query document whose only keys are padding (id 3) gets zeros.
+    kv_doc_ids equal to doc_ids is self-attention with doc_ids alone, bit for bit."""
+    q, k, v = _qkv(gen, 1, 4, 2, 17, 33, 16)
+    qd = torch.tensor([[0] * 5 + [2] * 9 + [3] * 3])
+    kd = L.doc_ids_from_cu_seqlens(torch.tensor([0, 12, 19, 30]), 33)  # positions 30.. are id 3 but padding
+    out = L.attention(q, k, v, doc_ids=qd, kv_doc_ids=kd, kv_lens=[30], backend=backend)
+    a = L.attention(q[:, :, :5], k[:, :, :12], v[:, :, :12], backend=backend)
+    b = L.attention(q[:, :, 5:14], k[:, :, 19:30], v[:, :, 19:30], backend=backend)
+    torch.testing.assert_close(out[:, :, :14], torch.cat([a, b], dim=2), atol=1e-6, rtol=1e-5)
+    assert bool((out[:, :, 14:] == 0).all())
+    (gq, gk, gv) = torch.autograd.grad(out.sum(), (q, k, v))
+    assert bool((gq[:, :, 14:] == 0).all()) and bool((gk[:, :, 12:19] == 0).all()) and bool((gv[:, :, 30:] == 0).all())
+    qs, ks, vs = _qkv(gen, 2, 2, 1, 40, 40, 16)
+    docs = torch.sort(torch.randint(0, 4, (2, 40), generator=gen), dim=1).values
+    assert torch.equal(L.attention(qs, ks, vs, causal=True, doc_ids=docs, kv_doc_ids=docs, backend=backend),
+                       L.attention(qs, ks, vs, causal=True, doc_ids=docs, backend=backend))
 
 
 def test_module_and_auto_backend(gen):
@@ -715,7 +758,20 @@ def _bad_cases():
         ("kv shape", (q, k, v), {"kv_lens": torch.tensor([[1, 1]])}, ValueError, "kv_lens"),
         ("docs shape", (q, k, v), {"doc_ids": torch.zeros(2, 7, dtype=torch.long)}, ValueError, "doc_ids"),
         ("docs dtype", (q, k, v), {"doc_ids": torch.zeros(2, 8)}, TypeError, "doc_ids"),
-        ("docs cross", (q, kc, kc), {"doc_ids": torch.zeros(2, 8, dtype=torch.long)}, ValueError, "doc_ids"),
+        ("docs cross", (q, kc, kc), {"doc_ids": torch.zeros(2, 8, dtype=torch.long)}, ValueError, "kv_doc_ids"),
+        ("kv docs alone", (q, kc, kc), {"kv_doc_ids": torch.zeros(2, 6, dtype=torch.long)}, ValueError,
+         "kv_doc_ids .* needs doc_ids"),
+        ("kv docs shape", (q, kc, kc), {"doc_ids": torch.zeros(2, 8, dtype=torch.long),
+                                         "kv_doc_ids": torch.zeros(2, 8, dtype=torch.long)}, ValueError,
+         r"kv_doc_ids must have shape \(B, Sk\) = \(2, 6\)"),
+        ("kv docs dtype", (q, kc, kc), {"doc_ids": torch.zeros(2, 8, dtype=torch.long),
+                                         "kv_doc_ids": torch.zeros(2, 6)}, TypeError, "kv_doc_ids"),
+        ("kv docs device", (q, kc, kc), {"doc_ids": torch.zeros(2, 8, dtype=torch.long),
+                                          "kv_doc_ids": torch.zeros(2, 6, dtype=torch.long, device="meta")},
+         ValueError, "kv_doc_ids"),
+        ("docs shape with kv docs", (q, kc, kc), {"doc_ids": torch.zeros(2, 6, dtype=torch.long),
+                                                  "kv_doc_ids": torch.zeros(2, 6, dtype=torch.long)}, ValueError,
+         r"doc_ids must have shape \(B, Sq\)"),
         ("scale", (q, k, v), {"scale": float("nan")}, ValueError, "scale"),
         ("scale past float32", (q, k, v), {"scale": 1e39}, ValueError, "scale"),
         ("scale x log2(e) past float32", (q, k, v), {"scale": -3e38}, ValueError, "scale"),
@@ -1072,22 +1128,33 @@ def test_opcheck_triton_ops(gen):
     q, k, v = _qkv(gen, 1, 2, 1, 20, 20, 16)
     kvl = torch.tensor([13], dtype=torch.int32)
     docs = torch.tensor([[0] * 7 + [1] * 13], dtype=torch.int32)
-    fwd_args = (q, k, v, torch.tensor([4], dtype=torch.int32), docs, kvl, True, 6, -1, 0.25, 0.0, 0.0, None, None)
+    fwd_args = (q, k, v, torch.tensor([4], dtype=torch.int32), docs, kvl, True, 6, -1, 0.25, 0.0, 0.0, None, None,
+                None)
     torch.library.opcheck(torch.ops.lmobj.attn_fwd_triton, fwd_args)
     out, lse = torch.ops.lmobj.attn_fwd_triton(*fwd_args)
     do = torch.randn(out.shape, generator=gen)
     bwd_args = (do, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), None, None, kvl, False, 3, 5,
-                0.25, 0.0, 0.0, None, None)
+                0.25, 0.0, 0.0, None, None, None)
     torch.library.opcheck(torch.ops.lmobj.attn_bwd_triton, bwd_args)
-    capped = fwd_args[:-4] + (2.0, 0.0, None, None)  # a softcap: the backward op through the forward's autograd
+    capped = fwd_args[:-5] + (2.0, 0.0, None, None, None)  # a softcap: the backward op through the forward's autograd
     torch.library.opcheck(torch.ops.lmobj.attn_fwd_triton, capped)
     seed = torch.tensor([2**40 + 3])
-    dropped = fwd_args[:-3] + (0.3, seed, None)  # dropout: the seed tensor travels to the backward op
+    dropped = fwd_args[:-4] + (0.3, seed, None, None)  # dropout: the seed tensor travels to the backward op
     torch.library.opcheck(torch.ops.lmobj.attn_fwd_triton, dropped)
-    torch.library.opcheck(torch.ops.lmobj.attn_bwd_triton, bwd_args[:-3] + (0.3, seed, None))
+    torch.library.opcheck(torch.ops.lmobj.attn_bwd_triton, bwd_args[:-4] + (0.3, seed, None, None))
     slopes = torch.tensor([[0.5, 0.125]])  # ALiBi: (B, Hq) float32 slopes, no gradient
-    torch.library.opcheck(torch.ops.lmobj.attn_fwd_triton, fwd_args[:-1] + (slopes,))
-    torch.library.opcheck(torch.ops.lmobj.attn_bwd_triton, bwd_args[:-1] + (slopes,))
+    torch.library.opcheck(torch.ops.lmobj.attn_fwd_triton, fwd_args[:-2] + (slopes, None))
+    torch.library.opcheck(torch.ops.lmobj.attn_bwd_triton, bwd_args[:-2] + (slopes, None))
+    # packed cross attention: the keys' documents (B, Sk) travel to the backward op
+    qc = q[:, :, :9].detach().requires_grad_()
+    kdocs = torch.tensor([[0] * 4 + [1] * 16], dtype=torch.int32)
+    cross = (qc, k, v, None, docs[:, :9], kvl, False, -1, -1, 0.25, 0.0, 0.0, None, None, kdocs)
+    torch.library.opcheck(torch.ops.lmobj.attn_fwd_triton, cross)
+    out_c, lse_c = torch.ops.lmobj.attn_fwd_triton(*cross)
+    torch.library.opcheck(torch.ops.lmobj.attn_bwd_triton,
+                          (torch.randn(out_c.shape, generator=gen), qc.detach(), k.detach(), v.detach(),
+                           out_c.detach(), lse_c.detach(), None, docs[:, :9], kvl, False, -1, -1, 0.25, 0.0, 0.0,
+                           None, None, kdocs))
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
@@ -1113,6 +1180,18 @@ def test_torch_compile_fullgraph(gen, backend):
     torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
     for a, t in zip(grads, (q, k, v)):
         torch.testing.assert_close(a, t.grad, atol=1e-5, rtol=1e-5)
+    # packed cross attention
+    qc = q[:, :, :11].detach().requires_grad_()
+    qdocs, kdocs = docs[:, :11] * 2, torch.tensor([[0] * 3 + [2] * 21])
+
+    def g(q, k, v):
+        return L.attention(q, k, v, doc_ids=qdocs, kv_doc_ids=kdocs, kv_lens=kvl, backend=backend)
+
+    out = torch.compile(g, fullgraph=True)(qc, k, v)
+    want = g(qc, k, v)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), qc)[0], torch.autograd.grad(want.sum(), qc)[0],
+                               atol=1e-5, rtol=1e-5)
 
 
 # ---- benchmark smoke test ----

@@ -356,9 +356,10 @@ def _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, o
 
 # one compiled kernel for every sequence length and window
 @triton.jit(do_not_specialize=["Sq", "Sk", "n_qblocks", "win_l", "win_r", "drop_t"])
-def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX, KVLEN, DOC, DOC_RANGE, SEED, ALIBI, stride_qb, stride_qh, stride_qs,
-                     stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
-                     stride_doc, Hq, Sq, Sk, D, group, qk_scale, n_qblocks, win_l, win_r, cap_in, cap_l2, drop_t,
+def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX, KVLEN, DOC, KDOC, DOC_RANGE, SEED, ALIBI, stride_qb, stride_qh,
+                     stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_ob, stride_oh,
+                     stride_os, stride_doc, stride_kdoc, Hq, Sq, Sk, D, group, qk_scale, n_qblocks, win_l, win_r,
+                     cap_in, cap_l2, drop_t,
                      keep_scale, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr,
                      HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                      HAS_DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -368,8 +369,9 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX, KVLEN, DOC, DOC_RANGE, SEED, ALIBI
     times v_j; LSE[b, h, i] (natural log).
 
     Q (B, Hq, Sq, D), K and V (B, Hkv, Sk, D), O like Q (last dim contiguous, other strides given); LSE (B, Hq, Sq)
-    contiguous float32. PREFIX / KVLEN: int32 (B,) (read only when their flag is set); DOC: int32 (B, Sq) doc ids,
-    rows stride_doc apart; DOC_RANGE: int32 (B, n_qblocks, 4) per query block: [first, last) key block sharing
+    contiguous float32. PREFIX / KVLEN: int32 (B,) (read only when their flag is set); DOC: int32 (B, Sq) doc ids
+    of the queries, rows stride_doc apart, KDOC (B, Sk) of the keys (DOC itself in self-attention); DOC_RANGE:
+    int32 (B, n_qblocks, 4) per query block: [first, last) key block sharing
     a document with it, and [first, last) key block of the same single document as the whole query block.
     group = Hq // Hkv; qk_scale = scale * log2(e); win_l / win_r: the window (Sk for an unbounded side).
     Dropout: SEED int64 [1], drop_t = threshold - 2^31 (see `_dropout_keep`), keep_scale = 1 / (1 - p).
@@ -378,6 +380,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX, KVLEN, DOC, DOC_RANGE, SEED, ALIBI
     b, h, hk, offs_m, rmask, kv_len, prefix_len, DOC_row, q_doc, lo, c_lo, c_hi, hi = _query_block(
         pid_m, bh, Hq, group, Sq, Sk, PREFIX, KVLEN, DOC, DOC_RANGE, stride_doc, n_qblocks, win_l, win_r, CAUSAL,
         HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    DOC_row = KDOC + b * stride_kdoc  # the steps read the keys' documents
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
@@ -526,9 +529,10 @@ def _query_range(b, pid_n, start_n, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_out
 
 # one compiled kernel for every sequence length and window
 @triton.jit(do_not_specialize=["Sq", "Sk", "n_kblocks", "win_l", "win_r", "drop_t"])
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, DOC_RANGE, SEED, ALIBI, stride_qb,
-                          stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-                          stride_dob, stride_doh, stride_dos, stride_doc, Hq, Hkv, Sq, Sk, D, group, sm_scale,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, KDOC, DOC_RANGE, SEED, ALIBI,
+                          stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh,
+                          stride_vs, stride_dob, stride_doh, stride_dos, stride_doc, stride_kdoc, Hq, Hkv, Sq, Sk, D,
+                          group, sm_scale,
                           qk_scale, n_kblocks, win_l, win_r, cap_in, cap_l2, drop_t, keep_scale, CAUSAL: tl.constexpr,
                           HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr,
                           HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -547,8 +551,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, D
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     kmask = offs_n < Sk
-    kv_len, prefix_len, DOC_row, k_doc = _mask_meta(b, offs_n, kmask, Sk, PREFIX, KVLEN, DOC, stride_doc, -1,
-                                                    HAS_PREFIX, HAS_KVLEN, HAS_DOCS)
+    kv_len, prefix_len, _, k_doc = _mask_meta(b, offs_n, kmask, Sk, PREFIX, KVLEN, KDOC, stride_kdoc, -1,
+                                              HAS_PREFIX, HAS_KVLEN, HAS_DOCS)
+    DOC_row = DOC + b * stride_doc  # the steps read the queries' documents
     rd = _keys_read(offs_n, Sk, kv_len, HAS_KVLEN)
     k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
                 mask=_and_d(rd[:, None], dmask[None, :], EVEN_D), other=0.0)
@@ -636,9 +641,10 @@ def _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_
 
 # one compiled kernel for every sequence length and window
 @triton.jit(do_not_specialize=["Sq", "Sk", "n_qblocks", "win_l", "win_r", "drop_t"])
-def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX, KVLEN, DOC, DOC_RANGE, SEED, ALIBI, stride_qb,
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX, KVLEN, DOC, KDOC, DOC_RANGE, SEED, ALIBI, stride_qb,
                         stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-                        stride_dob, stride_doh, stride_dos, stride_doc, Hq, Sq, Sk, D, group, sm_scale, qk_scale,
+                        stride_dob, stride_doh, stride_dos, stride_doc, stride_kdoc, Hq, Sq, Sk, D, group, sm_scale,
+                        qk_scale,
                         n_qblocks, win_l, win_r, cap_in, cap_l2, drop_t, keep_scale, CAUSAL: tl.constexpr,
                         HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr,
                         HAS_WINDOW: tl.constexpr,
@@ -651,6 +657,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX, KVLEN, DOC, DOC_RAN
     b, h, hk, offs_m, rmask, kv_len, prefix_len, DOC_row, q_doc, lo, c_lo, c_hi, hi = _query_block(
         pid_m, bh, Hq, group, Sq, Sk, PREFIX, KVLEN, DOC, DOC_RANGE, stride_doc, n_qblocks, win_l, win_r, CAUSAL,
         HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    DOC_row = KDOC + b * stride_kdoc  # the steps read the keys' documents
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
@@ -692,23 +699,28 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX, KVLEN, DOC, DOC_RAN
 
 
 # ---- host side ----
-@triton.jit(do_not_specialize=["S", "n_inner", "n_outer"])
-def _doc_range_kernel(DOC, RNG, KVLEN, S, stride_doc, n_outer, n_inner, OUTER: tl.constexpr, INNER: tl.constexpr,
-                      CHUNK: tl.constexpr, HAS_KVLEN: tl.constexpr, KEYS_OUTER: tl.constexpr):
+@triton.jit(do_not_specialize=["S_outer", "S_inner", "n_inner", "n_outer"])
+def _doc_range_kernel(ODOC, IDOC, RNG, KVLEN, S_outer, S_inner, stride_odoc, stride_idoc, n_outer, n_inner,
+                      OUTER: tl.constexpr, INNER: tl.constexpr, CHUNK: tl.constexpr, HAS_KVLEN: tl.constexpr,
+                      KEYS_OUTER: tl.constexpr):
     """RNG[b, o] = (first, last, s_first, s_last) for block o of OUTER positions of row b (see `_doc_block_range`);
-    DOC: int32 rows of S contiguous ids, stride_doc apart. Keys (the outer positions if KEYS_OUTER, else the inner
+    ODOC / IDOC: int32 rows of S_outer / S_inner contiguous ids of the outer and inner positions (one tensor in
+    self-attention), stride_odoc / stride_idoc apart. Keys (the outer positions if KEYS_OUTER, else the inner
     ones) at or past KVLEN[b] share no document: they are never attended. Grid: (n_outer * B,). The inner blocks
     are scanned CHUNK at a time as a (CHUNK, INNER) tile."""
     o, b = _block_and_row(n_outer)
-    row = DOC + b * stride_doc
+    orow = ODOC + b * stride_odoc
+    row = IDOC + b * stride_idoc
     big = 2147483647
-    key_end = S
+    outer_end = S_outer
+    inner_end = S_inner
     if HAS_KVLEN:
-        key_end = tl.minimum(S, tl.load(KVLEN + b))
-    outer_end = key_end if KEYS_OUTER else S
-    inner_end = S if KEYS_OUTER else key_end
+        if KEYS_OUTER:
+            outer_end = tl.minimum(S_outer, tl.load(KVLEN + b))
+        else:
+            inner_end = tl.minimum(S_inner, tl.load(KVLEN + b))
     offs = o * OUTER + tl.arange(0, OUTER)
-    ids = tl.load(row + offs, mask=offs < S, other=0)
+    ids = tl.load(orow + offs, mask=offs < S_outer, other=0)
     omin = tl.min(tl.where(offs < outer_end, ids, big), 0)
     omax = tl.max(tl.where(offs < outer_end, ids, -big - 1), 0)
     single = omin == omax
@@ -742,30 +754,37 @@ def _doc_range_kernel(DOC, RNG, KVLEN, S, stride_doc, n_outer, n_inner, OUTER: t
 
 
 def _doc_block_range(doc: torch.Tensor, outer: int, inner: int, kv_lens: torch.Tensor | None = None,
-                     keys_outer: bool = False) -> torch.Tensor:
-    """int32 (B, cdiv(S, outer), 4): for each block of `outer` positions, [first, last) of the blocks of `inner`
-    positions whose doc-id range meets its own (the loop range: blocks outside never share a document), then
+                     keys_outer: bool = False, inner_doc: torch.Tensor | None = None) -> torch.Tensor:
+    """int32 (B, cdiv(S, outer), 4): for each block of `outer` positions (of `doc`), [first, last) of the blocks of
+    `inner` positions (of `inner_doc`: the other sequence of a cross attention; None: `doc` too) whose doc-id range
+    meets its own (the loop range: blocks outside never share a document), then
     [first, last) of the blocks that lie in the same single document as the whole outer block (no elementwise mask
     needed there; empty unless those blocks are contiguous, e.g. arbitrary unsorted ids). With `kv_lens` (int32
     (B,)) keys past a row's kv_len count in no document (the outer axis is the keys if `keys_outer`), so the
     padding's own document loads nothing. One kernel launch per
     call and no device sync: this runs on every forward and twice per backward, so a chain of small torch ops here
     (56 of them) cost more host time than the attention kernel of a short document mask."""
+    inner_doc = doc if inner_doc is None else inner_doc
     B, S = doc.shape
-    n_outer, n_inner = triton.cdiv(S, outer), triton.cdiv(S, inner)
+    Si = inner_doc.shape[1]
+    n_outer, n_inner = triton.cdiv(S, outer), triton.cdiv(Si, inner)
     rng = torch.empty((B, n_outer, 4), dtype=torch.int32, device=doc.device)
-    _doc_range_kernel[(n_outer * B,)](doc, rng, kv_lens if kv_lens is not None else rng, S, doc.stride(0), n_outer,
-                                      n_inner, OUTER=outer, INNER=inner, CHUNK=max(1, 1024 // inner),
-                                      HAS_KVLEN=kv_lens is not None, KEYS_OUTER=keys_outer, num_warps=4)
+    _doc_range_kernel[(n_outer * B,)](doc, inner_doc, rng, kv_lens if kv_lens is not None else rng, S, Si,
+                                      doc.stride(0), inner_doc.stride(0), n_outer, n_inner, OUTER=outer, INNER=inner,
+                                      CHUNK=max(1, 1024 // inner), HAS_KVLEN=kv_lens is not None,
+                                      KEYS_OUTER=keys_outer, num_warps=4)
     return rng
 
 
-def _meta(q, prefix_lens, kv_lens, doc_ids):
+def _meta(q, prefix_lens, kv_lens, doc_ids, kv_doc_ids=None):
+    """int32 contiguous (prefix, kv_len, query docs, key docs), a dummy for each that is None (the key docs are
+    the query docs' tensor in self-attention)."""
     dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
     prefix = prefix_lens.to(torch.int32).contiguous() if prefix_lens is not None else dummy
     kvl = kv_lens.to(torch.int32).contiguous() if kv_lens is not None else dummy
     doc = doc_ids.to(torch.int32).contiguous() if doc_ids is not None else dummy.view(1, 1)
-    return prefix, kvl, doc
+    kdoc = kv_doc_ids.to(torch.int32).contiguous() if kv_doc_ids is not None else doc
+    return prefix, kvl, doc, kdoc
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -820,7 +839,8 @@ def _softcap(softcap: float, scale: float) -> tuple[bool, float, float]:
 
 @on_data_device
 def attention_forward(q, k, v, prefix_lens, doc_ids, kv_lens, causal: bool, window_left: int, window_right: int,
-                      scale: float, softcap: float = 0.0, dropout_p: float = 0.0, seed=None, alibi_slopes=None):
+                      scale: float, softcap: float = 0.0, dropout_p: float = 0.0, seed=None, alibi_slopes=None,
+                      kv_doc_ids=None):
     """(out (B, Hq, Sq, D) like q, lse (B, Hq, Sq) float32)."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, Hq, Sq, D = q.shape
@@ -829,7 +849,7 @@ def attention_forward(q, k, v, prefix_lens, doc_ids, kv_lens, causal: bool, wind
     lse = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
     if out.numel() == 0 or Sk == 0:
         return out.zero_(), lse.fill_(-math.inf)
-    prefix, kvl, doc = _meta(q, prefix_lens, kv_lens, doc_ids)
+    prefix, kvl, doc, kdoc = _meta(q, prefix_lens, kv_lens, doc_ids, kv_doc_ids)
     has_window, wl, wr = _window(window_left, window_right, Sk)
     has_cap, cap_in, cap_l2 = _softcap(softcap, scale)
     has_drop, seed_t, drop_t, keep_scale = _dropout(dropout_p, seed, prefix)
@@ -839,11 +859,12 @@ def attention_forward(q, k, v, prefix_lens, doc_ids, kv_lens, causal: bool, wind
 
     def launch(bm, bn, warps, stages):
         n_qb = triton.cdiv(Sq, bm)
-        rng = _doc_block_range(doc, bm, bn, kv_len_arg) if doc_ids is not None else prefix
+        rng = _doc_block_range(doc, bm, bn, kv_len_arg, inner_doc=kdoc) if doc_ids is not None else prefix
         _attn_fwd_kernel[(n_qb * B * Hq,)](
-            q, k, v, out, lse, prefix, kvl, doc, rng, seed_t, slopes,
+            q, k, v, out, lse, prefix, kvl, doc, kdoc, rng, seed_t, slopes,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), doc.stride(0),
+            kdoc.stride(0),
             Hq, Sq, Sk, D, Hq // Hkv, scale * LOG2E, n_qb, wl, wr, cap_in, cap_l2, drop_t, keep_scale,
             CAUSAL=causal, HAS_PREFIX=prefix_lens is not None, HAS_KVLEN=kv_lens is not None,
             HAS_DOCS=doc_ids is not None, HAS_WINDOW=has_window, HAS_SOFTCAP=has_cap, HAS_DROPOUT=has_drop,
@@ -858,7 +879,7 @@ def attention_forward(q, k, v, prefix_lens, doc_ids, kv_lens, causal: bool, wind
 @on_data_device
 def attention_backward(do, q, k, v, out, lse, prefix_lens, doc_ids, kv_lens, causal: bool, window_left: int,
                        window_right: int, scale: float, softcap: float = 0.0, dropout_p: float = 0.0, seed=None,
-                       alibi_slopes=None):
+                       alibi_slopes=None, kv_doc_ids=None):
     """(dq, dk, dv), each contiguous in its input's dtype. Deterministic: no atomics."""
     do, q, k, v, out = (_last_dim_contiguous(t) for t in (do, q, k, v, out))
     B, Hq, Sq, D = q.shape
@@ -872,7 +893,7 @@ def attention_backward(do, q, k, v, out, lse, prefix_lens, doc_ids, kv_lens, cau
     block_d = max(16, triton.next_power_of_2(D))
     has_window, wl, wr = _window(window_left, window_right, Sk)
     has_cap, cap_in, cap_l2 = _softcap(softcap, scale)
-    prefix, kvl, doc = _meta(q, prefix_lens, kv_lens, doc_ids)
+    prefix, kvl, doc, kdoc = _meta(q, prefix_lens, kv_lens, doc_ids, kv_doc_ids)
     has_drop, seed_t, drop_t, keep_scale = _dropout(dropout_p, seed, prefix)
     has_alibi, slopes = _alibi_arg(alibi_slopes, lse)
     flags = dict(CAUSAL=causal, HAS_PREFIX=prefix_lens is not None, HAS_KVLEN=kv_lens is not None,
@@ -889,20 +910,22 @@ def attention_backward(do, q, k, v, out, lse, prefix_lens, doc_ids, kv_lens, cau
         Hq, Sq, D, n_db, BLOCK_M=bm_d, BLOCK_D=block_d, EVEN_D=block_d == D)
 
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), doc.stride(0))
+               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), doc.stride(0),
+               kdoc.stride(0))
     def launch_dkdv(bm, bn, warps, stages):
         n_kb = triton.cdiv(Sk, bn)
-        rng = _doc_block_range(doc, bn, bm, kv_len_arg, keys_outer=True) if doc_ids is not None else prefix
+        rng = (_doc_block_range(kdoc, bn, bm, kv_len_arg, keys_outer=True, inner_doc=doc) if doc_ids is not None
+               else prefix)
         _attn_bwd_dkdv_kernel[(n_kb * B * Hkv,)](
-            q, k, v, do, lse, delta, dk, dv, prefix, kvl, doc, rng, seed_t, slopes, *strides,
+            q, k, v, do, lse, delta, dk, dv, prefix, kvl, doc, kdoc, rng, seed_t, slopes, *strides,
             Hq, Hkv, Sq, Sk, D, group, scale, scale * LOG2E, n_kb, wl, wr, cap_in, cap_l2, drop_t, keep_scale,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags)
 
     def launch_dq(bm, bn, warps, stages):
         n_qb = triton.cdiv(Sq, bm)
-        rng = _doc_block_range(doc, bm, bn, kv_len_arg) if doc_ids is not None else prefix
+        rng = _doc_block_range(doc, bm, bn, kv_len_arg, inner_doc=kdoc) if doc_ids is not None else prefix
         _attn_bwd_dq_kernel[(n_qb * B * Hq,)](
-            q, k, v, do, lse, delta, dq, prefix, kvl, doc, rng, seed_t, slopes, *strides,
+            q, k, v, do, lse, delta, dq, prefix, kvl, doc, kdoc, rng, seed_t, slopes, *strides,
             Hq, Sq, Sk, D, group, scale, scale * LOG2E, n_qb, wl, wr, cap_in, cap_l2, drop_t, keep_scale,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **flags)
 

@@ -6,7 +6,9 @@
   python benchmarks/bench_attention.py --gpu     GPU, ~3 min: TFLOP/s forward and forward+backward, D=128 at
                                                  S=2k/8k and D=64 at 8k, masks causal / prefix-LM / documents /
                                                  sliding window (1024 keys) / softcap 50 / ALiBi (causal,
-                                                 the paper's slopes) / BERT's padding with dropout 0.1, vs SDPA
+                                                 the paper's slopes) / BERT's padding with dropout 0.1 /
+                                                 packed cross attention (a packed T5: S/4 decoder queries
+                                                 over S encoder keys, 4 documents), vs SDPA
                                                  (flash, efficient, cudnn; no softcap; ALiBi as a float mask),
                                                  FlexAttention (at 8k only: it compiles per mask; no dropout;
                                                  ALiBi as a score_mod), FlashAttention
@@ -56,16 +58,29 @@ def make_mask(name: str, B: int, S: int, device, gen: torch.Generator) -> dict:
         return {**make_mask("padding", B, S, device, gen), "dropout_p": 0.1}
     if name == "alibi":  # BLOOM / MPT: causal with ALiBi's per-head slopes (run_gpu sizes them to its heads)
         return {"causal": True, "alibi_slopes": None}
+    if name == "cross_docs":  # a packed T5: S // 4 decoder queries over S encoder keys, 4 documents per row, each
+        # document's decoder part a quarter of its encoder part (T5's 114 targets per 568 raw tokens, roughly)
+        Sq = S // 4
+        cuts = torch.sort(torch.randperm(Sq - 1, generator=gen)[:3] + 1).values.expand(B, 3)
+        cu_q = torch.cat([torch.zeros(B, 1, dtype=torch.long), cuts, torch.full((B, 1), Sq)], dim=1)
+        return {"doc_ids": L.doc_ids_from_cu_seqlens(cu_q, Sq).to(device),
+                "kv_doc_ids": L.doc_ids_from_cu_seqlens(cu_q * (S // Sq), S).to(device)}
     raise ValueError(name)
+
+
+def query_len(opts: dict, S: int) -> int:
+    """Sq of a mask's queries: S, or the decoder's length of a cross-attention mask."""
+    return opts["doc_ids"].shape[1] if opts.get("kv_doc_ids") is not None else S
 
 
 WINDOW = 1024
 
 
 def bool_mask(opts: dict, B: int, S: int, device) -> torch.Tensor:
-    return ref.attention_mask(B, S, S, causal=opts.get("causal", False), prefix_lens=opts.get("prefix_lens"),
-                              doc_ids=opts.get("doc_ids"), kv_lens=opts.get("kv_lens"), window=opts.get("window"),
-                              device=device)
+    return ref.attention_mask(B, query_len(opts, S), S, causal=opts.get("causal", False),
+                              prefix_lens=opts.get("prefix_lens"), doc_ids=opts.get("doc_ids"),
+                              kv_lens=opts.get("kv_lens"), window=opts.get("window"),
+                              kv_doc_ids=opts.get("kv_doc_ids"), device=device)
 
 
 def allowed_fraction(opts: dict, B: int, S: int, device) -> float:
@@ -75,7 +90,7 @@ def allowed_fraction(opts: dict, B: int, S: int, device) -> float:
     for b in range(B):  # one row at a time: S*S booleans
         sub = {k: (v[b:b + 1] if isinstance(v, torch.Tensor) else v) for k, v in opts.items()}
         total += int(bool_mask(sub, 1, S, device).sum())
-    return total / (B * S * S)
+    return total / (B * query_len(opts, S) * S)
 
 
 # ---- CPU ----
@@ -167,6 +182,7 @@ def _flex(opts, B, H, S, device, slopes=None):
         return None
     prefix, docs, kvl = opts.get("prefix_lens"), opts.get("doc_ids"), opts.get("kv_lens")
     causal, window, cap = opts.get("causal", False), opts.get("window"), opts.get("softcap")
+    kdocs = docs if opts.get("kv_doc_ids") is None else opts["kv_doc_ids"]
 
     def mask_mod(b, h, qi, kj):
         ok = kj >= 0
@@ -176,7 +192,7 @@ def _flex(opts, B, H, S, device, slopes=None):
                 c = c | (kj < prefix[b])
             ok = ok & c
         if docs is not None:
-            ok = ok & (docs[b, qi] == docs[b, kj])
+            ok = ok & (docs[b, qi] == kdocs[b, kj])
         if kvl is not None:
             ok = ok & (kj < kvl[b])
         if window is not None and window[0] is not None:
@@ -185,7 +201,7 @@ def _flex(opts, B, H, S, device, slopes=None):
             ok = ok & (kj <= qi + window[1])
         return ok
 
-    build = lambda: create_block_mask(mask_mod, B, None, S, S, device=device)  # noqa: E731
+    build = lambda: create_block_mask(mask_mod, B, None, query_len(opts, S), S, device=device)  # noqa: E731
     block_mask = build()
     t_build = time_gpu(build)
     flex = torch.compile(flex_attention, dynamic=False)
@@ -227,6 +243,18 @@ def _flash_attn(opts, B, S, slopes=None):
             o = flash_attn_varlen_func(flat(q), flat(k), flat(v), cu, cu, mx, mx, dropout_p=p, causal=True)
             return o.reshape(Bq, Sq, Hq, D).transpose(1, 2)
         return fn
+    if set(opts) == {"doc_ids", "kv_doc_ids"}:  # packed cross attention: varlen with cu_seqlens_q / cu_seqlens_k
+        def cu_of(docs):
+            lens = torch.stack([torch.bincount(d, minlength=int(docs.max()) + 1) for d in docs.long()]).flatten()
+            return torch.nn.functional.pad(lens.cumsum(0, dtype=torch.int32), (1, 0)), int(lens.max())
+        (cu_q, mx_q), (cu_k, mx_k) = cu_of(opts["doc_ids"]), cu_of(opts["kv_doc_ids"])
+
+        def fn_cross(q, k, v, p):
+            Bq, Hq, Sq, D = q.shape
+            flat = lambda t: t.transpose(1, 2).reshape(-1, t.shape[1], D)  # noqa: E731
+            o = flash_attn_varlen_func(flat(q), flat(k), flat(v), cu_q, cu_k, mx_q, mx_k, dropout_p=p)
+            return o.reshape(Bq, Sq, Hq, D).transpose(1, 2)
+        return fn_cross
     return None  # FlashAttention has no prefix-LM mask
 
 
@@ -242,11 +270,13 @@ def run_gpu(full: bool) -> list[dict]:
     dtype = torch.bfloat16
     if full:
         configs = [(d, s, m) for d in (64, 128) for s in (1024, 2048, 4096, 8192, 16384)
-                   for m in ("causal", "prefix", "docs", "padding", "window", "softcap", "dropout", "alibi")]
+                   for m in ("causal", "prefix", "docs", "padding", "window", "softcap", "dropout", "alibi",
+                             "cross_docs")]
     else:
         # most important first (gpu_check may cut the tail): the 8k masks at D=128, then D=64 and a short sequence
         configs = [(128, 8192, m) for m in ("causal", "prefix", "docs")] + [(64, 8192, "causal"), (128, 2048, "causal")]
-        configs += [(128, 8192, "window"), (128, 8192, "softcap"), (64, 512, "dropout"), (128, 8192, "alibi")]
+        configs += [(128, 8192, "window"), (128, 8192, "softcap"), (64, 512, "dropout"), (128, 8192, "alibi"),
+                    (128, 8192, "cross_docs")]
     rows = []
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # one graph per mask
     sdpa = _sdpa_backends()
@@ -259,11 +289,13 @@ def run_gpu(full: bool) -> list[dict]:
         drop = opts.pop("dropout_p", 0.0)
         slopes = L.alibi_slopes(H, device=dev) if "alibi_slopes" in opts else None
         opts.pop("alibi_slopes", None)
+        Sq = query_len(opts, S)  # cross attention: fewer queries (a decoder) than keys (its encoder)
         frac = allowed_fraction(opts, B, S, dev)
-        fl = 4 * B * H * S * S * D * frac
-        shape = f"{B}x{H}x{S}x{D} {mname}"
-        q, k, v = (torch.randn(B, H, S, D, generator=gen).to(dev, dtype).requires_grad_() for _ in range(3))
-        do = torch.randn(B, H, S, D, generator=gen).to(dev, dtype)
+        fl = 4 * B * H * Sq * S * D * frac
+        shape = f"{B}x{H}x{S}x{D} {mname}" + (f" (Sq {Sq})" if Sq != S else "")
+        q = torch.randn(B, H, Sq, D, generator=gen).to(dev, dtype).requires_grad_()
+        k, v = (torch.randn(B, H, S, D, generator=gen).to(dev, dtype).requires_grad_() for _ in range(2))
+        do = torch.randn(B, H, Sq, D, generator=gen).to(dev, dtype)
         mask = None if mname in ("causal", "softcap") else bool_mask(opts, B, S, dev).unsqueeze(1)
         if slopes is not None:  # SDPA takes ALiBi as a materialised float mask (1, H, S, S)
             bias = ref.alibi_bias(slopes, 1, H, S, S, device=dev).to(dtype)  # float32 distances, then cast
@@ -281,7 +313,7 @@ def run_gpu(full: bool) -> list[dict]:
                     return F.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=p)
             cands[f"sdpa.{name}"] = f
         # each mask compiles (~30 s): in the short run only the masks FlashAttention cannot express
-        flex_masks = ("prefix", "docs", "window", "softcap", "alibi")
+        flex_masks = ("prefix", "docs", "window", "softcap", "alibi", "cross_docs")
         flex = _flex(opts, B, H, S, dev, slopes) if not drop and (full or (S >= 8192 and mname in flex_masks)) \
             else None
         if flex is not None:

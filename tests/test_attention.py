@@ -1362,6 +1362,9 @@ def test_gpu_triton_alibi(gen, D):
 def test_gpu_triton_cross_attention_and_float32(gen):
     _check(gen, "triton", 2, 8, 2, 333, 1031, 128, _mask(gen, 2, 333, 1031, kv=True, device="cuda"),
            dtype=torch.bfloat16, device="cuda")
+    # packed cross attention (a packed encoder-decoder): the queries' and the keys' documents, and key padding
+    _check(gen, "triton", 2, 8, 2, 777, 1500, 128, _mask(gen, 2, 777, 1500, docs=True, kv=True, device="cuda"),
+           dtype=torch.bfloat16, device="cuda")
     _check(gen, "triton", 2, 4, 4, 257, 257, 64, _mask(gen, 2, 257, 257, causal=True, device="cuda"),
            dtype=torch.float32, device="cuda")
     # float32 tiles at head dim 256 exceed every card's shared memory: the launch falls back; no TF32 (the float32

@@ -34,6 +34,14 @@ def _masks(B, Hq, S, gen):
     }
 
 
+def _cross_masks(B, S, Sk, gen):
+    """Packed cross attention (a packed encoder-decoder): the queries' and the keys' documents, and key padding."""
+    docs = torch.sort(torch.randint(0, 4, (B, S), generator=gen), dim=1).values
+    kv_docs = torch.sort(torch.randint(0, 4, (B, Sk), generator=gen), dim=1).values
+    kv = torch.randint(1, Sk + 1, (B,), generator=gen)
+    return {"cross_docs": dict(doc_ids=docs, kv_doc_ids=kv_docs, kv_lens=kv)}
+
+
 def cases(device: str = "cpu"):
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(torch.seed() % (2**31))
@@ -42,22 +50,28 @@ def cases(device: str = "cpu"):
     backends = [b for b in available_backends(dev) if b in ("triton", "torch")]
     dtypes = [torch.bfloat16, torch.float16] if on_gpu else [torch.float32]
     B, Hq, Hkv, S, D = (2, 8, 2, 1000, 128) if on_gpu else (2, 4, 2, 77, 32)
+    Sk = S * 3 // 2 + 5  # cross attention's keys
+
+    def rnd(*shape, dtype):
+        return torch.randn(*shape, generator=gen).to(device=dev, dtype=dtype).requires_grad_()
+
     for dtype in dtypes:
-        q = torch.randn(B, Hq, S, D, generator=gen).to(device=dev, dtype=dtype).requires_grad_()
-        k = torch.randn(B, Hkv, S, D, generator=gen).to(device=dev, dtype=dtype).requires_grad_()
-        v = torch.randn(B, Hkv, S, D, generator=gen).to(device=dev, dtype=dtype).requires_grad_()
+        q, k, v = rnd(B, Hq, S, D, dtype=dtype), rnd(B, Hkv, S, D, dtype=dtype), rnd(B, Hkv, S, D, dtype=dtype)
+        kc, vc = rnd(B, Hkv, Sk, D, dtype=dtype), rnd(B, Hkv, Sk, D, dtype=dtype)
         do = torch.randn(B, Hq, S, D, generator=gen).to(device=dev, dtype=dtype)
-        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-        for mask_name, opts in _masks(B, Hq, S, gen).items():
+        masks = [(name, opts, k, v) for name, opts in _masks(B, Hq, S, gen).items()]
+        masks += [(name, opts, kc, vc) for name, opts in _cross_masks(B, S, Sk, gen).items()]
+        for mask_name, opts, keys, values in masks:
             opts = {n: (t.to(dev) if isinstance(t, torch.Tensor) else t) for n, t in opts.items()}
+            q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, keys, values))
             r, _ = ref.attention(q64, k64, v64, **opts)
             rg = torch.autograd.grad(r, (q64, k64, v64), do.double())
-            p, _ = ref.attention(q, k, v, upcast=False, **opts)
-            pg = torch.autograd.grad(p, (q, k, v), do)
-            shape = f"{B}x{Hq}/{Hkv}x{S}x{D}"
+            p, _ = ref.attention(q, keys, values, upcast=False, **opts)
+            pg = torch.autograd.grad(p, (q, keys, values), do)
+            shape = f"{B}x{Hq}/{Hkv}x{S}x{D}" + (f" (Sk {keys.shape[2]})" if keys.shape[2] != S else "")
             for b in backends:
-                o = L.attention(q, k, v, backend=b, **opts)
-                og = torch.autograd.grad(o, (q, k, v), do)
+                o = L.attention(q, keys, values, backend=b, **opts)
+                og = torch.autograd.grad(o, (q, keys, values), do)
                 err = float((o.detach().double() - r.detach()).abs().max())
                 yield _row(f"attention[{mask_name}]", b, dtype, shape, err,
                            lowp_bound(r.detach(), p.detach(), floor=rule_floor(r, dtype, b)))

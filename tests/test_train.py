@@ -214,7 +214,8 @@ def test_doc_mask_keeps_documents_apart(name):
 @pytest.mark.parametrize("objective", ["clm", "mlm", "t5"])
 def test_doc_mask_reaches_the_attention(objective, monkeypatch):
     """The objectives put doc_ids in the batch and the models' forward and logits pass them to every self-attention
-    of the model's input (T5: its encoder; its decoder and cross attention get none: see the README)."""
+    of the model's input; T5's decoder self-attention gets the batch's decoder_doc_ids, and its cross attention
+    those against the encoder's doc_ids (kv_doc_ids)."""
     from lmobj_kernels.train.models import MODELS, ModelConfig
     from lmobj_kernels.train.objectives import OBJECTIVES
 
@@ -228,7 +229,7 @@ def test_doc_mask_reaches_the_attention(objective, monkeypatch):
     seen = []
 
     def spy(q, k, v, **kw):
-        seen.append(kw.get("doc_ids"))
+        seen.append((kw.get("doc_ids"), kw.get("kv_doc_ids")))
         return kernels._library_attention(q, k, v, **kw)
 
     monkeypatch.setattr(kernels, "attention", spy)
@@ -237,9 +238,67 @@ def test_doc_mask_reaches_the_attention(objective, monkeypatch):
     for call in (lambda: model(batch), lambda: model.logits(batch)):
         seen.clear()
         call()
-        with_docs = [d for d in seen if d is not None]
-        assert len(with_docs) == 2 and all(torch.equal(d, batch["doc_ids"]) for d in with_docs)
-        assert len(seen) == (6 if objective == "t5" else 2)  # T5: 2 encoder, 2 decoder self, 2 cross
+        assert all(d is not None for d, _ in seen)
+        enc = [(d, kd) for d, kd in seen if d.shape == batch["doc_ids"].shape and torch.equal(d, batch["doc_ids"])]
+        assert len(enc) == 2 and all(kd is None for _, kd in enc)
+        if objective == "t5":  # 2 encoder, 2 decoder self, 2 cross, in that order per layer
+            dec = batch["decoder_doc_ids"]
+            assert len(seen) == 6 and all(torch.equal(d, dec) for d, _ in seen[2:])
+            assert [kd is None for _, kd in seen[2:]] == [True, False, True, False]
+            assert all(torch.equal(kd, batch["doc_ids"]) for _, kd in seen[2:] if kd is not None)
+        else:
+            assert len(seen) == 2
+
+
+def test_t5_decoder_documents():
+    """decoder_doc_ids, span by span against the encoder (span k's targets follow sentinel k in the labels and
+    take the document of sentinel k in the encoder input); the decoder inputs are the labels shifted right, restarted
+    with BOS where a document's targets begin; and the decoder's states for one document do not depend on another
+    document's encoder tokens or targets (they would without the mask)."""
+    from lmobj_kernels.train.models import T5, ModelConfig
+    from lmobj_kernels.train.objectives import t5_batch
+
+    tok = ByteTokenizer()
+    g = torch.Generator().manual_seed(8)
+    ids = torch.randint(tok.offset, tok.offset + 256, (3, 90), generator=g)
+    ids[:, [25, 60]] = tok.eos_id
+    b = t5_batch(ids, tok, 11, {"doc_mask": True, "noise_density": 0.3})
+    enc, labels, dec_docs = b["input_ids"], b["labels"], b["decoder_doc_ids"]
+    assert dec_docs.shape == labels.shape and int(dec_docs.max()) >= 1
+    for r in range(3):
+        sent_pos = [i for i, t in enumerate(enc[r].tolist()) if tok.is_sentinel(t)]
+        k = -1
+        for t, lab in enumerate(labels[r].tolist()):
+            if lab != -100 and tok.is_sentinel(lab):
+                k += 1
+                assert lab == enc[r, sent_pos[k]]  # the same sentinel, in the same order
+            assert dec_docs[r, t] == b["doc_ids"][r, sent_pos[max(k, 0)]], (r, t)
+        assert k + 1 == len(sent_pos)
+        shifted = [tok.bos_id] + [x if x != -100 else tok.pad_id for x in labels[r, :-1].tolist()]
+        starts = [t for t in range(1, labels.shape[1]) if dec_docs[r, t] != dec_docs[r, t - 1]]
+        for t in starts:
+            shifted[t] = tok.bos_id
+        assert b["decoder_input_ids"][r].tolist() == shifted, r
+    # isolation: the last document's decoder states against other tokens of the earlier documents
+    last = b["doc_ids"].amax(1, keepdim=True)
+    mine_enc, mine_dec = b["doc_ids"] == last, dec_docs == last
+    assert mine_dec.any(1).all()
+    other = dict(b)
+    noise = torch.randint(tok.offset, tok.offset + 256, enc.shape, generator=g)
+    keep_enc = mine_enc | (enc >= tok.offset + 256) | (enc == tok.eos_id)  # sentinels and EOS say where docs are
+    other["input_ids"] = torch.where(keep_enc, enc, noise)
+    dec_in = b["decoder_input_ids"]
+    keep_dec = mine_dec | (dec_in == tok.bos_id) | (dec_in >= tok.offset + 256)
+    other["decoder_input_ids"] = torch.where(keep_dec, dec_in, torch.randint(tok.offset, tok.offset + 256,
+                                                                              dec_in.shape, generator=g))
+    torch.manual_seed(0)
+    model = T5(ModelConfig(vocab_size=tok.vocab_size, block_size=128, n_layer=2, n_head=2, d_model=16)).eval()
+    with torch.no_grad():
+        a, c = model.hidden(b), model.hidden(other)
+        torch.testing.assert_close(a[mine_dec], c[mine_dec], rtol=0, atol=1e-6)
+        plain = {n: t for n, t in b.items() if n != "decoder_doc_ids"}
+        plain_other = {n: t for n, t in other.items() if n != "decoder_doc_ids"}
+        assert not torch.allclose(model.hidden(plain)[mine_dec], model.hidden(plain_other)[mine_dec])
 
 
 def test_t5_doc_ids_leave_no_row_empty():

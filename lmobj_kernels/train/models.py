@@ -7,7 +7,8 @@
 Every model ties its LM head to the token embedding and never materialises the logits in training: the library's
 fused losses (`kernels.causal_lm_loss` ...) take the final hidden states and the embedding matrix. Attention goes
 through `kernels.attention`; a batch's `doc_ids` (packed documents, `--doc-mask`) keep the self-attention of
-the model's input (GPT's, BERT's, T5's encoder's) inside each document.
+the model's input (GPT's, BERT's, T5's encoder's) inside each document, and T5's `decoder_doc_ids` keep its decoder's
+self-attention inside a document and its cross attention on that document's encoder states.
 Dropout (`ModelConfig.dropout`, GPT-2's, BERT's and T5's 0.1 in their papers; 0 by default here) is applied where
 GPT-2 applies it: to the softmax weights (the library's fused attention dropout), to each residual branch and to the
 embeddings; in training mode only.
@@ -57,7 +58,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.drop = nn.Dropout(cfg.dropout)  # its p is also the attention dropout
 
-    def forward(self, x: Tensor, memory: Tensor | None = None, *, causal=False, kv_lens=None, doc_ids=None) -> Tensor:
+    def forward(self, x: Tensor, memory: Tensor | None = None, *, causal=False, kv_lens=None, doc_ids=None,
+                kv_doc_ids=None) -> Tensor:
         B, S, D = x.shape
         src = x if memory is None else memory
         heads = lambda t: t.view(B, t.shape[1], self.n_head, D // self.n_head).transpose(1, 2)  # (B, H, S, Dh)
@@ -65,7 +67,7 @@ class Attention(nn.Module):
         if memory is None:
             q, k = rope(q), rope(k)
         # the seed comes from the default generator, which the loop seeds per step
-        y = kernels.attention(q, k, v, causal=causal, kv_lens=kv_lens, doc_ids=doc_ids,
+        y = kernels.attention(q, k, v, causal=causal, kv_lens=kv_lens, doc_ids=doc_ids, kv_doc_ids=kv_doc_ids,
                               dropout_p=self.drop.p if self.training else 0.0)
         return self.drop(self.proj(y.transpose(1, 2).reshape(B, S, D)))
 
@@ -90,10 +92,12 @@ class Block(nn.Module):
         self.ln_x, self.xattn = (nn.LayerNorm(cfg.d_model), Attention(cfg)) if cross else (None, None)
         self.ln2, self.mlp = nn.LayerNorm(cfg.d_model), MLP(cfg)
 
-    def forward(self, x, *, causal=False, kv_lens=None, doc_ids=None, memory=None, memory_lens=None):
+    def forward(self, x, *, causal=False, kv_lens=None, doc_ids=None, memory=None, memory_lens=None,
+                memory_doc_ids=None):
         x = x + self.attn(self.ln1(x), causal=causal, kv_lens=kv_lens, doc_ids=doc_ids)
-        if self.xattn is not None:
-            x = x + self.xattn(self.ln_x(x), memory, kv_lens=memory_lens)
+        if self.xattn is not None:  # with memory_doc_ids, a position reads only its own document's memory
+            x = x + self.xattn(self.ln_x(x), memory, kv_lens=memory_lens,
+                               doc_ids=doc_ids if memory_doc_ids is not None else None, kv_doc_ids=memory_doc_ids)
         return x + self.mlp(self.ln2(x))
 
 
@@ -191,15 +195,19 @@ class T5(nn.Module):
             x = block(x, kv_lens=lens, doc_ids=doc_ids)
         return self.ln_enc(x)
 
-    def decode(self, dec_ids: Tensor, memory: Tensor, memory_lens: Tensor | None) -> Tensor:
+    def decode(self, dec_ids: Tensor, memory: Tensor, memory_lens: Tensor | None, doc_ids: Tensor | None = None,
+               memory_doc_ids: Tensor | None = None) -> Tensor:
         y = self.emb(dec_ids)
         for block in self.decoder:
-            y = block(y, causal=True, memory=memory, memory_lens=memory_lens)
+            y = block(y, causal=True, doc_ids=doc_ids, memory=memory, memory_lens=memory_lens,
+                      memory_doc_ids=memory_doc_ids)
         return self.ln_dec(y)
 
     def hidden(self, batch: dict) -> Tensor:
         memory = self.encode(batch["input_ids"], batch.get("input_lens"), batch.get("doc_ids"))
-        return self.decode(batch["decoder_input_ids"], memory, batch.get("input_lens"))
+        dec_docs = batch.get("decoder_doc_ids")
+        return self.decode(batch["decoder_input_ids"], memory, batch.get("input_lens"), dec_docs,
+                           batch.get("doc_ids") if dec_docs is not None else None)
 
     def forward(self, batch: dict, reduction: str = "sum") -> Tensor:
         return kernels.seq2seq_lm_loss(self.hidden(batch), self.emb.weight, batch["labels"], reduction=reduction)

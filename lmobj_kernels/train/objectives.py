@@ -4,7 +4,10 @@ An objective is a corruption function plus a model. More denoising objectives (B
 one more `Objective(..., model="t5", corrupt=...)` whose corrupt function returns the same keys as `t5_batch`.
 Every tensor in a batch has the batch as its first axis, so a rank's share is a slice of the global batch.
 With opts["doc_mask"] (packed documents, each ending with EOS) a batch also holds `doc_ids` (B, S) for the attention
-of the model's (encoder's) input: a token attends only to tokens of its own document.
+of the model's (encoder's) input: a token attends only to tokens of its own document. T5's batch also holds
+`decoder_doc_ids` (B, T): each target span belongs to the document of its sentinel in the encoder, so the decoder's
+self-attention stays inside a document and its cross attention reads only that document's encoder states
+(`kv_doc_ids`), as a packed T5 in seqio / t5x does with its segment ids.
 """
 
 from __future__ import annotations
@@ -57,14 +60,40 @@ def mlm_batch(ids: Tensor, tok: ByteTokenizer, seed: int, opts: dict) -> dict:
     return _docs({"input_ids": inputs, "labels": labels}, tok, opts)
 
 
+def _decoder_docs(batch: dict, tok: ByteTokenizer) -> dict:
+    """T5 under --doc-mask: `decoder_doc_ids` (B, T), the encoder document of each target's span (span k's tokens
+    follow sentinel k in the labels and replace sentinel k in the encoder input; the final EOS and the padding go
+    with the last span), and decoder inputs restarted with the start id where a document's targets begin (seqio's
+    packing shifts each segment's targets alone), so the first target of a document does not read the last of the
+    one before."""
+    enc, labels = batch["input_ids"], batch["labels"]
+    sent_enc = enc >= tok.offset + 256
+    sent_dec = labels >= tok.offset + 256
+    # span k's document, by a scatter from the encoder's sentinels (no host sync): there are at most T spans, and
+    # column T takes the scatter of every other position
+    T = labels.shape[1]
+    span_doc = torch.zeros(enc.shape[0], T + 1, dtype=batch["doc_ids"].dtype, device=enc.device)
+    rank = (sent_enc.cumsum(1) - 1).clamp(min=0, max=T)  # span index of each encoder sentinel
+    span_doc.scatter_(1, torch.where(sent_enc, rank, T), batch["doc_ids"])
+    span = (sent_dec.cumsum(1) - 1).clamp(min=0)  # span index of each target (before the first sentinel: span 0)
+    dec_docs = span_doc.gather(1, span)
+    start = torch.zeros_like(sent_dec)
+    start[:, 1:] = dec_docs[:, 1:] != dec_docs[:, :-1]
+    dec_in = batch["decoder_input_ids"]
+    batch["decoder_input_ids"] = torch.where(start, torch.full_like(dec_in, tok.bos_id), dec_in)
+    batch["decoder_doc_ids"] = dec_docs
+    return batch
+
+
 def t5_batch(ids: Tensor, tok: ByteTokenizer, seed: int, opts: dict) -> dict:
     b = kernels.t5_corrupt(ids, vocab_size=tok.vocab_size, eos_id=tok.eos_id, pad_id=tok.pad_id,
                            decoder_start_id=tok.bos_id, seed=seed, noise_density=opts.get("noise_density", 0.15),
                            mean_span_length=opts.get("mean_span_length", 3.0), max_sentinels=tok.n_sentinels)
     # the encoder's documents: those whose EOS survived corruption (an EOS inside a noise span joins its two
     # documents), the last one ending at the EOS span corruption appends
-    return _docs({"input_ids": b.input_ids, "input_lens": b.input_lens, "decoder_input_ids": b.decoder_input_ids,
-                  "labels": b.labels}, tok, opts)
+    batch = _docs({"input_ids": b.input_ids, "input_lens": b.input_lens, "decoder_input_ids": b.decoder_input_ids,
+                   "labels": b.labels}, tok, opts)
+    return _decoder_docs(batch, tok) if "doc_ids" in batch else batch
 
 
 OBJECTIVES = {

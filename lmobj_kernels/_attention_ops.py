@@ -5,7 +5,9 @@ ops over triton_kernels/attention.py, each with a fake, and autograd on the forw
 window_left / window_right: the sliding window's bounds, -1 for an unbounded side; softcap: 0.0 for none;
 dropout_p: 0.0 for none, else `seed` (int64 [1]) keys the Philox draws, which the backward regenerates;
 alibi_slopes: None, or float32 (B, Hq) contiguous (no gradient); kv_doc_ids: None (the keys share doc_ids,
-self-attention), or the keys' documents (B, Sk) (packed cross attention; doc_ids are then the queries').
+self-attention), or the keys' documents (B, Sk) (packed cross attention; doc_ids are then the queries'). The two
+default to None, so callers of the ops written before them keep working. The ops trust their arguments' shapes
+and ranges: `attention()` checks them.
 So torch.compile(fullgraph=True) traces through them and torch.library.opcheck checks them.
 """
 
@@ -24,7 +26,7 @@ def attn_fwd_triton(q: Tensor, k: Tensor, v: Tensor, prefix_lens: Optional[Tenso
                     doc_ids: Optional[Tensor], kv_lens: Optional[Tensor],  # noqa: UP045
                     causal: bool, window_left: int, window_right: int, scale: float,
                     softcap: float, dropout_p: float, seed: Optional[Tensor],  # noqa: UP045
-                    alibi_slopes: Optional[Tensor], kv_doc_ids: Optional[Tensor]  # noqa: UP045
+                    alibi_slopes: Optional[Tensor] = None, kv_doc_ids: Optional[Tensor] = None  # noqa: UP045
                     ) -> tuple[Tensor, Tensor]:
     return triton_module("attention").attention_forward(q, k, v, prefix_lens, doc_ids, kv_lens, causal,
                                                         window_left, window_right, scale, softcap, dropout_p, seed,
@@ -33,7 +35,7 @@ def attn_fwd_triton(q: Tensor, k: Tensor, v: Tensor, prefix_lens: Optional[Tenso
 
 @attn_fwd_triton.register_fake
 def _(q, k, v, prefix_lens, doc_ids, kv_lens, causal, window_left, window_right, scale, softcap, dropout_p, seed,
-      alibi_slopes, kv_doc_ids):
+      alibi_slopes=None, kv_doc_ids=None):
     B, Hq, Sq, D = q.shape
     return q.new_empty((B, Hq, Sq, D)), q.new_empty((B, Hq, Sq), dtype=torch.float32)
 
@@ -43,8 +45,8 @@ def attn_bwd_triton(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
                     prefix_lens: Optional[Tensor], doc_ids: Optional[Tensor],  # noqa: UP045
                     kv_lens: Optional[Tensor],  # noqa: UP045
                     causal: bool, window_left: int, window_right: int, scale: float, softcap: float,
-                    dropout_p: float, seed: Optional[Tensor], alibi_slopes: Optional[Tensor],  # noqa: UP045
-                    kv_doc_ids: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:  # noqa: UP045
+                    dropout_p: float, seed: Optional[Tensor], alibi_slopes: Optional[Tensor] = None,  # noqa: UP045
+                    kv_doc_ids: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:  # noqa: UP045
     return triton_module("attention").attention_backward(grad_out, q, k, v, out, lse, prefix_lens, doc_ids,
                                                          kv_lens, causal, window_left, window_right, scale, softcap,
                                                          dropout_p, seed, alibi_slopes, kv_doc_ids)
@@ -52,7 +54,7 @@ def attn_bwd_triton(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
 
 @attn_bwd_triton.register_fake
 def _(grad_out, q, k, v, out, lse, prefix_lens, doc_ids, kv_lens, causal, window_left, window_right, scale, softcap,
-      dropout_p, seed, alibi_slopes, kv_doc_ids):
+      dropout_p, seed, alibi_slopes=None, kv_doc_ids=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 

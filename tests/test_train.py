@@ -279,6 +279,11 @@ def test_t5_decoder_documents():
         for t in starts:
             shifted[t] = tok.bos_id
         assert b["decoder_input_ids"][r].tolist() == shifted, r
+    # every decoder query keeps a key in its cross attention (the baseline's SDPA has given NaN for an empty row)
+    from lmobj_kernels.reference.attention import attention_mask
+
+    T, S = labels.shape[1], enc.shape[1]
+    assert attention_mask(3, T, S, doc_ids=dec_docs, kv_doc_ids=b["doc_ids"], kv_lens=b["input_lens"]).any(-1).all()
     # isolation: the last document's decoder states against other tokens of the earlier documents
     last = b["doc_ids"].amax(1, keepdim=True)
     mine_enc, mine_dec = b["doc_ids"] == last, dec_docs == last

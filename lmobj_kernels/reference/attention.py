@@ -49,6 +49,8 @@ def attention_mask(
     j < kv_lens[b]; doc_ids[b, i] == kv_doc_ids[b, j] (kv_doc_ids None: doc_ids[b, j], self-attention);
     causal: j <= i or j < prefix_lens[b]; window (left, right): i - left <= j <= i + right (None: that side
     unbounded)."""
+    if kv_doc_ids is not None and doc_ids is None:
+        raise ValueError("kv_doc_ids (the keys' documents) needs doc_ids (the queries' documents)")
     i = torch.arange(sq, device=device).view(1, sq, 1)
     j = torch.arange(sk, device=device).view(1, 1, sk)
     allowed = torch.ones(batch, sq, sk, dtype=torch.bool, device=device)

@@ -27,7 +27,7 @@ def params(run_dir, name: str) -> dict:
     return torch.load(os.path.join(run_dir, f"ckpt_{name}.pt"), weights_only=True)
 
 
-@pytest.mark.parametrize("objective", ["clm", "mlm", "t5"])
+@pytest.mark.parametrize("objective", ["clm", "mlm", "t5", "prefix"])
 def test_tiny_run(objective, tmp_path, capsys):
     assert train("--objective", objective, "--out", str(tmp_path)) == 0
     out = capsys.readouterr().out
@@ -44,6 +44,43 @@ def test_tiny_run(objective, tmp_path, capsys):
     assert (tmp_path / "loss_curves.png").stat().st_size > 1000
 
 
+def test_prefix_lm_objective(tmp_path):
+    """The prefix LM's batch: per-row prefix lengths in [S/4, 3S/4] that vary with the row and the step, labels
+    ignored inside the prefix; its model reads the prefix both ways (position 0 sees the prefix's last token, not
+    the token after it); `all` leaves it out; and the baseline (SDPA with the prefix-LM mask) learns the same."""
+    from lmobj_kernels.train.models import GPT, ModelConfig
+    from lmobj_kernels.train.objectives import ALL, OBJECTIVES
+
+    tok = ByteTokenizer()
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(tok.offset, tok.offset + 256, (6, 40), generator=g)
+    b = OBJECTIVES["prefix"].corrupt(ids, tok, 3, {})
+    p = b["prefix_lens"]
+    assert ((p >= 10) & (p <= 30)).all() and len(set(p.tolist())) > 1
+    assert not torch.equal(p, OBJECTIVES["prefix"].corrupt(ids, tok, 4, {})["prefix_lens"])
+    for r in range(6):
+        n = int(p[r])
+        assert (b["labels"][r, :n] == -100).all() and torch.equal(b["labels"][r, n:], ids[r, n:])
+    assert OBJECTIVES["prefix"].n_targets(b) == int((40 - p).sum())
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=1, n_head=2, d_model=16)).eval()
+    with torch.no_grad():
+        n = int(p[0])
+        inside, after = ids.clone(), ids.clone()
+        inside[0, n - 1] = tok.offset + (int(ids[0, n - 1]) - tok.offset + 1) % 256
+        after[0, n] = tok.offset + (int(ids[0, n]) - tok.offset + 1) % 256
+        h = lambda x: model.hidden(x, prefix_lens=p)[0, 0]  # noqa: E731
+        assert not torch.allclose(h(ids), h(inside)) and torch.equal(h(ids), h(after))
+    assert "prefix" not in ALL
+    for mode in ("lib", "base"):
+        assert train("--objective", "prefix", "--out", str(tmp_path / mode), "--no-demo",
+                     *(["--baseline"] if mode == "base" else [])) == 0
+    kernels.use_baseline(False)
+    val = {m: [r["loss"] for r in map(json.loads, open(tmp_path / m / "metrics.jsonl")) if r["kind"] == "val"]
+           for m in ("lib", "base")}
+    torch.testing.assert_close(val["lib"], val["base"], rtol=1e-4, atol=1e-5)
+
+
 def test_baseline_learns_the_same(tmp_path):
     """--baseline (SDPA, F.cross_entropy over logits, corruption on the CPU) trains the same models to the same
     losses."""
@@ -58,7 +95,7 @@ def test_baseline_learns_the_same(tmp_path):
     assert kernels.SOURCE["losses"].startswith("lmobj_kernels")
 
 
-@pytest.mark.parametrize("objective", ["clm", "mlm", "t5"])
+@pytest.mark.parametrize("objective", ["clm", "mlm", "t5", "prefix"])
 def test_resume_is_bit_exact(objective, tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert train("--objective", objective, "--out", str(whole), "--steps", "5", "--no-demo") == 0
@@ -211,7 +248,7 @@ def test_doc_mask_keeps_documents_apart(name):
             assert not torch.allclose(hidden(ids, None)[:, :10], hidden(later, None)[:, :10])
 
 
-@pytest.mark.parametrize("objective", ["clm", "mlm", "t5"])
+@pytest.mark.parametrize("objective", ["clm", "mlm", "t5", "prefix"])
 def test_doc_mask_reaches_the_attention(objective, monkeypatch):
     """The objectives put doc_ids in the batch and the models' forward and logits pass them to every self-attention
     of the model's input; T5's decoder self-attention gets the batch's decoder_doc_ids, and its cross attention

@@ -31,7 +31,7 @@ from lmobj_kernels.attention import MAX_HEAD_DIM
 from lmobj_kernels.train import kernels
 from lmobj_kernels.train.data import ByteTokenizer, Corpus
 from lmobj_kernels.train.models import MODELS, ModelConfig
-from lmobj_kernels.train.objectives import OBJECTIVES
+from lmobj_kernels.train.objectives import ALL, OBJECTIVES
 
 # Saved with the run and restored by --resume, with their defaults; the other options are how to run, not what to
 # train. Their argparse defaults are None, so that check_args can tell what was passed (and refuse, on --resume, a
@@ -394,7 +394,7 @@ def evaluate(model, obj, val_batches, args, device) -> dict:
         n += float(keep.sum())
     model.train()
     out = {"loss": loss / max(n, 1), "accuracy": correct / max(n, 1), "targets": int(n)}
-    if obj.name == "clm":
+    if obj.shift:  # next-token objectives (the prefix LM's: of the continuations)
         out["perplexity"] = math.exp(min(out["loss"], 50.0))
     return out
 
@@ -514,13 +514,17 @@ def train_objective(name: str, args, corpus: Corpus, tok: ByteTokenizer, device,
 
 # ---- what each student learned ----
 @torch.no_grad()
-def demo_clm(model, tok, prompt="I love", n=80, seed=0) -> str:
+def demo_clm(model, tok, prompt="I love", n=80, seed=0, prefix: bool = False) -> str:
+    """The prompt continued by sampling; with `prefix` (the prefix LM) the prompt is the bidirectional prefix."""
     model.eval()
     ids = tok.encode(prompt)[None].to(model.emb.weight.device)
     g = torch.Generator(ids.device).manual_seed(seed)
     limit = model.emb.block_size
     for _ in range(n):
-        logits = model.hidden(ids[:, -limit:])[:, -1] @ model.emb.weight.T
+        window = ids[:, -limit:]
+        # the prompt's tokens still in the window
+        lens = torch.tensor([max(0, len(prompt.encode()) - (ids.shape[1] - window.shape[1]))], device=ids.device)
+        logits = model.hidden(window, prefix_lens=lens if prefix else None)[:, -1] @ model.emb.weight.T
         logits[:, : tok.offset] = -float("inf")  # bytes only
         logits[:, tok.offset + 256:] = -float("inf")
         probs = torch.softmax(logits / 0.7, -1)
@@ -694,7 +698,7 @@ def _run(args, p: argparse.ArgumentParser, ctx: dict) -> int:
         log.say(f"note: --doc-mask: only {share:.1%} of the training windows of {args.seq_len} tokens cross a "
                 f"document boundary in {corpus.source}, so the mask changes little; it is for many documents short "
                 "next to --seq-len (a --data folder of many files)")
-    names = list(OBJECTIVES) if args.objective == "all" else [args.objective]
+    names = list(ALL) if args.objective == "all" else [args.objective]
     log.say(f"lmobj train: {', '.join(names)} on {device} x{world} | data {corpus.source}: {len(corpus.train)} "
             f"train / {len(corpus.val)} val tokens\n  attention: {kernels.SOURCE['attention']}"
             f"{' (packed documents: masked per document)' if args.doc_mask else ''}\n  corruption: "
@@ -734,6 +738,7 @@ def finish(results, args, corpus, tok, run_dir, log, wall) -> None:
     if not args.no_demo:
         sentence = corpus.sentence()
         show = {"clm": lambda m: demo_clm(m, tok, seed=args.seed),
+                "prefix": lambda m: demo_clm(m, tok, sentence[: len(sentence) // 2], seed=args.seed, prefix=True),
                 "mlm": lambda m: demo_mlm(m, tok, sentence, seed=args.seed),
                 "t5": lambda m: demo_t5(m, tok, sentence, seed=args.seed, noise_density=args.noise_density,
                                         mean_span_length=args.mean_span_length)}

@@ -85,6 +85,17 @@ def _decoder_docs(batch: dict, tok: ByteTokenizer) -> dict:
     return batch
 
 
+def prefix_batch(ids: Tensor, tok: ByteTokenizer, seed: int, opts: dict) -> dict:
+    """Prefix LM (T5's prefix-LM objective, UL2's S-denoiser): each row's first prefix_lens[b] tokens, drawn
+    uniformly in [S/4, 3S/4], are read bidirectionally (causal attention with `prefix_lens`), and the model is scored
+    on continuing them: the labels of prefix positions are ignored (a prefix position sees the tokens after it)."""
+    B, S = ids.shape
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(S // 4, 3 * S // 4 + 1, (B,), generator=g).to(ids.device)
+    labels = torch.where(torch.arange(S, device=ids.device) < prefix[:, None], -100, ids)
+    return _docs({"input_ids": ids, "labels": labels, "prefix_lens": prefix}, tok, opts)
+
+
 def t5_batch(ids: Tensor, tok: ByteTokenizer, seed: int, opts: dict) -> dict:
     b = kernels.t5_corrupt(ids, vocab_size=tok.vocab_size, eos_id=tok.eos_id, pad_id=tok.pad_id,
                            decoder_start_id=tok.bos_id, seed=seed, noise_density=opts.get("noise_density", 0.15),
@@ -100,4 +111,7 @@ OBJECTIVES = {
     "clm": Objective("clm", "gpt", "causal LM (GPT)", clm_batch, shift=True),
     "mlm": Objective("mlm", "bert", "masked LM (BERT)", mlm_batch),
     "t5": Objective("t5", "t5", "span corruption (T5)", t5_batch),
+    "prefix": Objective("prefix", "gpt", "prefix LM (UL2's S-denoiser)", prefix_batch, shift=True),
 }
+# what `--objective all` trains: the three objectives of the README's demo (prefix LM runs on its own)
+ALL = ("clm", "mlm", "t5")

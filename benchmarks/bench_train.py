@@ -8,6 +8,7 @@ kernels; `--timing-skip`).
   python benchmarks/bench_train.py --gpu      # GPU: a larger model in bf16 (run by gpu_check.sh)
   python benchmarks/bench_train.py --gpu --dropout 0.1   # with BERT's and T5's dropout (fused vs SDPA's)
   python benchmarks/bench_train.py --gpu --doc-mask       # packed documents (doc_ids vs SDPA's boolean mask)
+  python benchmarks/bench_train.py --gpu --objectives prefix   # the prefix LM (prefix_lens vs SDPA's mask)
 Prints a table and writes benchmarks/results/train-<machine>-<date>.json.
 """
 
@@ -52,12 +53,13 @@ def main() -> int:
                    help="train with this dropout (0.1: BERT's and T5's recipe; the baseline uses SDPA's own)")
     p.add_argument("--doc-mask", action="store_true",
                    help="packed documents with attention masked per document (the baseline: SDPA with that mask)")
+    p.add_argument("--objectives", default="clm,mlm,t5", help="comma-separated objectives (of lmobj train's)")
     a = p.parse_args()
     size = list(SIZES["quick" if a.quick else ("gpu" if a.gpu else "cpu")])
     size += (["--dropout", str(a.dropout)] if a.dropout else []) + (["--doc-mask"] if a.doc_mask else [])
     rows, table = [], []
     common.write_on_term("train-quick" if a.quick else "train", rows, a.out)
-    for objective in ("clm", "mlm", "t5"):
+    for objective in a.objectives.split(","):
         ours, base = run(objective, False, size), run(objective, True, size)
         shape = " ".join(size)
         for backend, v in (("lmobj kernels", ours), ("baseline (PyTorch pieces)", base)):

@@ -519,11 +519,11 @@ def demo_clm(model, tok, prompt="I love", n=80, seed=0, prefix: bool = False) ->
     model.eval()
     ids = tok.encode(prompt)[None].to(model.emb.weight.device)
     g = torch.Generator(ids.device).manual_seed(seed)
-    limit = model.emb.block_size
+    limit, n_prompt = model.emb.block_size, ids.shape[1]
     for _ in range(n):
         window = ids[:, -limit:]
         # the prompt's tokens still in the window
-        lens = torch.tensor([max(0, len(prompt.encode()) - (ids.shape[1] - window.shape[1]))], device=ids.device)
+        lens = torch.tensor([max(0, n_prompt - (ids.shape[1] - window.shape[1]))], device=ids.device)
         logits = model.hidden(window, prefix_lens=lens if prefix else None)[:, -1] @ model.emb.weight.T
         logits[:, : tok.offset] = -float("inf")  # bytes only
         logits[:, tok.offset + 256:] = -float("inf")

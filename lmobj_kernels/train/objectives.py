@@ -67,8 +67,7 @@ def _decoder_docs(batch: dict, tok: ByteTokenizer) -> dict:
     packing shifts each segment's targets alone), so the first target of a document does not read the last of the
     one before."""
     enc, labels = batch["input_ids"], batch["labels"]
-    sent_enc = enc >= tok.offset + 256
-    sent_dec = labels >= tok.offset + 256
+    sent_enc, sent_dec = tok.is_sentinel(enc), tok.is_sentinel(labels)  # elementwise on tensors
     # span k's document, by a scatter from the encoder's sentinels (no host sync): there are at most T spans, and
     # column T takes the scatter of every other position
     T = labels.shape[1]

@@ -757,3 +757,13 @@ def test_gpu_library_and_baseline_learn_the_same(tmp_path):
         assert all(torch.isfinite(torch.tensor(lib))) and lib[-1] < lib[0], (objective, lib)
         assert abs(lib[-1] - base[-1]) <= 0.05 * base[-1], (objective, lib, base)
     kernels.use_baseline(False)
+
+
+def test_resume_says_when_stop_after_is_before_the_checkpoint(tmp_path, capsys):
+    """--resume with a --stop-after before the checkpoint's step trains nothing, and says so."""
+    run = tmp_path / "run"
+    assert train("--objective", "clm", "--out", str(run), "--steps", "4", "--stop-after", "3", "--no-demo") == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(run), "--stop-after", "1", "--no-demo"]) == 0
+    assert "--stop-after 1 is before this checkpoint's step 3: nothing to train" in capsys.readouterr().out
+    assert params(run, "clm")["state"]["step"] == 3

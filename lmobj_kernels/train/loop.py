@@ -76,7 +76,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     run_arg("noise_density", "T5: share of tokens corrupted, in (0, 1)", type=float)
     run_arg("mean_span_length", "T5: mean corrupted span length, at least 1", type=float)
     run_arg("doc_mask", "packed documents: each document (a pydoc topic, a --data file) ends with EOS, and "
-            "attention stays inside a document (the attention's doc_ids; T5: its encoder)", shown="off",
+            "attention stays inside a document (the attention's doc_ids; T5: encoder, decoder and cross "
+            "attention)", shown="off",
             action=argparse.BooleanOptionalAction)
     run_arg("seed", type=int)
     p.add_argument("--device", default="auto",
@@ -416,6 +417,9 @@ def train_objective(name: str, args, corpus: Corpus, tok: ByteTokenizer, device,
         opt.load_state_dict(saved["opt"])
         state = saved["state"]
         log.say(f"[{name}] resumed from {ckpt} at step {state['step']}")
+        if args.stop_after is not None and args.stop_after < state["step"]:
+            log.say(f"[{name}] note: --stop-after {args.stop_after} is before this checkpoint's step "
+                    f"{state['step']}: nothing to train")
     if args.resume is not None:  # records past the checkpoint (all of them without one) are written again
         log.drop_after(name, state["step"] if os.path.exists(ckpt) else -1)
     log.where = {"objective": name, "step": state["step"], "steps": args.steps,

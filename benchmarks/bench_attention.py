@@ -211,6 +211,16 @@ def _flex(opts, B, H, S, device, slopes=None):
     return (lambda q, k, v: flex(q, k, v, score_mod=score_mod, block_mask=block_mask)), t_build
 
 
+def _varlen_cu(docs: torch.Tensor, keep_empty: bool = False) -> tuple[torch.Tensor, int]:
+    """(cu_seqlens int32, longest document) of FlashAttention's varlen API for packed (B, S) doc ids: the documents
+    of every row in order. keep_empty keeps documents of length 0, so that the queries' and the keys' documents of
+    a cross attention pair up one to one."""
+    lens = torch.stack([torch.bincount(d, minlength=int(docs.max()) + 1) for d in docs.long()]).flatten()
+    if not keep_empty:
+        lens = lens[lens > 0]
+    return torch.nn.functional.pad(lens.cumsum(0, dtype=torch.int32), (1, 0)), int(lens.max())
+
+
 def _flash_attn(opts, B, S, slopes=None):
     """fn(q, k, v, dropout_p) of FlashAttention for this mask, or None (no prefix-LM; padding unwired)."""
     try:
@@ -231,11 +241,7 @@ def _flash_attn(opts, B, S, slopes=None):
         return lambda q, k, v, p: flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                   dropout_p=p, causal=True, window_size=(left, 0)).transpose(1, 2)
     if set(opts) == {"causal", "doc_ids"}:
-        docs = opts["doc_ids"]
-        lens = torch.stack([torch.bincount(d, minlength=int(docs.max()) + 1) for d in docs.long()]).flatten()
-        lens = lens[lens > 0].to(torch.int32)
-        cu = torch.nn.functional.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
-        mx = int(lens.max())
+        cu, mx = _varlen_cu(opts["doc_ids"])
 
         def fn(q, k, v, p):
             Bq, Hq, Sq, D = q.shape
@@ -244,10 +250,7 @@ def _flash_attn(opts, B, S, slopes=None):
             return o.reshape(Bq, Sq, Hq, D).transpose(1, 2)
         return fn
     if set(opts) == {"doc_ids", "kv_doc_ids"}:  # packed cross attention: varlen with cu_seqlens_q / cu_seqlens_k
-        def cu_of(docs):
-            lens = torch.stack([torch.bincount(d, minlength=int(docs.max()) + 1) for d in docs.long()]).flatten()
-            return torch.nn.functional.pad(lens.cumsum(0, dtype=torch.int32), (1, 0)), int(lens.max())
-        (cu_q, mx_q), (cu_k, mx_k) = cu_of(opts["doc_ids"]), cu_of(opts["kv_doc_ids"])
+        (cu_q, mx_q), (cu_k, mx_k) = (_varlen_cu(opts[n], keep_empty=True) for n in ("doc_ids", "kv_doc_ids"))
 
         def fn_cross(q, k, v, p):
             Bq, Hq, Sq, D = q.shape

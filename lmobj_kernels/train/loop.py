@@ -526,9 +526,10 @@ def demo_clm(model, tok, prompt="I love", n=80, seed=0, prefix: bool = False) ->
     limit, n_prompt = model.emb.block_size, ids.shape[1]
     for _ in range(n):
         window = ids[:, -limit:]
-        # the prompt's tokens still in the window
-        lens = torch.tensor([max(0, n_prompt - (ids.shape[1] - window.shape[1]))], device=ids.device)
-        logits = model.hidden(window, prefix_lens=lens if prefix else None)[:, -1] @ model.emb.weight.T
+        lens = None
+        if prefix:  # the prompt's tokens still in the window
+            lens = torch.tensor([max(0, n_prompt - (ids.shape[1] - window.shape[1]))], device=ids.device)
+        logits = model.hidden(window, prefix_lens=lens)[:, -1] @ model.emb.weight.T
         logits[:, : tok.offset] = -float("inf")  # bytes only
         logits[:, tok.offset + 256:] = -float("inf")
         probs = torch.softmax(logits / 0.7, -1)
@@ -690,11 +691,12 @@ def _run(args, p: argparse.ArgumentParser, ctx: dict) -> int:
     kernels.use_baseline(args.baseline)
     args.environment = environment(args, device, world)
     saved = getattr(args, "saved_environment", None)
-    if saved and saved != args.environment:  # args.json keeps each environment the run trained in, oldest first
+    moved = bool(saved) and saved != args.environment  # resumed under another environment
+    if moved:  # args.json keeps each environment the run trained in, oldest first
         args.earlier_environments = [*getattr(args, "earlier_environments", []), saved]
     run_dir = ctx["run_dir"] = out_dir(args, rank, world)
     log = ctx["log"] = Log(os.path.join(run_dir, "metrics.jsonl"), rank, args.quiet)
-    if saved and saved != args.environment:
+    if moved:
         diff = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in args.environment.items() if saved.get(k) != v)
         log.say(f"note: resumed with another environment ({diff}): the run continues, but not bit-exactly (the "
                 "arithmetic's order depends on it)")

@@ -73,14 +73,22 @@ def _check_qkv(q, k, v):
         raise ValueError(f"head dim (q.shape[-1]) must be in [1, {MAX_HEAD_DIM}], got {D}")
 
 
+def _is_seq(x) -> bool:
+    return isinstance(x, Sequence) and not isinstance(x, (str, bytes))
+
+
 def _as_index_tensor(name: str, x, device) -> Tensor:
-    if isinstance(x, Sequence) and not isinstance(x, (str, bytes)):
-        x = list(x)
-        if not all(is_int(v) for v in x):
-            raise TypeError(f"{name} must hold ints, got {x!r}"[:200])  # 3.5 would silently become 3
-        if not all(fits_int64(v) for v in x):
+    if _is_seq(x):  # (B,) lengths, or (B, S) ids as a list of lists
+        rows = [list(r) if _is_seq(r) else r for r in x]
+        nested = {_is_seq(r) for r in x}
+        flat = [v for r in rows for v in (r if isinstance(r, list) else [r])]
+        if len(nested) > 1 or not all(is_int(v) for v in flat):
+            raise TypeError(f"{name} must hold ints (or lists of ints), got {x!r}"[:200])  # 3.5 would become 3
+        if len({len(r) for r in rows if isinstance(r, list)}) > 1:
+            raise ValueError(f"{name}'s rows must have one length, got {sorted({len(r) for r in rows})}")
+        if not all(fits_int64(v) for v in flat):
             raise ValueError(f"{name} holds an int past int64, got {x!r}"[:200])
-        x = torch.as_tensor(x, dtype=torch.int64, device=device)
+        x = torch.tensor(rows, dtype=torch.int64, device=device)
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a tensor (or a sequence of ints), got {type(x).__name__}")
     if x.dtype not in _INTS:
@@ -436,8 +444,8 @@ def doc_ids_from_cu_seqlens(cu_seqlens: Tensor, seq_len: int) -> Tensor:
     id n, a document of their own (combine with kv_lens to mask them out). Returns int32 of shape (1, seq_len) for
     a 1-D input, (B, seq_len) otherwise, on cu_seqlens' device. On the CPU the values are checked (non-decreasing,
     from 0, ending at seq_len or before); a CUDA tensor is taken as it is, without a host synchronisation."""
-    if isinstance(cu_seqlens, Sequence) and not isinstance(cu_seqlens, (str, bytes)):
-        rows = [list(r) if isinstance(r, Sequence) and not isinstance(r, (str, bytes)) else r for r in cu_seqlens]
+    if _is_seq(cu_seqlens):
+        rows = [list(r) if _is_seq(r) else r for r in cu_seqlens]
         flat = [v for r in rows for v in (r if isinstance(r, list) else [r])]
         if not all(is_int(v) for v in flat) or len({isinstance(r, list) for r in rows}) > 1:
             raise TypeError(f"cu_seqlens must be a tensor or a list of ints (or of lists of ints), got {cu_seqlens!r}"
@@ -452,8 +460,10 @@ def doc_ids_from_cu_seqlens(cu_seqlens: Tensor, seq_len: int) -> Tensor:
     if cu_seqlens.dim() not in (1, 2) or cu_seqlens.shape[-1] < 1:
         raise ValueError(f"cu_seqlens must be (n + 1,) or (B, n + 1), got shape {tuple(cu_seqlens.shape)}")
     seq_len = _plain_int(seq_len)
-    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 0:
-        raise ValueError(f"seq_len must be an int >= 0, got {seq_len!r}")
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool):
+        raise TypeError(f"seq_len must be an int, got {type(seq_len).__name__} {seq_len!r}")
+    if seq_len < 0:
+        raise ValueError(f"seq_len must be >= 0, got {seq_len}")
     cu = cu_seqlens.reshape(-1, cu_seqlens.shape[-1]).to(torch.int64)
     if not cu.is_cuda and not torch.compiler.is_compiling() and cu.numel():
         if bool((cu[:, 1:] < cu[:, :-1]).any()):

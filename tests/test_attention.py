@@ -619,6 +619,9 @@ def test_doc_ids_helpers():
                      ([0, True], TypeError), ([0, 2**64], ValueError), ("0,3", TypeError)):
         with pytest.raises(exc, match="cu_seqlens"):
             L.doc_ids_from_cu_seqlens(bad, 5)
+    for bad, exc in ((10.0, TypeError), ("5", TypeError), (True, TypeError), (-1, ValueError)):
+        with pytest.raises(exc, match="seq_len"):
+            L.doc_ids_from_cu_seqlens([0, 2], bad)
     assert L.doc_ids_from_eos(tok, torch.tensor(2)).tolist() == L.doc_ids_from_eos(tok, 2).tolist()
     with pytest.raises(ValueError, match="eos_id"):  # uint8 tokens would compare with 300 wrapped to 44
         L.doc_ids_from_eos(torch.tensor([[44, 2, 1]], dtype=torch.uint8), 300)
@@ -670,6 +673,9 @@ def test_packed_cross_attention_equals_separate_pairs(gen, backend):
     docs = torch.sort(torch.randint(0, 4, (2, 40), generator=gen), dim=1).values
     assert torch.equal(L.attention(qs, ks, vs, causal=True, doc_ids=docs, kv_doc_ids=docs, backend=backend),
                        L.attention(qs, ks, vs, causal=True, doc_ids=docs, backend=backend))
+    # lists of lists, as a data pipeline holds them, are the same ids
+    assert torch.equal(L.attention(q, k, v, doc_ids=qd.tolist(), kv_doc_ids=kd.tolist(), kv_lens=[30],
+                                   backend=backend), out)
 
 
 def test_module_and_auto_backend(gen):
@@ -792,6 +798,9 @@ def _bad_cases():
          "prefix_lens"),
         ("prefix float list", (q, k, v), {"causal": True, "prefix_lens": [3.5, 4]}, TypeError, "prefix_lens"),
         ("kv float list", (q, k, v), {"kv_lens": [3.0, 4]}, TypeError, "kv_lens"),
+        ("docs ragged lists", (q, k, v), {"doc_ids": [[0] * 8, [0] * 7]}, ValueError, "doc_ids's rows"),
+        ("docs float lists", (q, k, v), {"doc_ids": [[0] * 8, [0.0] * 8]}, TypeError, "doc_ids"),
+        ("docs mixed lists", (q, k, v), {"doc_ids": [[0] * 8, 0]}, TypeError, "doc_ids"),
         ("kv past int64", (q, k, v), {"kv_lens": [2**64, 4]}, ValueError, "kv_lens"),
         ("prefix non-causal", (q, k, v), {"prefix_lens": torch.tensor([3, 4])}, ValueError, "prefix_lens"),
         ("kv range", (q, k, v), {"kv_lens": torch.tensor([9, 1])}, ValueError, "kv_lens"),

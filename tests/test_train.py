@@ -767,3 +767,16 @@ def test_resume_says_when_stop_after_is_before_the_checkpoint(tmp_path, capsys):
     assert cli.main(["train", "--resume", str(run), "--stop-after", "1", "--no-demo"]) == 0
     assert "--stop-after 1 is before this checkpoint's step 3: nothing to train" in capsys.readouterr().out
     assert params(run, "clm")["state"]["step"] == 3
+
+
+def test_resume_of_a_finished_run_trains_and_writes_nothing(tmp_path, capsys):
+    """--resume of a run that finished says so and shows its samples and table, leaving every file as it was."""
+    run = tmp_path / "run"
+    assert train("--objective", "clm", "--out", str(run), "--steps", "2") == 0
+    before = {f.name: f.read_bytes() for f in run.iterdir()}
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "has finished (2 steps per objective): nothing to train" in out
+    assert (run / "samples.txt").read_text().strip() in out
+    assert {f.name: f.read_bytes() for f in run.iterdir()} == before

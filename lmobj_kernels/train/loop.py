@@ -679,7 +679,28 @@ def run(args, p: argparse.ArgumentParser) -> int:
         return 130
 
 
+def _objectives(args) -> list[str]:
+    return list(ALL) if args.objective == "all" else [args.objective]
+
+
+def _finished(args) -> bool:
+    """The run in args.resume ended: finish() wrote its summary and every checkpoint is at --steps (which a resume
+    cannot raise: a run setting)."""
+    ckpts = [os.path.join(args.resume, f"ckpt_{n}.pt") for n in _objectives(args)]
+    if not os.path.exists(os.path.join(args.resume, "summary.json")) or not all(map(os.path.exists, ckpts)):
+        return False
+    return all(torch.load(c, map_location="cpu", weights_only=True)["state"]["step"] == args.steps for c in ckpts)
+
+
 def _run(args, p: argparse.ArgumentParser, ctx: dict) -> int:
+    if args.resume is not None and _finished(args):
+        if ctx["rank"] == 0:
+            samples = os.path.join(args.resume, "samples.txt")
+            shown = open(samples).read().strip() if os.path.exists(samples) else ""
+            print(f"{args.resume} has finished ({args.steps} steps per objective): nothing to train. Its results "
+                  f"(samples.txt, summary.json, metrics.jsonl) are as it left them" +
+                  (f":\n\n{shown}" if shown else "."), flush=True)
+        return 0
     tok = ByteTokenizer()
     try:
         corpus = Corpus.load(args.data, tok, eos_between=args.doc_mask)
@@ -704,7 +725,7 @@ def _run(args, p: argparse.ArgumentParser, ctx: dict) -> int:
         log.say(f"note: --doc-mask: only {share:.1%} of the training windows of {args.seq_len} tokens cross a "
                 f"document boundary in {corpus.source}, so the mask changes little; it is for many documents short "
                 "next to --seq-len (a --data folder of many files)")
-    names = list(ALL) if args.objective == "all" else [args.objective]
+    names = _objectives(args)
     log.say(f"lmobj train: {', '.join(names)} on {device} x{world} | data {corpus.source}: {len(corpus.train)} "
             f"train / {len(corpus.val)} val tokens\n  attention: {kernels.SOURCE['attention']}"
             f"{' (packed documents: masked per document)' if args.doc_mask else ''}\n  corruption: "

@@ -12,6 +12,7 @@ from lmobj_kernels.attention import (  # noqa: E402
     attention,
     doc_ids_from_cu_seqlens,
     doc_ids_from_eos,
+    doc_ids_from_position_ids,
 )
 from lmobj_kernels.corruption import (  # noqa: E402
     MLMCollator,
@@ -60,5 +61,6 @@ __all__ = [
     "attention",
     "doc_ids_from_cu_seqlens",
     "doc_ids_from_eos",
+    "doc_ids_from_position_ids",
     "MaskedAttention",
 ]

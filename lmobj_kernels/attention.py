@@ -494,6 +494,21 @@ def doc_ids_from_eos(tokens: Tensor, eos_id: int) -> Tensor:
     return (torch.cumsum(is_eos, dim=1, dtype=torch.int32) - is_eos).to(torch.int32)
 
 
+def doc_ids_from_position_ids(position_ids: Tensor) -> Tensor:
+    """Doc ids (B, S) int32 of packed rows from their position ids, which restart at 0 where a document starts (what
+    Hugging Face's `DataCollatorWithFlattening` yields, and how its FlashAttention path finds the documents); a
+    row's first token starts a document whatever its position. (S,) is taken as one row."""
+    if not isinstance(position_ids, Tensor) or position_ids.dtype not in _INTS:
+        raise TypeError("position_ids must be an integer tensor")
+    if position_ids.dim() == 1:
+        position_ids = position_ids[None]
+    if position_ids.dim() != 2:
+        raise ValueError(f"position_ids must be (B, S) or (S,), got shape {tuple(position_ids.shape)}")
+    starts = (position_ids == 0).to(torch.int32)
+    starts[:, :1] = 1
+    return (torch.cumsum(starts, dim=1, dtype=torch.int32) - 1).to(torch.int32)
+
+
 class MaskedAttention(nn.Module):
     """Module form of `attention`: options fixed at construction (causal, window, scale, softcap, ALiBi slopes,
     dropout, deterministic, backend), per-batch masks at call time: forward(q, k, v, prefix_lens=None, doc_ids=None,

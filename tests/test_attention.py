@@ -623,6 +623,16 @@ def test_doc_ids_helpers():
         with pytest.raises(exc, match="seq_len"):
             L.doc_ids_from_cu_seqlens([0, 2], bad)
     assert L.doc_ids_from_eos(tok, torch.tensor(2)).tolist() == L.doc_ids_from_eos(tok, 2).tolist()
+    # position ids as Hugging Face's DataCollatorWithFlattening packs them: 0 starts a document, and so does the row
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1], [3, 4, 0, 1, 2, 3, 0, 0]])
+    assert L.doc_ids_from_position_ids(pos).tolist() == [[0, 0, 0, 1, 1, 2, 3, 3], [0, 0, 1, 1, 1, 1, 2, 3]]
+    assert L.doc_ids_from_position_ids(pos[0]).tolist() == [[0, 0, 0, 1, 1, 2, 3, 3]]
+    assert torch.equal(L.doc_ids_from_position_ids(pos[:1]), L.doc_ids_from_cu_seqlens([0, 3, 5, 6, 8], 8))
+    assert pos.tolist()[0] == [0, 1, 2, 0, 1, 0, 0, 1]  # the caller's tensor unchanged
+    with pytest.raises(TypeError, match="position_ids"):
+        L.doc_ids_from_position_ids(pos.float())
+    with pytest.raises(ValueError, match="position_ids"):
+        L.doc_ids_from_position_ids(pos[None])
     with pytest.raises(ValueError, match="eos_id"):  # uint8 tokens would compare with 300 wrapped to 44
         L.doc_ids_from_eos(torch.tensor([[44, 2, 1]], dtype=torch.uint8), 300)
 

@@ -510,9 +510,11 @@ class _Collator:
     each other (a fixed seed alone would give every epoch's fresh workers the same masks), and a run is still
     reproducible from `seed` and torch's seed (torch.manual_seed or the DataLoader's `generator`)."""
 
-    def __init__(self, seed, device, backend):
+    def __init__(self, seed, device, backend, pad_to_multiple_of):
         _check_int("seed", seed, 0, 2**63, none_ok=True)
+        _check_int("pad_to_multiple_of", pad_to_multiple_of, 1, none_ok=True)
         self.seed, self.device, self.backend = seed, device, backend
+        self.multiple = pad_to_multiple_of
         self._stream_seed: int | None = None
         self._worker: tuple | None = None
         self.rows = 0
@@ -523,8 +525,14 @@ class _Collator:
         check_backend_name(self.backend)
         op(torch.zeros((1, 2), dtype=torch.int64), seed=0, **{**self.kw, "backend": "torch"})
 
+    def _padded(self, x: Tensor, value: int) -> Tensor:
+        """x (B, S) padded with `value` to a width that is a multiple of pad_to_multiple_of (tensor cores like
+        multiples of 8, as in Hugging Face's collators)."""
+        extra = -x.shape[1] % self.multiple if self.multiple else 0
+        return torch.nn.functional.pad(x, (0, extra), value=value) if extra else x
+
     def __repr__(self) -> str:
-        opts = {**self.kw, "seed": self.seed, "device": self.device}
+        opts = {**self.kw, "seed": self.seed, "device": self.device, "pad_to_multiple_of": self.multiple}
         shown = ", ".join(f"{k}={v!r}" for k, v in opts.items() if v is not None and (k, v) != ("backend", "auto"))
         return f"{type(self).__name__}({shown})"
 
@@ -618,16 +626,17 @@ class SpanCorruptionCollator(_Collator):
 
     With `input_length` (T5's fixed-size training) rows are cut to the raw length `t5_input_length` gives, the
     longest whose inputs fit: full rows come out `input_length` long (568 -> 512 at T5's settings; where the span
-    count is capped, e.g. density 0.5 with spans of 1, one shorter). Every option is checked at construction (not
-    in the first batch, in a worker). `device`: where to corrupt (e.g. "cuda" inside the training step;
+    count is capped, e.g. density 0.5 with spans of 1, one shorter). `pad_to_multiple_of` pads the encoder's and
+    the decoder's widths each to a multiple of it (Hugging Face's option). Every option is checked at construction
+    (not in the first batch, in a worker). `device`: where to corrupt (e.g. "cuda" inside the training step;
     default the CPU kernel, right for DataLoader workers).
     """
 
     def __init__(self, *, eos_id: int, vocab_size: int | None = None, noise_density: float = 0.15,
                  mean_span_length: float = 3.0, sentinel_ids=None, max_sentinels: int | None = None,
                  pad_id: int = 0, decoder_start_id: int | None = None, input_length: int | None = None,
-                 seed: int | None = None, device=None, backend: str = "auto"):
-        super().__init__(seed, device, backend)
+                 pad_to_multiple_of: int | None = None, seed: int | None = None, device=None, backend: str = "auto"):
+        super().__init__(seed, device, backend, pad_to_multiple_of)
         self.kw = dict(noise_density=noise_density, mean_span_length=mean_span_length, vocab_size=vocab_size,
                        sentinel_ids=sentinel_ids, max_sentinels=max_sentinels, eos_id=eos_id, pad_id=pad_id,
                        decoder_start_id=decoder_start_id, backend=backend)
@@ -647,8 +656,10 @@ class SpanCorruptionCollator(_Collator):
         seed, off = self._next(ids.shape[0])
         fixed = all(n == ids.shape[1] for n in lens)
         out = span_corrupt(ids, None if fixed else lens, seed=seed, row_offset=off, **self.kw)
-        return {"input_ids": out.input_ids, "attention_mask": out.attention_mask, "labels": out.labels,
-                "decoder_input_ids": out.decoder_input_ids, "decoder_attention_mask": out.decoder_attention_mask}
+        p = self._padded
+        return {"input_ids": p(out.input_ids, self.pad_id), "attention_mask": p(out.attention_mask, 0),
+                "labels": p(out.labels, -100), "decoder_input_ids": p(out.decoder_input_ids, self.pad_id),
+                "decoder_attention_mask": p(out.decoder_attention_mask, 0)}
 
 
 class MLMCollator(_Collator):
@@ -657,13 +668,14 @@ class MLMCollator(_Collator):
     pad_id and returns `input_ids`, `attention_mask`, `labels` (ignore_index where not predicted), and
     `token_type_ids` (padded with 0) when the examples have them. A `special_tokens_mask` (a tokenizer's
     `return_special_tokens_mask=True`) keeps its tokens from being selected, as in Hugging Face's collator, and
-    is not returned. Every option is checked at construction (not in the first batch, in a worker)."""
+    is not returned. `pad_to_multiple_of` pads the width to a multiple of it (Hugging Face's option). Every option
+    is checked at construction (not in the first batch, in a worker)."""
 
     def __init__(self, *, mask_id: int, vocab_size: int, mask_prob: float = 0.15, mask_replace_prob: float = 0.8,
                  random_replace_prob: float = 0.1, special_ids=(), pad_id: int = 0, exact: bool = False,
-                 whole_word: bool = False, ignore_index: int = -100, seed: int | None = None, device=None,
-                 backend: str = "auto"):
-        super().__init__(seed, device, backend)
+                 whole_word: bool = False, ignore_index: int = -100, pad_to_multiple_of: int | None = None,
+                 seed: int | None = None, device=None, backend: str = "auto"):
+        super().__init__(seed, device, backend, pad_to_multiple_of)
         _check_int("vocab_size", vocab_size, 1)
         self.kw = dict(mask_id=mask_id, vocab_size=vocab_size, mask_prob=mask_prob,
                        mask_replace_prob=mask_replace_prob, random_replace_prob=random_replace_prob,
@@ -678,19 +690,20 @@ class MLMCollator(_Collator):
         keys = ("token_type_ids", "special_tokens_mask") + (("word_ids",) if self.whole_word else ())
         rows = _example_rows(examples, keys)
         ids, lens = _pad("input_ids", [r["input_ids"] for r in rows], self.pad_id)
+        ids = self._padded(ids, self.pad_id)  # before the masking: the pad is never selected
         extra = {}
         for k in ("token_type_ids", "special_tokens_mask"):
             have = sum(k in r for r in rows)
             if have and have != len(rows):
                 raise ValueError(f"{have} of {len(rows)} examples have {k!r}: give it for all or none")
             if have:
-                extra[k] = _pad(k, [r[k] for r in rows], 0)[0]
+                extra[k] = self._padded(_pad(k, [r[k] for r in rows], 0)[0], 0)
         words = None
         if self.whole_word:
             if not all("word_ids" in r for r in rows):
                 raise ValueError("whole_word=True needs 'word_ids' in every example (a tokenizer's "
                                  "BatchEncoding.word_ids(i), None at special tokens)")
-            words = _pad("word_ids", [r["word_ids"] for r in rows], -1, none_ok=True)[0]
+            words = self._padded(_pad("word_ids", [r["word_ids"] for r in rows], -1, none_ok=True)[0], -1)
         attn = (torch.arange(ids.shape[1])[None, :] < torch.tensor(lens, dtype=torch.int64)[:, None]).to(torch.int64)
         special = extra.pop("special_tokens_mask", None)
         x = ids if special is None else ids.masked_fill(special.bool(), self.pad_id)  # pad is never selected

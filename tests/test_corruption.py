@@ -764,6 +764,33 @@ def test_collators_check_options_and_rows_early():
             col([{"input_ids": [5, None, 7, 8], "word_ids": [0, 1, 2, 3]}])
 
 
+@pytest.mark.parametrize("multiple", [1, 8, 13])
+def test_collators_pad_to_multiple_of(gen, multiple):
+    """pad_to_multiple_of pads each output's width up to a multiple (Hugging Face's option, for tensor cores) and
+    changes nothing else: the batch without it is the padded one cut back, and the tail is padding (pad_id,
+    attention 0, labels ignored, token types 0)."""
+    lens = torch.randint(1, 40, (5,), generator=gen).tolist()
+    rows = [{"input_ids": torch.randint(5, V - 101, (n,), generator=gen).tolist(), "token_type_ids": [1] * n,
+             "word_ids": [i // 2 for i in range(n)]} for n in lens]
+    pad_tail = {"input_ids": PAD, "attention_mask": 0, "labels": -100, "decoder_input_ids": PAD,
+                "decoder_attention_mask": 0, "token_type_ids": 0}
+    for make in (lambda **kw: C.MLMCollator(mask_id=3, vocab_size=V, pad_id=PAD, whole_word=True, seed=5, **kw),
+                 lambda **kw: C.MLMCollator(mask_id=3, vocab_size=V, pad_id=PAD, exact=True, seed=5, **kw),
+                 lambda **kw: C.SpanCorruptionCollator(eos_id=EOS, vocab_size=V, pad_id=PAD, seed=5, **kw)):
+        plain, padded = make()(rows), make(pad_to_multiple_of=multiple)(rows)
+        assert set(plain) == set(padded)
+        for key, x in padded.items():
+            w = plain[key].shape[1]
+            assert x.shape[1] % multiple == 0 and w <= x.shape[1] < w + multiple, key
+            assert torch.equal(x[:, :w], plain[key]), key
+            assert bool((x[:, w:] == pad_tail[key]).all()), key
+    with pytest.raises(ValueError, match="pad_to_multiple_of"):
+        C.MLMCollator(mask_id=3, vocab_size=V, pad_to_multiple_of=0)
+    with pytest.raises(TypeError, match="pad_to_multiple_of"):
+        C.SpanCorruptionCollator(eos_id=EOS, vocab_size=V, pad_to_multiple_of=8.0)
+    assert "pad_to_multiple_of=8" in repr(C.MLMCollator(mask_id=3, vocab_size=V, pad_to_multiple_of=8))
+
+
 def test_mlm_collator_whole_word():
     col = C.MLMCollator(mask_id=3, vocab_size=V, pad_id=PAD, special_ids=[4], whole_word=True, mask_prob=0.5,
                         seed=2)

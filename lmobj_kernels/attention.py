@@ -17,6 +17,8 @@
   Philox stream (`reference.attention.dropout_keep`): the same seed drops the same weights on every backend, and
   the backward regenerates them instead of storing a mask.
 A query row with no allowed key returns zeros (and lse = -inf) with zero gradients, never NaN (as SDPA did).
+`attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k=None, ...)` takes FlashAttention's varlen layout instead:
+(total, H, D) rows of concatenated sequences and their boundaries.
 
 Backends: `triton` (GPU, or interpreted with TRITON_INTERPRET=1) skips the blocks the mask empties, forward and
 backward; `torch` serves every mask on any device through `F.scaled_dot_product_attention` with an explicit
@@ -426,6 +428,95 @@ def attention(
     if return_lse:
         return out, lse.detach()
     return out
+
+
+def attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor | Sequence[int],
+    cu_seqlens_k: Tensor | Sequence[int] | None = None,
+    *,
+    causal: bool = False,
+    window: tuple[int | None, int | None] | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    alibi_slopes: Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int | Tensor | None = None,
+    generator: torch.Generator | None = None,
+    return_lse: bool = False,
+    deterministic: bool = False,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """`attention` in FlashAttention's varlen layout (`flash_attn_varlen_func`): the sequences of a batch
+    concatenated, q (total_q, Hq, D), k and v (total_k, Hkv, D), sequence s holding rows cu_seqlens[s] to
+    cu_seqlens[s + 1] - 1. Returns out (total_q, Hq, D) (contiguous, as FlashAttention's), and with return_lse
+    the lse (Hq, total_q) too, FlashAttention's varlen layout of it.
+
+    cu_seqlens_q: (n + 1,) ints from 0, non-decreasing (a tensor, or a list taken as a CPU tensor). cu_seqlens_k:
+    the keys' own boundaries (cross attention: sequence s's queries attend its keys only); None is self-attention
+    (k and v have q's rows). causal and a window need self-attention: a cu_seqlens_k given with them must equal
+    cu_seqlens_q (checked on the CPU; a device-side assert on a GPU). Rows past the last boundary are not a
+    sequence: their queries get zeros and their keys are never read. The options are `attention`'s (None for no
+    window side, no softcap, the default scale: not FlashAttention's -1 and 0.0). alibi_slopes (Hq,) only, and
+    with self-attention only (FlashAttention aligns each sequence's bias to its own lengths, which for cross
+    attention `attention` does not).
+
+    It runs `attention` on the (1, Hq, total, D) view of the rows, the sequences told apart by their doc ids, so
+    the Triton kernel skips the blocks between sequences as it does for packed documents; the one copy is the
+    output's, into this layout."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be (total, heads, head_dim) (FlashAttention's varlen layout), got shape "
+                             f"{tuple(t.shape)}")
+    cu_q = _cu_tensor("cu_seqlens_q", cu_seqlens_q, q.device)
+    self_attn = cu_seqlens_k is None or cu_seqlens_k is cu_seqlens_q
+    cu_k = cu_q if self_attn else _cu_tensor("cu_seqlens_k", cu_seqlens_k, q.device)
+    if cu_k.shape != cu_q.shape:
+        raise ValueError(f"cu_seqlens_k must have cu_seqlens_q's shape {tuple(cu_q.shape)} (one boundary per "
+                         f"sequence), got {tuple(cu_k.shape)}")
+    if self_attn and k.shape[0] != q.shape[0]:
+        raise ValueError(f"without cu_seqlens_k, k must have q's {q.shape[0]} rows (self-attention), got "
+                         f"{k.shape[0]}: pass cu_seqlens_k for cross attention")
+    needs_self = [n for n, on in (("causal", causal is True), ("window", window is not None)) if on]
+    if needs_self and not self_attn:
+        same = cu_k.to(torch.int64) == cu_q.to(torch.int64)
+        if cu_q.is_cuda or torch.compiler.is_compiling():
+            torch._assert_async(same.all(), f"{needs_self[0]} needs cu_seqlens_k equal to cu_seqlens_q")
+        elif not bool(same.all()):
+            raise ValueError(f"{needs_self[0]} needs self-attention: cu_seqlens_k must equal cu_seqlens_q (or be None)")
+        self_attn = k.shape[0] == q.shape[0]
+    if alibi_slopes is not None and (not self_attn or not isinstance(alibi_slopes, Tensor) or alibi_slopes.dim() != 1):
+        raise ValueError("attention_varlen takes alibi_slopes (Hq,) with self-attention only (FlashAttention aligns a "
+                         "cross sequence's bias to its own lengths; use attention() per sequence there)")
+    to_bhsd = lambda t: t.transpose(0, 1).unsqueeze(0)  # noqa: E731  (1, H, total, D), a view
+    docs = doc_ids_from_cu_seqlens(cu_q, q.shape[0])
+    kv_docs = None if self_attn else doc_ids_from_cu_seqlens(cu_k, k.shape[0])
+    res = attention(to_bhsd(q), to_bhsd(k), to_bhsd(v), causal=causal, doc_ids=docs, kv_doc_ids=kv_docs,
+                    kv_lens=cu_k[-1:], window=window, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
+                    dropout_p=dropout_p, seed=seed, generator=generator, return_lse=return_lse,
+                    deterministic=deterministic, backend=backend)
+    out, lse = res if return_lse else (res, None)
+    out = out[0].transpose(0, 1).contiguous()
+    return (out, lse[0]) if return_lse else out
+
+
+def _cu_tensor(name: str, cu, device) -> Tensor:
+    """cu_seqlens as a 1-D integer tensor on q's device (a list becomes one)."""
+    if _is_seq(cu):
+        if not all(is_int(x) for x in cu):
+            raise TypeError(f"{name} must be an integer tensor or a list of ints, got {cu!r}"[:200])
+        cu = torch.tensor(list(cu), dtype=torch.int64, device=device)
+    if not isinstance(cu, Tensor) or cu.dtype not in _INTS:
+        raise TypeError(f"{name} must be an integer tensor (or a list of ints)")
+    if cu.dim() != 1 or cu.shape[0] < 1:
+        raise ValueError(f"{name} must be (n + 1,), the boundaries of n sequences, got shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device} but q is on {device}")
+    return cu
 
 
 def _plain_int(v):

@@ -688,6 +688,96 @@ def test_packed_cross_attention_equals_separate_pairs(gen, backend):
                                    backend=backend), out)
 
 
+# ---- FlashAttention's varlen layout ----
+def _varlen_expected(q, k, v, cu_q, cu_k, **opts):
+    """Each sequence alone through the reference in q's precision (float64 in: the truth; float32: the yardstick),
+    concatenated back into the varlen layout; rows past the last boundary are zeros, lse -inf."""
+    lse = torch.full((q.shape[1], q.shape[0]), -math.inf, dtype=torch.float64 if q.dtype == torch.float64
+                     else torch.float32)
+    pieces, lses = [], []
+    for a, b, c, d in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:]):
+        o, s = ref.attention(*(t[x:y].transpose(0, 1)[None] for t, x, y in ((q, a, b), (k, c, d), (v, c, d))),
+                             upcast=q.dtype == torch.float64, **opts)
+        pieces.append(o[0].transpose(0, 1))
+        lses.append(s[0])
+    n = int(cu_q[-1])
+    return torch.cat(pieces + [q[n:] * 0]), torch.cat(lses + [lse[:, n:]], dim=1)  # q * 0: in the graph
+
+
+VARLEN = [("self", {}), ("causal", {"causal": True}), ("window", {"causal": True, "window": (5, None)}),
+          ("cross", {}), ("softcap", {"softcap": 3.0})]
+
+
+def _check_varlen(gen, backend, opts, cross, max_len, Hq, Hkv, D, dtype=torch.float32, device="cpu"):
+    n = int(torch.randint(1, 6, (1,), generator=gen))
+    lens_q = torch.randint(0, max_len, (n,), generator=gen)
+    if n > 1:
+        lens_q[int(torch.randint(0, n, (1,), generator=gen))] = 0  # an empty sequence
+    lens_k = torch.randint(0, max_len, (n,), generator=gen) if cross else lens_q
+    cu_q, cu_k = (torch.cat([torch.zeros(1, dtype=torch.int64), x.cumsum(0)]) for x in (lens_q, lens_k))
+    tail = int(torch.randint(0, 4, (1,), generator=gen))  # rows past the last boundary
+    mk = lambda S, H: torch.randn(S, H, D, generator=gen).to(device, dtype).requires_grad_()  # noqa: E731
+    q, k, v = mk(int(cu_q[-1]) + tail, Hq), mk(int(cu_k[-1]) + tail, Hkv), mk(int(cu_k[-1]) + tail, Hkv)
+    with torch.no_grad():
+        k[int(cu_k[-1]):] = float("nan")  # keys past the end are never read
+    out, lse = L.attention_varlen(q, k, v, cu_q.to(device), cu_k.to(device) if cross else None, return_lse=True,
+                                  backend=backend, **opts)
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous() and lse.shape == (Hq, q.shape[0])
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    r, rlse = _varlen_expected(q64, k64, v64, cu_q, cu_k, **opts)
+    p, _ = _varlen_expected(q, k, v, cu_q, cu_k, **opts)
+    assert_lowp_close(out, r, p, factor=out_factor(backend, dtype), floor=rule_floor(r, dtype, backend),
+                      what=f"{backend} varlen out")
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(rlse))
+    fin = torch.isfinite(rlse)
+    if fin.any():
+        tol = 1e-4 if dtype == torch.float32 else 1e-2
+        assert float((lse.double()[fin] - rlse[fin].detach()).abs().max()) <= tol
+    do = torch.randn(out.shape, generator=gen).to(device, dtype)
+    og = torch.autograd.grad(out, (q, k, v), do)
+    rg = torch.autograd.grad(r, (q64, k64, v64), do.double(), allow_unused=True, materialize_grads=True)
+    pg = torch.autograd.grad(p, (q, k, v), do, allow_unused=True, materialize_grads=True)
+    gfloor = 1e-5 * max([1.0] + [float(x.abs().max()) for x in rg if x.numel()])
+    for gname, a, b, c in zip(("dq", "dk", "dv"), og, rg, pg):
+        floor = rule_floor(b, dtype) if dtype == torch.float32 else gfloor + interpreter_ulp(b, backend, dtype)
+        assert_lowp_close(a, b, c, factor=grad_factor(backend, dtype), floor=floor, what=f"{backend} varlen {gname}")
+
+
+@pytest.mark.parametrize("case", VARLEN, ids=lambda c: c[0])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_attention_varlen_equals_each_sequence_alone(gen, backend, case):
+    """attention_varlen (FlashAttention's (total, H, D) layout with cu_seqlens) equals each sequence run alone,
+    output, lse and gradients, under the low-precision rule; empty sequences and rows past the last boundary
+    (zeros, never read as keys) included."""
+    name, opts = case
+    _check_varlen(gen, backend, opts, name == "cross", 40, 4, 2, 16)
+
+
+def test_attention_varlen_bad_input(gen):
+    q, k, v = (torch.randn(10, 2, 8) for _ in range(3))
+    cu = torch.tensor([0, 4, 10])
+    cases = [
+        ((q[None], k, v, cu), {}, ValueError, "q must be \\(total, heads, head_dim\\)"),
+        ((q, k, v, [0, 4.5, 10]), {}, TypeError, "cu_seqlens_q"),
+        ((q, k, v, cu[None]), {}, ValueError, "cu_seqlens_q must be \\(n \\+ 1,\\)"),
+        ((q, k, v, torch.tensor([0, 6, 4])), {}, ValueError, "non-decreasing"),
+        ((q, k, v, torch.tensor([0, 4, 11])), {}, ValueError, "past seq_len"),
+        ((q, k, v, cu, torch.tensor([0, 10])), {}, ValueError, "cu_seqlens_k must have cu_seqlens_q's shape"),
+        ((q, k[:7], v[:7], cu), {}, ValueError, "pass cu_seqlens_k"),
+        ((q, k, v, cu, torch.tensor([0, 5, 10])), {"causal": True}, ValueError, "causal needs self-attention"),
+        ((q, k, v, cu, torch.tensor([0, 5, 10])), {"window": (2, 2)}, ValueError, "window needs self-attention"),
+        ((q, k, v, cu, torch.tensor([0, 5, 10])), {"alibi_slopes": torch.ones(2)}, ValueError, "alibi_slopes"),
+        ((q, k, v, cu), {"alibi_slopes": torch.ones(2, 2)}, ValueError, "alibi_slopes \\(Hq,\\)"),
+    ]
+    for args, kwargs, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            L.attention_varlen(*args, **kwargs)
+    # cu_seqlens_k equal to cu_seqlens_q (another tensor) is self-attention: causal works, as does ALiBi
+    a = L.attention_varlen(q, k, v, cu, cu.clone(), causal=True, alibi_slopes=L.alibi_slopes(2))
+    assert torch.equal(a, L.attention_varlen(q, k, v, cu, causal=True, alibi_slopes=L.alibi_slopes(2)))
+    assert torch.equal(L.attention_varlen(q, k, v, [0, 4, 10]), L.attention_varlen(q, k, v, cu))
+
+
 def test_module_and_auto_backend(gen):
     q, k, v = _qkv(gen, 1, 4, 2, 20, 20, 16)
     m = L.MaskedAttention(causal=True)
@@ -1253,6 +1343,19 @@ def test_torch_compile_fullgraph(gen, backend):
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.autograd.grad(out.sum(), qc)[0], torch.autograd.grad(want.sum(), qc)[0],
                                atol=1e-5, rtol=1e-5)
+    # FlashAttention's varlen layout, self (causal) and cross
+    qv, kv_, vv = (t[0].transpose(0, 1).detach().requires_grad_() for t in (q, k, v))  # (24, H, 16)
+    cu, cu_k = torch.tensor([0, 7, 20]), torch.tensor([0, 12, 22])
+
+    def h(q, k, v):
+        return L.attention_varlen(q, k, v, cu, causal=True, backend=backend) + \
+            L.attention_varlen(q, k, v, cu, cu_k, backend=backend)
+
+    out = torch.compile(h, fullgraph=True)(qv, kv_, vv)
+    want = h(qv, kv_, vv)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), qv)[0], torch.autograd.grad(want.sum(), qv)[0],
+                               atol=1e-5, rtol=1e-5)
 
 
 # ---- benchmark smoke test ----
@@ -1428,6 +1531,9 @@ def test_gpu_triton_cross_attention_and_float32(gen):
            dtype=torch.bfloat16, device="cuda")
     _check(gen, "triton", 2, 4, 4, 257, 257, 64, _mask(gen, 2, 257, 257, causal=True, device="cuda"),
            dtype=torch.float32, device="cuda")
+    # FlashAttention's varlen layout: causal self-attention and cross attention, sequences of up to 1500 rows
+    for name, opts in (("causal", {"causal": True}), ("cross", {})):
+        _check_varlen(gen, "triton", opts, name == "cross", 1500, 8, 2, 128, dtype=torch.bfloat16, device="cuda")
     # float32 tiles at head dim 256 exceed every card's shared memory: the launch falls back; no TF32 (the float32
     # rule's bound is plain float32's error, TF32's would be ~1e3 times larger)
     _check(gen, "triton", 1, 2, 2, 200, 200, 256, _mask(gen, 1, 200, 200, causal=True, docs=True, device="cuda"),

@@ -58,6 +58,15 @@ def make_mask(name: str, B: int, S: int, device, gen: torch.Generator) -> dict:
         return {**make_mask("padding", B, S, device, gen), "dropout_p": 0.1}
     if name == "alibi":  # BLOOM / MPT: causal with ALiBi's per-head slopes (run_gpu sizes them to its heads)
         return {"causal": True, "alibi_slopes": None}
+    if name == "prefix_docs":  # a packed prefix LM: the documents of "docs", each the first half of it its prefix
+        opts = make_mask("docs", B, S, device, gen)
+        d = opts["doc_ids"]
+        pos = torch.arange(S, device=device).expand(B, S)
+        start = torch.cummax(torch.where(torch.cat([torch.ones_like(d[:, :1]), d[:, 1:] - d[:, :-1]], 1) != 0,
+                                         pos, 0), dim=1).values
+        length = torch.stack([torch.repeat_interleave(c, c) for c in
+                              (torch.unique_consecutive(r, return_counts=True)[1] for r in d)])
+        return {**opts, "prefix_mask": (pos - start) * 2 < length}
     if name == "cross_docs":  # a packed T5: S // 4 decoder queries over S encoder keys, 4 documents per row, each
         # document's decoder part a quarter of its encoder part (T5's 114 targets per 568 raw tokens, roughly)
         Sq = S // 4
@@ -80,7 +89,7 @@ def bool_mask(opts: dict, B: int, S: int, device) -> torch.Tensor:
     return ref.attention_mask(B, query_len(opts, S), S, causal=opts.get("causal", False),
                               prefix_lens=opts.get("prefix_lens"), doc_ids=opts.get("doc_ids"),
                               kv_lens=opts.get("kv_lens"), window=opts.get("window"),
-                              kv_doc_ids=opts.get("kv_doc_ids"), device=device)
+                              kv_doc_ids=opts.get("kv_doc_ids"), prefix_mask=opts.get("prefix_mask"), device=device)
 
 
 def allowed_fraction(opts: dict, B: int, S: int, device) -> float:
@@ -180,7 +189,7 @@ def _flex(opts, B, H, S, device, slopes=None):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError:
         return None
-    prefix, docs, kvl = opts.get("prefix_lens"), opts.get("doc_ids"), opts.get("kv_lens")
+    prefix, docs, kvl, pm = opts.get("prefix_lens"), opts.get("doc_ids"), opts.get("kv_lens"), opts.get("prefix_mask")
     causal, window, cap = opts.get("causal", False), opts.get("window"), opts.get("softcap")
     kdocs = docs if opts.get("kv_doc_ids") is None else opts["kv_doc_ids"]
 
@@ -190,6 +199,8 @@ def _flex(opts, B, H, S, device, slopes=None):
             c = kj <= qi
             if prefix is not None:
                 c = c | (kj < prefix[b])
+            if pm is not None:
+                c = c | (pm[b, qi] & pm[b, kj])
             ok = ok & c
         if docs is not None:
             ok = ok & (docs[b, qi] == kdocs[b, kj])
@@ -274,12 +285,12 @@ def run_gpu(full: bool) -> list[dict]:
     if full:
         configs = [(d, s, m) for d in (64, 128) for s in (1024, 2048, 4096, 8192, 16384)
                    for m in ("causal", "prefix", "docs", "padding", "window", "softcap", "dropout", "alibi",
-                             "cross_docs")]
+                             "cross_docs", "prefix_docs")]
     else:
         # most important first (gpu_check may cut the tail): the 8k masks at D=128, then D=64 and a short sequence
         configs = [(128, 8192, m) for m in ("causal", "prefix", "docs")] + [(64, 8192, "causal"), (128, 2048, "causal")]
         configs += [(128, 8192, "window"), (128, 8192, "softcap"), (64, 512, "dropout"), (128, 8192, "alibi"),
-                    (128, 8192, "cross_docs")]
+                    (128, 8192, "cross_docs"), (128, 8192, "prefix_docs")]
     rows = []
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # one graph per mask
     sdpa = _sdpa_backends()
@@ -316,7 +327,7 @@ def run_gpu(full: bool) -> list[dict]:
                     return F.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=p)
             cands[f"sdpa.{name}"] = f
         # each mask compiles (~30 s): in the short run only the masks FlashAttention cannot express
-        flex_masks = ("prefix", "docs", "window", "softcap", "alibi", "cross_docs")
+        flex_masks = ("prefix", "docs", "window", "softcap", "alibi", "cross_docs", "prefix_docs")
         flex = _flex(opts, B, H, S, dev, slopes) if not drop and (full or (S >= 8192 and mname in flex_masks)) \
             else None
         if flex is not None:

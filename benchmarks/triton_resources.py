@@ -129,7 +129,8 @@ def _attention_cases(size: str):
     dtypes = (torch.bfloat16, torch.float32) + ((torch.float16,) if size == "full" else ())
     masks = {"causal": dict(causal=True), "all": dict(causal=True, prefix=True, kv=True, docs=True),
              "window": dict(causal=True, kv=True, window=(1023, 64)), "softcap": dict(causal=True, softcap=50.0),
-             "padding": dict(kv=True), "dropout": dict(kv=True, dropout=0.1), "alibi": dict(causal=True, alibi=True)}
+             "padding": dict(kv=True), "dropout": dict(kv=True, dropout=0.1), "alibi": dict(causal=True, alibi=True),
+             "prefix_mask": dict(causal=True, prefix_mask=True, docs=True)}
     for d in dims:
         for dt in dtypes:
             # float32 tiles are slow to compile (~1 min each on 2 cores: ptxas spills, and a card that refuses a
@@ -139,7 +140,7 @@ def _attention_cases(size: str):
             for mname, m in masks.items():
                 if mname == "padding" and (size != "full" and d != 128 or size == "quick"):
                     continue
-                if mname in ("dropout", "alibi") and size != "full" and d != 128:  # one head dim each in CI
+                if mname in ("dropout", "alibi", "prefix_mask") and size != "full" and d != 128:  # one head dim each
                     continue
                 yield "attention", f"B2 H16 S8192 D{d} {str(dt)[6:]} {mname}", _attention(2, 16, 8192, d, dt, m)
     yield "attention", "B4096 H32 S128 D64 bf16 padding (B*H > 65535)", _attention(
@@ -155,6 +156,8 @@ def _attention(B, H, S, D, dtype, m):
         ints = lambda *shape: torch.empty(*shape, dtype=torch.int64, device="cuda")  # noqa: E731
         prefix, kv, docs = (ints(B) if m.get("prefix") else None, ints(B) if m.get("kv") else None,
                             ints(B, S) if m.get("docs") else None)
+        if m.get("prefix_mask"):  # per-token prefix flags (B, S)
+            prefix = torch.zeros(B, S, dtype=torch.bool, device="cuda")
         wl, wr = m.get("window", (-1, -1))
         cap, drop = m.get("softcap", 0.0), m.get("dropout", 0.0)
         seed = torch.zeros(1, dtype=torch.int64, device="cuda")

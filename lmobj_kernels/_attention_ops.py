@@ -4,7 +4,8 @@ Triton ops `lmobj::attn_fwd_triton` (out, lse) and `lmobj::attn_bwd_triton` (dq,
 ops over triton_kernels/attention.py, each with a fake, and autograd on the forward that calls the backward op.
 window_left / window_right: the sliding window's bounds, -1 for an unbounded side; softcap: 0.0 for none;
 dropout_p: 0.0 for none, else `seed` (int64 [1]) keys the Philox draws, which the backward regenerates;
-alibi_slopes: None, or float32 (B, Hq) contiguous (no gradient); kv_doc_ids: None (the keys share doc_ids,
+prefix_lens: None, the prefix lengths (B,), or the prefix flags (B, S) of `attention(prefix_mask=)` (bool or
+int); alibi_slopes: None, or float32 (B, Hq) contiguous (no gradient); kv_doc_ids: None (the keys share doc_ids,
 self-attention), or the keys' documents (B, Sk) (packed cross attention; doc_ids are then the queries'). The two
 default to None, so callers of the ops written before them keep working. The ops trust their arguments' shapes
 and ranges: `attention()` checks them.

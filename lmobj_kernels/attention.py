@@ -3,7 +3,8 @@
 `attention(q, k, v, ...)` has the layout of `F.scaled_dot_product_attention`: q (B, Hq, Sq, D), k and v
 (B, Hkv, Sk, D), Hq a multiple of Hkv (grouped-query attention). Masks, freely combined:
 - causal (GPT); `prefix_lens` (B,) with causal=True: prefix-LM (T5/UL2 decoder-only: bidirectional inside the
-  prefix, causal after it);
+  prefix, causal after it); `prefix_mask` (B, S) instead: prefix tokens flagged one by one (t5x's
+  decoder_causal_attention), so each packed document can have its own prefix;
 - `kv_lens` (B,): key padding (BERT); non-causal with Sq != Sk: cross attention (encoder-decoder);
 - `doc_ids` (B, S) ints: packed documents, a query attends only to keys of its own document (build them with
   `doc_ids_from_cu_seqlens` or `doc_ids_from_eos`); with `kv_doc_ids` (B, Sk) too, packed cross attention: the
@@ -110,6 +111,28 @@ def _check_range(name: str, x: Tensor, high: int, what: str, low: int = 0) -> No
     elif x.numel() and not bool(ok.all()):
         bad = int(x[~ok][0])
         raise ValueError(f"{name} holds {bad}, outside [{low}, {high}] ({what})")
+
+
+def _check_prefix_mask(q, causal, prefix_lens, prefix_mask) -> Tensor | None:
+    """prefix_mask as a bool (B, S) tensor on q's device (t5x's decoder_causal_attention: the prefix tokens)."""
+    if prefix_mask is None:
+        return None
+    if not causal:
+        raise ValueError("prefix_mask needs causal=True (prefix-LM: bidirectional among the prefix tokens, causal "
+                         "elsewhere)")
+    if prefix_lens is not None:
+        raise ValueError("give prefix_lens (one prefix per row) or prefix_mask (per token), not both")
+    if _is_seq(prefix_mask):
+        prefix_mask = torch.as_tensor(prefix_mask, device=q.device)
+    if not isinstance(prefix_mask, Tensor) or not (prefix_mask.dtype == torch.bool or prefix_mask.dtype in _INTS):
+        raise TypeError(f"prefix_mask must be a bool (or 0/1 integer) tensor, got "
+                        f"{getattr(prefix_mask, 'dtype', type(prefix_mask).__name__)}")
+    B, _, S, _ = q.shape
+    if tuple(prefix_mask.shape) != (B, S):
+        raise ValueError(f"prefix_mask must have shape (B, S) = ({B}, {S}), got {tuple(prefix_mask.shape)}")
+    if prefix_mask.device != q.device:
+        raise ValueError(f"prefix_mask is on {prefix_mask.device} but q is on {q.device}")
+    return prefix_mask if prefix_mask.dtype == torch.bool else prefix_mask != 0
 
 
 def _check_masks(q, k, causal, prefix_lens, doc_ids, kv_lens, kv_doc_ids=None):
@@ -291,16 +314,17 @@ def _nonempty_rows(allowed: Tensor, kv_lens: Tensor, doc_ids: Tensor | None, win
 
 
 def _torch_attention(q, k, v, causal, prefix_lens, doc_ids, kv_lens, window, scale, softcap, return_lse,
-                     plain=False, dropout_p=0.0, seed=None, alibi_slopes=None, kv_doc_ids=None):
+                     plain=False, dropout_p=0.0, seed=None, alibi_slopes=None, kv_doc_ids=None, prefix_mask=None):
     """plain: the reference's computation in float32 (deterministic on a GPU, where SDPA's backward need not be);
     a softcap, which SDPA cannot apply, dropout, whose SDPA draws no other backend could repeat, and ALiBi (SDPA
     would need the same (B, H, Sq, Sk) bias materialised as a float mask) compute that way too."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     gqa = Hq != Hkv
-    only_causal = causal and prefix_lens is None and doc_ids is None and kv_lens is None and window is None
+    only_causal = (causal and prefix_lens is None and doc_ids is None and kv_lens is None and window is None
+                   and prefix_mask is None)
     masks = dict(causal=causal, prefix_lens=prefix_lens, doc_ids=doc_ids, kv_lens=kv_lens, window=window,
-                 kv_doc_ids=kv_doc_ids)
+                 kv_doc_ids=kv_doc_ids, prefix_mask=prefix_mask)
     lse = None
     if kv_lens is not None and Sk:  # padding keys hold anything: a NaN there would pass a 0 weight (0 * NaN)
         valid = (torch.arange(Sk, device=k.device) < kv_lens.view(B, 1, 1, 1).to(k.device)).view(B, 1, Sk, 1)
@@ -356,6 +380,7 @@ def attention(
     seed: int | Tensor | None = None,
     generator: torch.Generator | None = None,
     kv_doc_ids: Tensor | None = None,
+    prefix_mask: Tensor | None = None,
     return_lse: bool = False,
     deterministic: bool = False,
     backend: str = "auto",
@@ -369,9 +394,11 @@ def attention(
     Sq == Sk; so do doc_ids alone and a window. kv_doc_ids (B, Sk): packed cross attention (a packed T5's
     decoder over its packed encoder, FlashAttention's cu_seqlens_q / cu_seqlens_k): doc_ids are then the queries'
     documents (B, Sq) and query i attends key j when doc_ids[b, i] == kv_doc_ids[b, j]; a query whose document has
-    no key gets zeros. scale defaults to D ** -0.5. softcap c (Gemma 2's attention logit
-    soft-capping): the scaled scores s become c * tanh(s / c) before the softmax; the torch backend then
-    materialises the scores (SDPA has no cap).
+    no key gets zeros. prefix_mask (B, S) bool, with causal=True instead of prefix_lens: a prefix per token, t5x's
+    `decoder_causal_attention`: query i attends key j when j <= i or both are flagged, so with doc_ids each packed
+    document has its own prefix (flag each document's leading tokens). scale defaults to D ** -0.5. softcap c
+    (Gemma 2's attention logit soft-capping): the scaled scores s become c * tanh(s / c) before the softmax; the
+    torch backend then materialises the scores (SDPA has no cap).
     alibi_slopes: ALiBi, a float tensor (Hq,) or (B, Hq) (`alibi_slopes(Hq)` gives the paper's): the bias
     -slope * |i + Sk - Sq - j| is added to the (capped) scores, FlashAttention's definition (|i - j| when Sq ==
     Sk). Sq and Sk are the tensors' lengths, padding included: in cross attention with kv_lens the last query
@@ -398,6 +425,7 @@ def attention(
     _check_qkv(q, k, v)
     prefix_lens, doc_ids, kv_lens, kv_doc_ids = _check_masks(q, k, causal, prefix_lens, doc_ids, kv_lens,
                                                              kv_doc_ids)
+    prefix_mask = _check_prefix_mask(q, causal, prefix_lens, prefix_mask)
     window = _check_window(window, q.shape[2], k.shape[2])
     _check_scale(scale)
     if scale is None:
@@ -417,10 +445,11 @@ def attention(
         out, lse = _torch_attention(q, k, v, causal, prefix_lens, doc_ids, kv_lens, window, float(scale),
                                     None if softcap is None else float(softcap), return_lse,
                                     plain=deterministic and q.is_cuda, dropout_p=float(dropout_p), seed=seed_t,
-                                    alibi_slopes=slopes, kv_doc_ids=kv_doc_ids)
+                                    alibi_slopes=slopes, kv_doc_ids=kv_doc_ids, prefix_mask=prefix_mask)
     else:
         left, right = (-1 if w is None else w for w in (window or (None, None)))  # -1: unbounded
-        out, lse = torch.ops.lmobj.attn_fwd_triton(q, k, v, prefix_lens, doc_ids, kv_lens, causal, left, right,
+        prefix = prefix_lens if prefix_mask is None else prefix_mask  # the op takes (B,) lengths or (B, S) flags
+        out, lse = torch.ops.lmobj.attn_fwd_triton(q, k, v, prefix, doc_ids, kv_lens, causal, left, right,
                                                    float(scale), 0.0 if softcap is None else float(softcap),
                                                    float(dropout_p), seed_t,
                                                    None if slopes is None else slopes.float().contiguous(),
@@ -603,10 +632,11 @@ def doc_ids_from_position_ids(position_ids: Tensor) -> Tensor:
 class MaskedAttention(nn.Module):
     """Module form of `attention`: options fixed at construction (causal, window, scale, softcap, ALiBi slopes,
     dropout, deterministic, backend), per-batch masks at call time: forward(q, k, v, prefix_lens=None, doc_ids=None,
-    kv_lens=None, kv_doc_ids=None). dropout applies in training mode only (as nn.Dropout), each call with a fresh
-    seed from the device's default generator (so torch.manual_seed makes a run repeatable). alibi_slopes: a float
-    tensor (H,), or True for the paper's slopes of `n_heads` heads, kept as a float32 buffer (it moves with .to(),
-    stays float32 when the module is cast to bfloat16 or float16, is saved in the state dict, and is not trained)."""
+    kv_lens=None, kv_doc_ids=None, prefix_mask=None). dropout applies in training mode only (as nn.Dropout), each
+    call with a fresh seed from the device's default generator (so torch.manual_seed makes a run repeatable).
+    alibi_slopes: a float tensor (H,), or True for the paper's slopes of `n_heads` heads, kept as a float32 buffer
+    (it moves with .to(), stays float32 when the module is cast to bfloat16 or float16, is saved in the state dict,
+    and is not trained)."""
 
     def __init__(self, *, causal: bool = False, window: tuple[int | None, int | None] | None = None,
                  scale: float | None = None, softcap: float | None = None, alibi_slopes: Tensor | bool | None = None,
@@ -650,9 +680,9 @@ class MaskedAttention(nn.Module):
         return out
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, prefix_lens=None, doc_ids=None, kv_lens=None,
-                kv_doc_ids=None) -> Tensor:
+                kv_doc_ids=None, prefix_mask=None) -> Tensor:
         return attention(q, k, v, causal=self.causal, prefix_lens=prefix_lens, doc_ids=doc_ids, kv_lens=kv_lens,
-                         kv_doc_ids=kv_doc_ids,
+                         kv_doc_ids=kv_doc_ids, prefix_mask=prefix_mask,
                          window=self.window, scale=self.scale, softcap=self.softcap, alibi_slopes=self.alibi_slopes,
                          dropout_p=self.dropout if self.training else 0.0, deterministic=self.deterministic,
                          backend=self.backend)

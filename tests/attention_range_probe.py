@@ -26,13 +26,14 @@ def _ranges_kernel(OUT, PREFIX, KVLEN, DOC_RANGE, Sq, Sk, n_blocks, win_l, win_r
     blk = tl.program_id(0)
     b = tl.program_id(1)
     # the kernels' own metadata load (no doc ids: the ranges read DOC_RANGE; OUT stands in for the DOC pointer)
-    kv_len, prefix_len, _, _ = _mask_meta(b, blk, True, Sk, PREFIX, KVLEN, OUT, 0, 0, HAS_PREFIX, HAS_KVLEN, False)
+    kv_len, prefix_len, _, _ = _mask_meta(b, blk, True, Sk, PREFIX, KVLEN, OUT, 0, 0, HAS_PREFIX, HAS_KVLEN, False,
+                                          False, 0)
     if KEYS:
         lo, c_lo, c_hi, hi = _key_range(b, blk, blk * BLOCK_M, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_blocks,
-                                        win_l, win_r, CAUSAL, HAS_DOCS, HAS_WINDOW, BLOCK_M, BLOCK_N)
+                                        win_l, win_r, CAUSAL, HAS_DOCS, HAS_WINDOW, BLOCK_M, BLOCK_N, False)
     else:
         lo, c_lo, c_hi, hi = _query_range(b, blk, blk * BLOCK_N, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_blocks,
-                                          win_l, win_r, CAUSAL, HAS_DOCS, HAS_WINDOW, BLOCK_M, BLOCK_N)
+                                          win_l, win_r, CAUSAL, HAS_DOCS, HAS_WINDOW, BLOCK_M, BLOCK_N, False)
     out = OUT + (b * n_blocks + blk) * 4
     tl.store(out, lo)
     tl.store(out + 1, c_lo)

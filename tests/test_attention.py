@@ -172,6 +172,88 @@ def test_triton_lengths(gen, combo, length):
     _check(gen, "triton", B, Hq, Hkv, Sq, Sk, 32, _mask(gen, B, Sq, Sk, causal, prefix, docs, kv))
 
 
+# ---- per-token prefixes (prefix_mask: t5x's decoder_causal_attention) ----
+def _prefix_mask(gen, opts, B, S, per_doc=True, device="cpu"):
+    """Each document's leading tokens flagged (a packed prefix LM: a prefix per document, some empty, some whole),
+    or, with per_doc=False, flags anywhere (the mask is defined for any)."""
+    if not per_doc:
+        return (torch.rand(B, S, generator=gen) < 0.3).to(device)
+    docs = opts["doc_ids"].cpu() if "doc_ids" in opts else torch.zeros(B, S, dtype=torch.long)
+    pm = torch.zeros(B, S, dtype=torch.bool)
+    for b in range(B):
+        for d in docs[b].unique():
+            idx = (docs[b] == d).nonzero().flatten()
+            pm[b, idx[: int(torch.randint(0, len(idx) + 1, (1,), generator=gen))]] = True
+    return pm.to(device)
+
+
+PREFIX_MASK = [(d, kv, g, per_doc) for d, kv, g in itertools.product([False, True], repeat=3)
+               for per_doc in (True, False)]
+
+
+def _pm_id(c):
+    d, kv, g, per_doc = c
+    return "+".join([n for n, on in zip(("docs", "kvlens", "gqa"), (d, kv, g)) if on] + [
+        "per_doc" if per_doc else "anywhere"])
+
+
+@pytest.mark.parametrize("combo", PREFIX_MASK, ids=_pm_id)
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_prefix_mask_matches_reference(gen, backend, combo):
+    """prefix_mask with documents, key padding and GQA against the float64 reference (the mask's definition: j <=
+    i, or both flagged), on lengths that cross the interpreter's blocks; torch also at 1, 17 and 128."""
+    docs, kv, gqa, per_doc = combo
+    for length in ((100,) if backend == "triton" else (1, 17, 128)):
+        B, Hq, Hkv, Sq, Sk = _shape(length, gqa, False)
+        opts = _mask(gen, B, Sq, Sk, causal=True, docs=docs, kv=kv)
+        opts["prefix_mask"] = _prefix_mask(gen, opts, B, Sq, per_doc)
+        _check(gen, backend, B, Hq, Hkv, Sq, Sk, 16, opts)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_prefix_mask_is_a_prefix_per_document(gen, backend):
+    """A packed row whose documents each flag their leading tokens attends exactly as each document alone with its
+    own prefix_lens; one prefix flagged from position 0 is prefix_lens itself (bit for bit on torch)."""
+    q, k, v = _qkv(gen, 1, 4, 2, 70, 70, 16)
+    cu, plens = [0, 25, 31, 70], [10, 6, 0]  # the second document all prefix, the third none
+    docs = L.doc_ids_from_cu_seqlens(cu, 70)
+    pm = torch.zeros(1, 70, dtype=torch.bool)
+    for a, p in zip(cu[:-1], plens):
+        pm[0, a:a + p] = True
+    out = L.attention(q, k, v, causal=True, doc_ids=docs, prefix_mask=pm, backend=backend)
+    alone = [L.attention(*(t[:, :, a:b] for t in (q, k, v)), causal=True, prefix_lens=[p], backend=backend)
+             for a, b, p in zip(cu[:-1], cu[1:], plens)]
+    torch.testing.assert_close(out, torch.cat(alone, dim=2), atol=1e-6, rtol=1e-5)
+    g = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    ga = torch.autograd.grad(torch.cat(alone, dim=2), (q, k, v), torch.ones_like(out))
+    for a, b in zip(g, ga):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    P = torch.tensor([0, 13])
+    q2, k2, v2 = _qkv(gen, 2, 2, 2, 40, 40, 16)
+    flags = torch.arange(40)[None] < P[:, None]
+    a = L.attention(q2, k2, v2, causal=True, prefix_mask=flags, backend=backend)
+    b = L.attention(q2, k2, v2, causal=True, prefix_lens=P, backend=backend)
+    if backend == "torch":
+        assert torch.equal(a, b)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert torch.equal(L.attention(q2, k2, v2, causal=True, prefix_mask=flags.int(), backend=backend), a)  # 0/1 ints
+    assert torch.equal(L.attention(q2, k2, v2, causal=True, prefix_mask=flags.tolist(), backend=backend), a)
+
+
+def test_prefix_mask_bad_input(gen):
+    q, k, v = _qkv(gen, 2, 2, 2, 8, 8, 16)
+    pm = torch.zeros(2, 8, dtype=torch.bool)
+    cases = [({"prefix_mask": pm}, ValueError, "prefix_mask needs causal=True"),
+             ({"causal": True, "prefix_mask": pm, "prefix_lens": [1, 2]}, ValueError, "not both"),
+             ({"causal": True, "prefix_mask": pm[:, :7]}, ValueError, r"prefix_mask must have shape \(B, S\)"),
+             ({"causal": True, "prefix_mask": pm.float()}, TypeError, "prefix_mask must be a bool"),
+             ({"causal": True, "prefix_mask": pm.to("meta")}, ValueError, "prefix_mask is on meta"),
+             ({"causal": True, "prefix_mask": "all"}, TypeError, "prefix_mask")]
+    for kwargs, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            L.attention(q, k, v, **kwargs)
+
+
 @needs_triton
 @pytest.mark.parametrize("D", [8, 24, 40])
 def test_triton_odd_head_dims(gen, D):
@@ -1306,6 +1388,10 @@ def test_opcheck_triton_ops(gen):
                           (torch.randn(out_c.shape, generator=gen), qc.detach(), k.detach(), v.detach(),
                            out_c.detach(), lse_c.detach(), None, docs[:, :9], kvl, False, -1, -1, 0.25, 0.0, 0.0,
                            None, None, kdocs))
+    # per-token prefix flags (B, S) in the prefix slot (prefix_mask): they travel to the backward op too
+    flags = torch.tensor([[True] * 3 + [False] * 4 + [True] * 5 + [False] * 8])
+    torch.library.opcheck(torch.ops.lmobj.attn_fwd_triton, (q, k, v, flags) + fwd_args[4:])
+    torch.library.opcheck(torch.ops.lmobj.attn_bwd_triton, bwd_args[:6] + (flags, docs, kvl, True) + bwd_args[10:])
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
@@ -1317,9 +1403,12 @@ def test_torch_compile_fullgraph(gen, backend):
     seed = torch.tensor([12345])
     slopes = L.alibi_slopes(2)
 
+    pm = torch.arange(24)[None] % 10 < 4  # each document's first 4 tokens: a prefix per document
+
     def f(q, k, v):
         return L.attention(q, k, v, causal=True, prefix_lens=prefix, doc_ids=docs, kv_lens=kvl, window=(9, None),
-                           softcap=4.0, alibi_slopes=slopes, dropout_p=0.2, seed=seed, backend=backend)
+                           softcap=4.0, alibi_slopes=slopes, dropout_p=0.2, seed=seed, backend=backend) + \
+            L.attention(q, k, v, causal=True, prefix_mask=pm, doc_ids=docs, backend=backend)
 
     out = torch.compile(f, fullgraph=True)(q, k, v)
     out.sum().backward()
@@ -1531,6 +1620,11 @@ def test_gpu_triton_cross_attention_and_float32(gen):
            dtype=torch.bfloat16, device="cuda")
     _check(gen, "triton", 2, 4, 4, 257, 257, 64, _mask(gen, 2, 257, 257, causal=True, device="cuda"),
            dtype=torch.float32, device="cuda")
+    # a prefix per packed document (prefix_mask), and flags anywhere
+    for per_doc in (True, False):
+        opts = _mask(gen, 2, 1000, 1000, causal=True, docs=True, kv=True, device="cuda")
+        opts["prefix_mask"] = _prefix_mask(gen, opts, 2, 1000, per_doc, device="cuda")
+        _check(gen, "triton", 2, 8, 2, 1000, 1000, 128, opts, dtype=torch.bfloat16, device="cuda")
     # FlashAttention's varlen layout: causal self-attention and cross attention, sequences of up to 1500 rows
     for name, opts in (("causal", {"causal": True}), ("cross", {})):
         _check_varlen(gen, "triton", opts, name == "cross", 1500, 8, 2, 128, dtype=torch.bfloat16, device="cuda")

@@ -267,6 +267,8 @@ def test_doc_mask_reaches_the_attention(objective, monkeypatch):
 
     def spy(q, k, v, **kw):
         seen.append((kw.get("doc_ids"), kw.get("kv_doc_ids")))
+        if objective == "prefix":  # each document's own prefix
+            assert torch.equal(kw["prefix_mask"], batch["prefix_mask"]) and kw.get("prefix_lens") is None
         return kernels._library_attention(q, k, v, **kw)
 
     monkeypatch.setattr(kernels, "attention", spy)
@@ -285,6 +287,55 @@ def test_doc_mask_reaches_the_attention(objective, monkeypatch):
             assert all(torch.equal(kd, batch["doc_ids"]) for _, kd in seen[2:] if kd is not None)
         else:
             assert len(seen) == 2
+
+
+def test_prefix_lm_packs_a_prefix_per_document(tmp_path):
+    """Under --doc-mask the prefix LM gives each packed document its own prefix (prefix_mask): the row's share of
+    the document's tokens, its leading ones, unscored; a prefix token reads the later tokens of its own prefix but
+    not those after it nor another document's; library and baseline train to the same losses."""
+    from lmobj_kernels.train.models import GPT, ModelConfig
+    from lmobj_kernels.train.objectives import OBJECTIVES
+
+    tok = ByteTokenizer()
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(tok.offset, tok.offset + 256, (3, 40), generator=g)
+    ids[:, [12, 30]] = tok.eos_id  # documents of 13, 18 and 9 tokens
+    plain = OBJECTIVES["prefix"].corrupt(ids, tok, 5, {})
+    b = OBJECTIVES["prefix"].corrupt(ids, tok, 5, {"doc_mask": True})
+    assert "prefix_lens" not in b and b["prefix_mask"].dtype == torch.bool
+    for r in range(3):
+        p = int(plain["prefix_lens"][r])  # the same draw: the row's share, p / 40
+        for a, e in ((0, 13), (13, 31), (31, 40)):
+            n = -(-p * (e - a) // 40)  # ceil
+            assert b["prefix_mask"][r, a:e].tolist() == [True] * n + [False] * (e - a - n), (r, a, p)
+    assert torch.equal(b["labels"], torch.where(b["prefix_mask"], -100, ids))
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=1, n_head=2, d_model=16)).eval()
+
+    def flip(x, t):  # row 0's token t, another byte
+        y = x.clone()
+        y[0, t] = (x[0, t] - tok.offset + 1) % 256 + tok.offset
+        return y
+
+    pm, docs = b["prefix_mask"], b["doc_ids"]
+    n1 = int(pm[0, 13:31].sum())  # document 1's prefix: positions 13 .. 13 + n1 - 1
+    assert 1 < n1 < 18
+    with torch.no_grad():
+        h = lambda x: model.hidden(x, doc_ids=docs, prefix_mask=pm)[0, 13]  # noqa: E731  document 1's first token
+        assert not torch.allclose(h(ids), h(flip(ids, 13 + n1 - 1)))  # a later token of its prefix: seen
+        assert torch.equal(h(ids), h(flip(ids, 13 + n1)))  # the first after the prefix: not seen
+        assert torch.equal(h(ids), h(flip(ids, 5))) and torch.equal(h(ids), h(flip(ids, 33)))  # other documents
+    data = tmp_path / "docs"
+    data.mkdir()
+    for i in range(200):
+        (data / f"d{i:03d}.txt").write_text(" ".join(["alpha", "beta", "gamma"][(i * j) % 3] for j in range(3 + i % 9)))
+    for mode in ("lib", "base"):
+        assert train("--objective", "prefix", "--data", str(data), "--doc-mask", "--out", str(tmp_path / mode),
+                     "--no-demo", *(["--baseline"] if mode == "base" else [])) == 0
+    kernels.use_baseline(False)
+    val = {m: [r["loss"] for r in map(json.loads, open(tmp_path / m / "metrics.jsonl")) if r["kind"] == "val"]
+           for m in ("lib", "base")}
+    torch.testing.assert_close(val["lib"], val["base"], rtol=1e-4, atol=1e-5)
 
 
 def test_t5_decoder_documents():

@@ -6,7 +6,8 @@ per key block (dK, dV; it loops over the query heads of its grouped-query group 
 query block (dQ). No atomics, so the backward is bitwise repeatable (`deterministic` is always honoured).
 
 Masks (constexpr feature flags, so each variant compiles to lean code): causal, prefix-LM (prefix_len per batch:
-bidirectional inside the prefix, causal after), packed documents (doc ids per position: equal ids attend), key
+bidirectional inside the prefix, causal after; or PREFIX_MASK, a prefix flag per token: flagged pairs attend both
+ways, t5x's decoder_causal_attention), packed documents (doc ids per position: equal ids attend), key
 padding (kv_len per batch), a sliding window (query i sees keys i - left .. i + right), grouped-query heads,
 cross attention (Sq != Sk, non-causal). A softcap c turns the scaled scores s into c * tanh(s / c) (Gemma 2).
 ALiBi (HAS_ALIBI) adds -slope * |i + Sk - Sq - j| to the (capped) scores, one slope per (batch, query head); the
@@ -225,18 +226,23 @@ def _keys_read(offs_n, Sk, kv_len, HAS_KVLEN: tl.constexpr):
 
 
 @triton.jit
-def _allowed(qi, kj, Sk, kv_len, prefix_len, q_doc, k_doc, win_l, win_r, CAUSAL: tl.constexpr,
-             HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr):
+def _allowed(qi, kj, Sk, kv_len, prefix_len, k_pf, q_doc, k_doc, win_l, win_r, CAUSAL: tl.constexpr,
+             HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+             PREFIX_MASK: tl.constexpr):
     """Mask of allowed (query, key) pairs. qi / q_doc and kj / k_doc are already shaped to broadcast against each
     other ((M, 1) with (1, N), or (1, M) with (N, 1)); keys at or past Sk are never allowed. win_l / win_r: the
-    window's bounds (Sk for an unbounded side, where the test always holds)."""
+    window's bounds (Sk for an unbounded side, where the test always holds). PREFIX_MASK: prefix_len and k_pf are
+    the queries' and the keys' prefix flags (shaped as qi and kj): flagged pairs attend both ways."""
     ok = kj < Sk
     if HAS_KVLEN:
         ok = ok & (kj < kv_len)
     if CAUSAL:
         rule = kj <= qi
         if HAS_PREFIX:
-            rule = rule | (kj < prefix_len)
+            if PREFIX_MASK:
+                rule = rule | ((prefix_len != 0) & (k_pf != 0))
+            else:
+                rule = rule | (kj < prefix_len)
         ok = ok & rule
     if HAS_DOCS:
         ok = ok & (q_doc == k_doc)
@@ -248,16 +254,20 @@ def _allowed(qi, kj, Sk, kv_len, prefix_len, q_doc, k_doc, win_l, win_r, CAUSAL:
 @triton.jit
 def _key_range(b, pid_m, start_m, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_outer, win_l, win_r,
                CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr):
+               BLOCK_N: tl.constexpr, PREFIX_MASK: tl.constexpr):
     """Key range of queries [start_m, start_m + BLOCK_M) as (lo, c_lo, c_hi, hi): key blocks in [c_lo, c_hi) need
     no elementwise mask, those in [lo, c_lo) and [c_hi, hi) do. Keys outside [lo, hi) are masked for every row of
-    the block and never loaded."""
+    the block and never loaded. PREFIX_MASK: prefix_len is the end of the row's last prefix flag when a row of the
+    block is flagged (else 0): the keys past the diagonal that flagged rows may see, none of them for every row."""
     lo = 0
     hi = tl.minimum(Sk, kv_len)
     full = hi  # keys < full are allowed for every row of the block by the positional rules
     if CAUSAL:
         hi = tl.minimum(hi, tl.maximum(tl.minimum(start_m + BLOCK_M, Sq), prefix_len))
-        full = tl.minimum(full, tl.maximum(start_m + 1, prefix_len))
+        if PREFIX_MASK:
+            full = tl.minimum(full, start_m + 1)
+        else:
+            full = tl.minimum(full, tl.maximum(start_m + 1, prefix_len))
     c_lo = lo
     c_hi = (full // BLOCK_N) * BLOCK_N
     if HAS_DOCS:
@@ -281,16 +291,20 @@ def _key_range(b, pid_m, start_m, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_outer
 
 @triton.jit
 def _mask_meta(b, offs, omask, Sk, PREFIX, KVLEN, DOC, stride_doc, doc_pad, HAS_PREFIX: tl.constexpr,
-               HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr):
+               HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr, PREFIX_MASK: tl.constexpr, stride_pfx):
     """Batch row b's mask metadata as every kernel reads it: kv_len (Sk without KVLEN), prefix_len (0 without
-    PREFIX), its DOC row, and the doc ids at positions offs (the positions themselves without DOC; doc_pad past the
-    end: -2 for queries and -1 for keys, so padding never shares a document)."""
+    PREFIX; with PREFIX_MASK the prefix flags at positions offs, 0 past the end), its DOC row, and the doc ids at
+    positions offs (the positions themselves without DOC; doc_pad past the end: -2 for queries and -1 for keys, so
+    padding never shares a document)."""
     kv_len = Sk
     if HAS_KVLEN:
         kv_len = tl.load(KVLEN + b)
     prefix_len = 0
     if HAS_PREFIX:
-        prefix_len = tl.load(PREFIX + b)
+        if PREFIX_MASK:
+            prefix_len = tl.load(PREFIX + b * stride_pfx + 2 + offs, mask=omask, other=0)
+        else:
+            prefix_len = tl.load(PREFIX + b)
     DOC_row = DOC + b * stride_doc
     doc = offs
     if HAS_DOCS:
@@ -300,11 +314,12 @@ def _mask_meta(b, offs, omask, Sk, PREFIX, KVLEN, DOC, stride_doc, doc_pad, HAS_
 
 @triton.jit
 def _query_block(pid_m, bh, Hq, group, Sq, Sk, PREFIX, KVLEN, DOC, DOC_RANGE, stride_doc, n_qblocks, win_l, win_r,
-                 CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr,
-                 HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 stride_pfx, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr,
+                 HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, PREFIX_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
     """What the forward and dQ kernels know of query block pid_m of (batch, head) bh: batch b, head h, kv head hk,
-    its rows and their mask, the row's mask metadata and the key blocks [lo, hi) it needs ([c_lo, c_hi): the blocks
-    that need no element mask, see `_key_range`)."""
+    its rows and their mask, the row's mask metadata (prefix_len: the rows' prefix flags with PREFIX_MASK) and the
+    key blocks [lo, hi) it needs ([c_lo, c_hi): the blocks that need no element mask, see `_key_range`)."""
     b = bh // Hq
     h = bh % Hq
     hk = h // group
@@ -312,19 +327,22 @@ def _query_block(pid_m, bh, Hq, group, Sq, Sk, PREFIX, KVLEN, DOC, DOC_RANGE, st
     offs_m = start_m + tl.arange(0, BLOCK_M)
     rmask = offs_m < Sq
     kv_len, prefix_len, DOC_row, q_doc = _mask_meta(b, offs_m, rmask, Sk, PREFIX, KVLEN, DOC, stride_doc, -2,
-                                                    HAS_PREFIX, HAS_KVLEN, HAS_DOCS)
-    lo, c_lo, c_hi, hi = _key_range(b, pid_m, start_m, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_qblocks, win_l,
-                                    win_r, CAUSAL, HAS_DOCS, HAS_WINDOW, BLOCK_M, BLOCK_N)
+                                                    HAS_PREFIX, HAS_KVLEN, HAS_DOCS, PREFIX_MASK, stride_pfx)
+    reach = prefix_len  # keys past the diagonal the block's rows may see: up to the row's last prefix flag
+    if HAS_PREFIX and PREFIX_MASK:
+        reach = tl.where(tl.max(prefix_len, 0) != 0, tl.load(PREFIX + b * stride_pfx + 1), 0)
+    lo, c_lo, c_hi, hi = _key_range(b, pid_m, start_m, Sq, Sk, kv_len, reach, DOC_RANGE, n_qblocks, win_l,
+                                    win_r, CAUSAL, HAS_DOCS, HAS_WINDOW, BLOCK_M, BLOCK_N, PREFIX_MASK)
     return b, h, hk, offs_m, rmask, kv_len, prefix_len, DOC_row, q_doc, lo, c_lo, c_hi, hi
 
 
 @triton.jit
 def _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d, D, Sk, kv_len,
-              prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in, cap_l2, seed, bh, drop_t, slope_l2,
+              prefix_len, q_doc, DOC_row, PFX_row, win_l, win_r, qk_scale, cap_in, cap_l2, seed, bh, drop_t, slope_l2,
               alibi_off, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr,
               HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
               HAS_ALIBI: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-              EVEN_D: tl.constexpr):
+              EVEN_D: tl.constexpr, PREFIX_MASK: tl.constexpr):
     """One key block of the online softmax (base 2): returns the updated (acc, m_i, l_i); with dropout acc sums
     only the kept weights (unscaled: the caller scales once at the end), l_i all of them."""
     offs_n = start_n + offs_n0
@@ -338,8 +356,15 @@ def _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, o
         k_doc = offs_n
         if HAS_DOCS:
             k_doc = tl.load(DOC_row + offs_n, mask=kmask, other=-1)
-        ok = _allowed(offs_m[:, None], offs_n[None, :], Sk, kv_len, prefix_len, q_doc[:, None], k_doc[None, :],
-                      win_l, win_r, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW)
+        if HAS_PREFIX and PREFIX_MASK:
+            k_pf = tl.load(PFX_row + offs_n, mask=offs_n < Sk, other=0)
+            ok = _allowed(offs_m[:, None], offs_n[None, :], Sk, kv_len, prefix_len[:, None], k_pf[None, :],
+                          q_doc[:, None], k_doc[None, :], win_l, win_r, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS,
+                          HAS_WINDOW, PREFIX_MASK)
+        else:
+            ok = _allowed(offs_m[:, None], offs_n[None, :], Sk, kv_len, prefix_len, prefix_len, q_doc[:, None],
+                          k_doc[None, :], win_l, win_r, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW,
+                          PREFIX_MASK)
         s = tl.where(ok, s, -float("inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows with nothing allowed yet: exp2(-inf - 0) = 0
@@ -358,18 +383,20 @@ def _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, o
 @triton.jit(do_not_specialize=["Sq", "Sk", "n_qblocks", "win_l", "win_r", "drop_t"])
 def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX, KVLEN, DOC, KDOC, DOC_RANGE, SEED, ALIBI, stride_qb, stride_qh,
                      stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_ob, stride_oh,
-                     stride_os, stride_doc, stride_kdoc, Hq, Sq, Sk, D, group, qk_scale, n_qblocks, win_l, win_r,
-                     cap_in, cap_l2, drop_t,
+                     stride_os, stride_doc, stride_kdoc, stride_pfx, Hq, Sq, Sk, D, group, qk_scale, n_qblocks, win_l,
+                     win_r, cap_in, cap_l2, drop_t,
                      keep_scale, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr,
                      HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                     HAS_DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                     HAS_DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr, PREFIX_MASK: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
                      UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
     """O[b, h, i] = softmax over allowed keys j of (q_i . k_j * scale, capped to c * tanh(. / c) with a softcap)
     times v_j; LSE[b, h, i] (natural log).
 
     Q (B, Hq, Sq, D), K and V (B, Hkv, Sk, D), O like Q (last dim contiguous, other strides given); LSE (B, Hq, Sq)
-    contiguous float32. PREFIX / KVLEN: int32 (B,) (read only when their flag is set); DOC: int32 (B, Sq) doc ids
+    contiguous float32. PREFIX / KVLEN: int32 (B,) (read only when their flag is set; with PREFIX_MASK, PREFIX is
+    int32 (B, 2 + S) rows stride_pfx apart: the first prefix flag's position (S if none), the last one's + 1 (0 if
+    none), then the flags); DOC: int32 (B, Sq) doc ids
     of the queries, rows stride_doc apart, KDOC (B, Sk) of the keys (DOC itself in self-attention); DOC_RANGE:
     int32 (B, n_qblocks, 4) per query block: [first, last) key block sharing
     a document with it, and [first, last) key block of the same single document as the whole query block.
@@ -378,8 +405,9 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX, KVLEN, DOC, KDOC, DOC_RANGE, SEED,
     ALiBi: ALIBI float32 (B, Hq) contiguous slopes. Grid: (n_qblocks * B * Hq,)."""
     pid_m, bh = _block_and_row(n_qblocks)
     b, h, hk, offs_m, rmask, kv_len, prefix_len, DOC_row, q_doc, lo, c_lo, c_hi, hi = _query_block(
-        pid_m, bh, Hq, group, Sq, Sk, PREFIX, KVLEN, DOC, DOC_RANGE, stride_doc, n_qblocks, win_l, win_r, CAUSAL,
-        HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, BLOCK_M, BLOCK_N)
+        pid_m, bh, Hq, group, Sq, Sk, PREFIX, KVLEN, DOC, DOC_RANGE, stride_doc, n_qblocks, win_l, win_r, stride_pfx,
+        CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, PREFIX_MASK, BLOCK_M, BLOCK_N)
+    PFX_row = PREFIX + b * stride_pfx + 2  # the prefix flags (PREFIX_MASK)
     DOC_row = KDOC + b * stride_kdoc  # the steps read the keys' documents
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -401,22 +429,22 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, PREFIX, KVLEN, DOC, KDOC, DOC_RANGE, SEED,
     if HAS_DOCS or HAS_WINDOW:  # blocks before the own document / the window's left edge (partly allowed)
         for start_n in range(lo, c_lo, BLOCK_N):
             acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m,
-                                      offs_n0, offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r,
+                                      offs_n0, offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, PFX_row, win_l, win_r,
                                       qk_scale, cap_in, cap_l2, seed, bh, drop_t, slope_l2, alibi_off, CAUSAL,
                                       HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT,
-                                      HAS_ALIBI, True, PREC, UPCAST, EVEN_D)
+                                      HAS_ALIBI, True, PREC, UPCAST, EVEN_D, PREFIX_MASK)
     for start_n in range(c_lo, c_hi, BLOCK_N):
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m,
-                                  offs_n0, offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale,
-                                  cap_in, cap_l2, seed, bh, drop_t, slope_l2, alibi_off, CAUSAL, HAS_PREFIX, HAS_KVLEN,
-                                  HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, HAS_ALIBI, False, PREC, UPCAST,
-                                  EVEN_D)
+                                  offs_n0, offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, PFX_row, win_l, win_r,
+                                  qk_scale, cap_in, cap_l2, seed, bh, drop_t, slope_l2, alibi_off, CAUSAL, HAS_PREFIX,
+                                  HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, HAS_ALIBI, False, PREC,
+                                  UPCAST, EVEN_D, PREFIX_MASK)
     for start_n in range(c_hi, hi, BLOCK_N):
         acc, m_i, l_i = _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, offs_m,
-                                  offs_n0, offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale,
-                                  cap_in, cap_l2, seed, bh, drop_t, slope_l2, alibi_off, CAUSAL, HAS_PREFIX, HAS_KVLEN,
-                                  HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, HAS_ALIBI, True, PREC, UPCAST,
-                                  EVEN_D)
+                                  offs_n0, offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, PFX_row, win_l, win_r,
+                                  qk_scale, cap_in, cap_l2, seed, bh, drop_t, slope_l2, alibi_off, CAUSAL, HAS_PREFIX,
+                                  HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, HAS_ALIBI, True, PREC,
+                                  UPCAST, EVEN_D, PREFIX_MASK)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]
@@ -450,11 +478,11 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride
 
 @triton.jit
 def _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, stride_dos, start_m, offs_m0, offs_n,
-               offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, win_l, win_r, qk_scale, cap_in, cap_l2, seed,
-               bhq, drop_t, keep_scale, slope_l2, alibi_off, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
+               offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, PFX_row, win_l, win_r, qk_scale, cap_in, cap_l2,
+               seed, bhq, drop_t, keep_scale, slope_l2, alibi_off, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr,
                HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                HAS_DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr,
-               UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
+               UPCAST: tl.constexpr, EVEN_D: tl.constexpr, PREFIX_MASK: tl.constexpr):
     """One query block's contribution to dK (unscaled) and dV of a key block, in transposed (key, query) form;
     bhq = b * Hq + h of the query head. With dropout dV sums the kept weights unscaled (the caller scales)."""
     offs_m = start_m + offs_m0
@@ -474,8 +502,15 @@ def _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, str
         q_doc = offs_m
         if HAS_DOCS:
             q_doc = tl.load(DOC_row + offs_m, mask=rmask, other=-2)
-        ok = _allowed(offs_m[None, :], offs_n[:, None], Sk, kv_len, prefix_len, q_doc[None, :], k_doc[:, None],
-                      win_l, win_r, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW)
+        if HAS_PREFIX and PREFIX_MASK:  # prefix_len: the keys' flags; the queries' are read here
+            q_pf = tl.load(PFX_row + offs_m, mask=rmask, other=0)
+            ok = _allowed(offs_m[None, :], offs_n[:, None], Sk, kv_len, q_pf[None, :], prefix_len[:, None],
+                          q_doc[None, :], k_doc[:, None], win_l, win_r, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS,
+                          HAS_WINDOW, PREFIX_MASK)
+        else:
+            ok = _allowed(offs_m[None, :], offs_n[:, None], Sk, kv_len, prefix_len, prefix_len, q_doc[None, :],
+                          k_doc[:, None], win_l, win_r, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW,
+                          PREFIX_MASK)
         pT = tl.where(ok, pT, 0.0)
     dpT = _mm(v, tl.trans(do), PREC, UPCAST)
     if HAS_DROPOUT:
@@ -494,19 +529,24 @@ def _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, str
 @triton.jit
 def _query_range(b, pid_n, start_n, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_outer, win_l, win_r,
                  CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
+                 BLOCK_N: tl.constexpr, PREFIX_MASK: tl.constexpr):
     """Query range of keys [start_n, start_n + BLOCK_N) as (lo, c_lo, c_hi, hi), the transpose of `_key_range`:
     query blocks in [c_lo, c_hi) need no elementwise mask, those in [lo, c_lo) and [c_hi, hi) do; queries outside
-    [lo, hi) see none of these keys and are never loaded."""
+    [lo, hi) see none of these keys and are never loaded. PREFIX_MASK: prefix_len is the row's first prefix flag
+    when a key of the block is flagged (else Sq): the first query that may see them from before the diagonal."""
     end_n = start_n + BLOCK_N
     lo = 0
     hi = tl.where(start_n < kv_len, Sq, 0)
     c_lo = tl.where(end_n <= tl.minimum(Sk, kv_len), 0, Sq)
     if CAUSAL:
-        in_prefix = start_n < prefix_len
-        lo = tl.where(in_prefix, 0, (start_n // BLOCK_M) * BLOCK_M)
         diag = tl.cdiv(end_n - 1, BLOCK_M) * BLOCK_M
-        c_lo = tl.maximum(c_lo, tl.where(end_n <= prefix_len, 0, diag))
+        if PREFIX_MASK:
+            lo = (tl.minimum(start_n, prefix_len) // BLOCK_M) * BLOCK_M
+            c_lo = tl.maximum(c_lo, diag)
+        else:
+            in_prefix = start_n < prefix_len
+            lo = tl.where(in_prefix, 0, (start_n // BLOCK_M) * BLOCK_M)
+            c_lo = tl.maximum(c_lo, tl.where(end_n <= prefix_len, 0, diag))
     c_hi = hi
     if HAS_DOCS:
         rng = DOC_RANGE + (b * n_outer + pid_n) * 4
@@ -531,12 +571,13 @@ def _query_range(b, pid_n, start_n, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_out
 @triton.jit(do_not_specialize=["Sq", "Sk", "n_kblocks", "win_l", "win_r", "drop_t"])
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, KDOC, DOC_RANGE, SEED, ALIBI,
                           stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh,
-                          stride_vs, stride_dob, stride_doh, stride_dos, stride_doc, stride_kdoc, Hq, Hkv, Sq, Sk, D,
-                          group, sm_scale,
+                          stride_vs, stride_dob, stride_doh, stride_dos, stride_doc, stride_kdoc, stride_pfx, Hq, Hkv,
+                          Sq, Sk, D, group, sm_scale,
                           qk_scale, n_kblocks, win_l, win_r, cap_in, cap_l2, drop_t, keep_scale, CAUSAL: tl.constexpr,
                           HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr,
                           HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                          HAS_ALIBI: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          HAS_ALIBI: tl.constexpr, PREFIX_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr,
                           BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
     """dK, dV (B, Hkv, Sk, D) contiguous, for one key block and kv head, summed over the `group` query heads that
     share it and over the query blocks the mask leaves (a causal key block starts at its diagonal unless it lies in
@@ -552,15 +593,19 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, K
     dmask = offs_d < D
     kmask = offs_n < Sk
     kv_len, prefix_len, _, k_doc = _mask_meta(b, offs_n, kmask, Sk, PREFIX, KVLEN, KDOC, stride_kdoc, -1,
-                                              HAS_PREFIX, HAS_KVLEN, HAS_DOCS)
+                                              HAS_PREFIX, HAS_KVLEN, HAS_DOCS, PREFIX_MASK, stride_pfx)
     DOC_row = DOC + b * stride_doc  # the steps read the queries' documents
+    PFX_row = PREFIX + b * stride_pfx + 2  # and their prefix flags (PREFIX_MASK)
+    reach = prefix_len  # the first query that may see these keys from before the diagonal: the first prefix flag
+    if HAS_PREFIX and PREFIX_MASK:
+        reach = tl.where(tl.max(prefix_len, 0) != 0, tl.load(PREFIX + b * stride_pfx), Sq)
     rd = _keys_read(offs_n, Sk, kv_len, HAS_KVLEN)
     k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
                 mask=_and_d(rd[:, None], dmask[None, :], EVEN_D), other=0.0)
     v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
                 mask=_and_d(rd[:, None], dmask[None, :], EVEN_D), other=0.0)
-    lo, c_lo, c_hi, hi = _query_range(b, pid_n, start_n, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_kblocks, win_l,
-                                      win_r, CAUSAL, HAS_DOCS, HAS_WINDOW, BLOCK_M, BLOCK_N)
+    lo, c_lo, c_hi, hi = _query_range(b, pid_n, start_n, Sq, Sk, kv_len, reach, DOC_RANGE, n_kblocks, win_l,
+                                      win_r, CAUSAL, HAS_DOCS, HAS_WINDOW, BLOCK_M, BLOCK_N, PREFIX_MASK)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     seed = 0
@@ -579,23 +624,23 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, K
         alibi_off = Sk - Sq
         for start_m in range(lo, c_lo, BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, stride_dos, start_m,
-                                offs_m0, offs_n, offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, win_l, win_r,
-                                qk_scale, cap_in, cap_l2, seed, bhq, drop_t, keep_scale, slope_l2, alibi_off, CAUSAL,
-                                HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, HAS_ALIBI, True,
-                                PREC, UPCAST, EVEN_D)
+                                offs_m0, offs_n, offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, PFX_row,
+                                win_l, win_r, qk_scale, cap_in, cap_l2, seed, bhq, drop_t, keep_scale, slope_l2,
+                                alibi_off, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP,
+                                HAS_DROPOUT, HAS_ALIBI, True, PREC, UPCAST, EVEN_D, PREFIX_MASK)
         for start_m in range(c_lo, c_hi, BLOCK_M):
             dk, dv = _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, stride_dos, start_m,
-                                offs_m0, offs_n, offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, win_l, win_r,
-                                qk_scale, cap_in, cap_l2, seed, bhq, drop_t, keep_scale, slope_l2, alibi_off, CAUSAL,
-                                HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, HAS_ALIBI,
-                                False, PREC, UPCAST, EVEN_D)
+                                offs_m0, offs_n, offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, PFX_row,
+                                win_l, win_r, qk_scale, cap_in, cap_l2, seed, bhq, drop_t, keep_scale, slope_l2,
+                                alibi_off, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP,
+                                HAS_DROPOUT, HAS_ALIBI, False, PREC, UPCAST, EVEN_D, PREFIX_MASK)
         if HAS_DOCS or HAS_WINDOW:  # query blocks after the key block's own document / past the window
             for start_m in range(c_hi, hi, BLOCK_M):
                 dk, dv = _dkdv_step(dk, dv, k, v, Q_base, DO_base, LSE_row, DELTA_row, stride_qs, stride_dos, start_m,
-                                    offs_m0, offs_n, offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, win_l,
-                                    win_r, qk_scale, cap_in, cap_l2, seed, bhq, drop_t, keep_scale, slope_l2,
+                                    offs_m0, offs_n, offs_d, D, Sq, Sk, kv_len, prefix_len, k_doc, DOC_row, PFX_row,
+                                    win_l, win_r, qk_scale, cap_in, cap_l2, seed, bhq, drop_t, keep_scale, slope_l2,
                                     alibi_off, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP,
-                                    HAS_DROPOUT, HAS_ALIBI, True, PREC, UPCAST, EVEN_D)
+                                    HAS_DROPOUT, HAS_ALIBI, True, PREC, UPCAST, EVEN_D, PREFIX_MASK)
     out = bh * Sk * D + offs_n[:, None] * D + offs_d[None, :]
     omask = _and_d(kmask[:, None], dmask[None, :], EVEN_D)
     if HAS_DROPOUT:
@@ -606,11 +651,11 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PREFIX, KVLEN, DOC, K
 
 @triton.jit
 def _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0, offs_d, D, Sk,
-             kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in, cap_l2, seed, bh, drop_t, keep_scale,
-             slope_l2, alibi_off, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr,
+             kv_len, prefix_len, q_doc, DOC_row, PFX_row, win_l, win_r, qk_scale, cap_in, cap_l2, seed, bh, drop_t,
+             keep_scale, slope_l2, alibi_off, CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr,
              HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr,
              HAS_ALIBI: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-             EVEN_D: tl.constexpr):
+             EVEN_D: tl.constexpr, PREFIX_MASK: tl.constexpr):
     """One key block's contribution to dQ (unscaled) of a query block."""
     offs_n = start_n + offs_n0
     kmask = _keys_read(offs_n, Sk, kv_len, HAS_KVLEN)
@@ -626,8 +671,15 @@ def _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_
         k_doc = offs_n
         if HAS_DOCS:
             k_doc = tl.load(DOC_row + offs_n, mask=kmask, other=-1)
-        ok = _allowed(offs_m[:, None], offs_n[None, :], Sk, kv_len, prefix_len, q_doc[:, None], k_doc[None, :],
-                      win_l, win_r, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW)
+        if HAS_PREFIX and PREFIX_MASK:
+            k_pf = tl.load(PFX_row + offs_n, mask=offs_n < Sk, other=0)
+            ok = _allowed(offs_m[:, None], offs_n[None, :], Sk, kv_len, prefix_len[:, None], k_pf[None, :],
+                          q_doc[:, None], k_doc[None, :], win_l, win_r, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS,
+                          HAS_WINDOW, PREFIX_MASK)
+        else:
+            ok = _allowed(offs_m[:, None], offs_n[None, :], Sk, kv_len, prefix_len, prefix_len, q_doc[:, None],
+                          k_doc[None, :], win_l, win_r, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW,
+                          PREFIX_MASK)
         p = tl.where(ok, p, 0.0)
     dp = _mm(do, vT, PREC, UPCAST)
     if HAS_DROPOUT:
@@ -643,20 +695,21 @@ def _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_
 @triton.jit(do_not_specialize=["Sq", "Sk", "n_qblocks", "win_l", "win_r", "drop_t"])
 def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX, KVLEN, DOC, KDOC, DOC_RANGE, SEED, ALIBI, stride_qb,
                         stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-                        stride_dob, stride_doh, stride_dos, stride_doc, stride_kdoc, Hq, Sq, Sk, D, group, sm_scale,
-                        qk_scale,
+                        stride_dob, stride_doh, stride_dos, stride_doc, stride_kdoc, stride_pfx, Hq, Sq, Sk, D, group,
+                        sm_scale, qk_scale,
                         n_qblocks, win_l, win_r, cap_in, cap_l2, drop_t, keep_scale, CAUSAL: tl.constexpr,
                         HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr,
                         HAS_WINDOW: tl.constexpr,
                         HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-                        UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
+                        PREFIX_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr):
     """dQ (B, Hq, Sq, D) contiguous for one query block: the same key range as the forward
     (DOC_RANGE (B, n_qblocks, 4), see `_doc_block_range`). Grid: (n_qblocks * B * Hq,)."""
     pid_m, bh = _block_and_row(n_qblocks)
     b, h, hk, offs_m, rmask, kv_len, prefix_len, DOC_row, q_doc, lo, c_lo, c_hi, hi = _query_block(
-        pid_m, bh, Hq, group, Sq, Sk, PREFIX, KVLEN, DOC, DOC_RANGE, stride_doc, n_qblocks, win_l, win_r, CAUSAL,
-        HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, BLOCK_M, BLOCK_N)
+        pid_m, bh, Hq, group, Sq, Sk, PREFIX, KVLEN, DOC, DOC_RANGE, stride_doc, n_qblocks, win_l, win_r, stride_pfx,
+        CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, PREFIX_MASK, BLOCK_M, BLOCK_N)
+    PFX_row = PREFIX + b * stride_pfx + 2  # the prefix flags (PREFIX_MASK)
     DOC_row = KDOC + b * stride_kdoc  # the steps read the keys' documents
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -681,19 +734,22 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, PREFIX, KVLEN, DOC, KDOC, D
     if HAS_DOCS or HAS_WINDOW:
         for start_n in range(lo, c_lo, BLOCK_N):
             dq = _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0,
-                          offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in, cap_l2,
-                          seed, bh, drop_t, keep_scale, slope_l2, alibi_off, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS,
-                          HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, HAS_ALIBI, True, PREC, UPCAST, EVEN_D)
+                          offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, PFX_row, win_l, win_r, qk_scale, cap_in,
+                          cap_l2, seed, bh, drop_t, keep_scale, slope_l2, alibi_off, CAUSAL, HAS_PREFIX, HAS_KVLEN,
+                          HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, HAS_ALIBI, True, PREC, UPCAST, EVEN_D,
+                          PREFIX_MASK)
     for start_n in range(c_lo, c_hi, BLOCK_N):
         dq = _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0,
-                      offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in, cap_l2,
-                      seed, bh, drop_t, keep_scale, slope_l2, alibi_off, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS,
-                      HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, HAS_ALIBI, False, PREC, UPCAST, EVEN_D)
+                      offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, PFX_row, win_l, win_r, qk_scale, cap_in,
+                      cap_l2, seed, bh, drop_t, keep_scale, slope_l2, alibi_off, CAUSAL, HAS_PREFIX, HAS_KVLEN,
+                      HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, HAS_ALIBI, False, PREC, UPCAST, EVEN_D,
+                      PREFIX_MASK)
     for start_n in range(c_hi, hi, BLOCK_N):
         dq = _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_n, offs_m, offs_n0,
-                      offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, win_l, win_r, qk_scale, cap_in, cap_l2,
-                      seed, bh, drop_t, keep_scale, slope_l2, alibi_off, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS,
-                      HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, HAS_ALIBI, True, PREC, UPCAST, EVEN_D)
+                      offs_d, D, Sk, kv_len, prefix_len, q_doc, DOC_row, PFX_row, win_l, win_r, qk_scale, cap_in,
+                      cap_l2, seed, bh, drop_t, keep_scale, slope_l2, alibi_off, CAUSAL, HAS_PREFIX, HAS_KVLEN,
+                      HAS_DOCS, HAS_WINDOW, HAS_SOFTCAP, HAS_DROPOUT, HAS_ALIBI, True, PREC, UPCAST, EVEN_D,
+                      PREFIX_MASK)
     tl.store(DQ + bh * Sq * D + offs_m[:, None] * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=_and_d(rmask[:, None], dmask[None, :], EVEN_D))
 
@@ -776,11 +832,24 @@ def _doc_block_range(doc: torch.Tensor, outer: int, inner: int, kv_lens: torch.T
     return rng
 
 
+def _prefix_arg(prefix: torch.Tensor) -> torch.Tensor:
+    """The kernels' PREFIX: prefix lengths (B,) as int32, or prefix flags (B, S) as int32 (B, 2 + S) rows of
+    [first flag's position (S if none), last flag's position + 1 (0 if none), flags...] (PREFIX_MASK)."""
+    if prefix.dim() == 1:
+        return prefix.to(torch.int32).contiguous()
+    flags = prefix.to(torch.int32)
+    S = flags.shape[1]
+    anyf = flags.amax(dim=1, keepdim=True) if S else flags.new_zeros((flags.shape[0], 1))
+    first = torch.where(anyf != 0, flags.argmax(dim=1, keepdim=True).to(torch.int32), S) if S else anyf + S
+    last = torch.where(anyf != 0, S - flags.flip(1).argmax(dim=1, keepdim=True).to(torch.int32), 0) if S else anyf
+    return torch.cat([first.to(torch.int32), last.to(torch.int32), flags], dim=1).contiguous()
+
+
 def _meta(q, prefix_lens, kv_lens, doc_ids, kv_doc_ids=None):
     """int32 contiguous (prefix, kv_len, query docs, key docs), a dummy for each that is None (the key docs are
-    the query docs' tensor in self-attention)."""
+    the query docs' tensor in self-attention). prefix_lens (B, S) are prefix flags (see `_prefix_arg`)."""
     dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
-    prefix = prefix_lens.to(torch.int32).contiguous() if prefix_lens is not None else dummy
+    prefix = _prefix_arg(prefix_lens) if prefix_lens is not None else dummy
     kvl = kv_lens.to(torch.int32).contiguous() if kv_lens is not None else dummy
     doc = doc_ids.to(torch.int32).contiguous() if doc_ids is not None else dummy.view(1, 1)
     kdoc = kv_doc_ids.to(torch.int32).contiguous() if kv_doc_ids is not None else doc
@@ -864,11 +933,11 @@ def attention_forward(q, k, v, prefix_lens, doc_ids, kv_lens, causal: bool, wind
             q, k, v, out, lse, prefix, kvl, doc, kdoc, rng, seed_t, slopes,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), doc.stride(0),
-            kdoc.stride(0),
+            kdoc.stride(0), prefix.stride(0),
             Hq, Sq, Sk, D, Hq // Hkv, scale * LOG2E, n_qb, wl, wr, cap_in, cap_l2, drop_t, keep_scale,
             CAUSAL=causal, HAS_PREFIX=prefix_lens is not None, HAS_KVLEN=kv_lens is not None,
             HAS_DOCS=doc_ids is not None, HAS_WINDOW=has_window, HAS_SOFTCAP=has_cap, HAS_DROPOUT=has_drop,
-            HAS_ALIBI=has_alibi, BLOCK_M=bm, BLOCK_N=bn,
+            HAS_ALIBI=has_alibi, PREFIX_MASK=prefix.dim() == 2, BLOCK_M=bm, BLOCK_N=bn,
             BLOCK_D=block_d, PREC=_prec(q.dtype), UPCAST=_upcast(q), EVEN_D=block_d == D,
             num_warps=warps, num_stages=stages)
 
@@ -898,7 +967,8 @@ def attention_backward(do, q, k, v, out, lse, prefix_lens, doc_ids, kv_lens, cau
     has_alibi, slopes = _alibi_arg(alibi_slopes, lse)
     flags = dict(CAUSAL=causal, HAS_PREFIX=prefix_lens is not None, HAS_KVLEN=kv_lens is not None,
                  HAS_DOCS=doc_ids is not None, HAS_WINDOW=has_window, HAS_SOFTCAP=has_cap, HAS_DROPOUT=has_drop,
-                 HAS_ALIBI=has_alibi, BLOCK_D=block_d, PREC=_prec(q.dtype), UPCAST=_upcast(q), EVEN_D=block_d == D)
+                 HAS_ALIBI=has_alibi, PREFIX_MASK=prefix.dim() == 2, BLOCK_D=block_d, PREC=_prec(q.dtype),
+                 UPCAST=_upcast(q), EVEN_D=block_d == D)
     kv_len_arg = kvl if kv_lens is not None else None
     group = Hq // Hkv
 
@@ -911,7 +981,7 @@ def attention_backward(do, q, k, v, out, lse, prefix_lens, doc_ids, kv_lens, cau
 
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2), doc.stride(0),
-               kdoc.stride(0))
+               kdoc.stride(0), prefix.stride(0))
     def launch_dkdv(bm, bn, warps, stages):
         n_kb = triton.cdiv(Sk, bn)
         rng = (_doc_block_range(kdoc, bn, bm, kv_len_arg, keys_outer=True, inner_doc=doc) if doc_ids is not None

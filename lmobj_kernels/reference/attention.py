@@ -43,11 +43,13 @@ def attention_mask(
     kv_lens: Tensor | None = None,
     window: tuple[int | None, int | None] | None = None,
     kv_doc_ids: Tensor | None = None,
+    prefix_mask: Tensor | None = None,
     device: torch.device | str = "cpu",
 ) -> Tensor:
     """Boolean (B, Sq, Sk): True where query i may attend to key j. All of these must hold:
     j < kv_lens[b]; doc_ids[b, i] == kv_doc_ids[b, j] (kv_doc_ids None: doc_ids[b, j], self-attention);
-    causal: j <= i or j < prefix_lens[b]; window (left, right): i - left <= j <= i + right (None: that side
+    causal: j <= i or j < prefix_lens[b], or with prefix_mask (B, S) (t5x's decoder_causal_attention, per token):
+    j <= i or both i and j are flagged; window (left, right): i - left <= j <= i + right (None: that side
     unbounded)."""
     if kv_doc_ids is not None and doc_ids is None:
         raise ValueError("kv_doc_ids (the keys' documents) needs doc_ids (the queries' documents)")
@@ -61,7 +63,13 @@ def attention_mask(
         keys = doc_ids if kv_doc_ids is None else kv_doc_ids
         allowed &= doc_ids.view(batch, sq, 1) == keys.view(batch, 1, sk)
     if causal:
-        allowed &= (j <= i) if prefix_lens is None else (j <= i) | (j < prefix_lens.to(device).view(batch, 1, 1))
+        rule = j <= i
+        if prefix_lens is not None:
+            rule = rule | (j < prefix_lens.to(device).view(batch, 1, 1))
+        if prefix_mask is not None:
+            pm = prefix_mask.to(device=device, dtype=torch.bool)
+            rule = rule | (pm.view(batch, sq, 1) & pm.view(batch, 1, sk))
+        allowed &= rule
     if window is not None:
         left, right = window
         if left is not None:
@@ -140,6 +148,7 @@ def attention(
     seed: Tensor | int | None = None,
     alibi_slopes: Tensor | None = None,
     kv_doc_ids: Tensor | None = None,
+    prefix_mask: Tensor | None = None,
     upcast: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """(out (B, Hq, Sq, D) in q's dtype, lse (B, Hq, Sq) float32/float64).
@@ -151,7 +160,8 @@ def attention(
     undropped scores, as FlashAttention's). A query row with no allowed key gives
     zeros and lse = -inf, and gradients of zero (never NaN). upcast=False computes in the inputs' own precision
     (the "plain PyTorch in the same precision" yardstick of DESIGN.md's low-precision rule). kv_doc_ids (B, Sk):
-    the keys' documents when they are not the queries' (packed cross attention; `attention_mask`)."""
+    the keys' documents when they are not the queries' (packed cross attention; `attention_mask`). prefix_mask
+    (B, S): per-token prefix flags (`attention_mask`)."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     ct = torch.float64 if q.dtype == torch.float64 else (torch.float32 if upcast else q.dtype)
@@ -165,7 +175,8 @@ def attention(
     if alibi_slopes is not None:
         s = s + alibi_bias(alibi_slopes, B, Hq, Sq, Sk, dtype=ct, device=q.device)
     allowed = attention_mask(B, Sq, Sk, causal=causal, prefix_lens=prefix_lens, doc_ids=doc_ids, kv_lens=kv_lens,
-                             window=window, kv_doc_ids=kv_doc_ids, device=q.device).unsqueeze(1)
+                             window=window, kv_doc_ids=kv_doc_ids, prefix_mask=prefix_mask,
+                             device=q.device).unsqueeze(1)
     nonempty = allowed.any(dim=-1, keepdim=True)  # (B, 1, Sq, 1)
     # Empty rows get finite scores (all allowed) and are zeroed afterwards, so no -inf - -inf reaches exp or its
     # gradient: their output and every gradient through them is exactly 0.

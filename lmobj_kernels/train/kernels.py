@@ -32,17 +32,18 @@ SOURCE = {"attention": "lmobj_kernels.attention", "corruption": _CORR,
 
 
 def _sdpa_attention(q, k, v, *, causal=False, kv_lens=None, doc_ids=None, kv_doc_ids=None, prefix_lens=None,
-                    dropout_p=0.0):
+                    prefix_mask=None, dropout_p=0.0):
     """The baseline's attention: PyTorch's SDPA with a boolean mask (the library's `torch` backend is exactly that).
     With dropout, SDPA's own (the torch backend would compute the library's draws the plain way instead); the
     trainer's masks leave no query row without a key, so SDPA's empty-row behaviour never matters."""
     if dropout_p == 0:
         return _library_attention(q, k, v, backend="torch", causal=causal, kv_lens=kv_lens, doc_ids=doc_ids,
-                                  kv_doc_ids=kv_doc_ids, prefix_lens=prefix_lens)
+                                  kv_doc_ids=kv_doc_ids, prefix_lens=prefix_lens, prefix_mask=prefix_mask)
     mask = None
-    if kv_lens is not None or doc_ids is not None or prefix_lens is not None:
+    if any(m is not None for m in (kv_lens, doc_ids, prefix_lens, prefix_mask)):
         mask = _attention_mask(q.shape[0], q.shape[2], k.shape[2], causal=causal, kv_lens=kv_lens, doc_ids=doc_ids,
-                               kv_doc_ids=kv_doc_ids, prefix_lens=prefix_lens, device=q.device).unsqueeze(1)
+                               kv_doc_ids=kv_doc_ids, prefix_lens=prefix_lens, prefix_mask=prefix_mask,
+                               device=q.device).unsqueeze(1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                           dropout_p=dropout_p)
 

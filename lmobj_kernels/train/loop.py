@@ -77,7 +77,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     run_arg("mean_span_length", "T5: mean corrupted span length, at least 1", type=float)
     run_arg("doc_mask", "packed documents: each document (a pydoc topic, a --data file) ends with EOS, and "
             "attention stays inside a document (the attention's doc_ids; T5: encoder, decoder and cross "
-            "attention)", shown="off",
+            "attention; the prefix LM: a prefix per document)", shown="off",
             action=argparse.BooleanOptionalAction)
     run_arg("seed", type=int)
     p.add_argument("--device", default="auto",

@@ -60,7 +60,7 @@ class Attention(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)  # its p is also the attention dropout
 
     def forward(self, x: Tensor, memory: Tensor | None = None, *, causal=False, kv_lens=None, doc_ids=None,
-                kv_doc_ids=None, prefix_lens=None) -> Tensor:
+                kv_doc_ids=None, prefix_lens=None, prefix_mask=None) -> Tensor:
         B, S, D = x.shape
         src = x if memory is None else memory
         heads = lambda t: t.view(B, t.shape[1], self.n_head, D // self.n_head).transpose(1, 2)  # (B, H, S, Dh)
@@ -69,7 +69,8 @@ class Attention(nn.Module):
             q, k = rope(q), rope(k)
         # the seed comes from the default generator, which the loop seeds per step
         y = kernels.attention(q, k, v, causal=causal, kv_lens=kv_lens, doc_ids=doc_ids, kv_doc_ids=kv_doc_ids,
-                              prefix_lens=prefix_lens, dropout_p=self.drop.p if self.training else 0.0)
+                              prefix_lens=prefix_lens, prefix_mask=prefix_mask,
+                              dropout_p=self.drop.p if self.training else 0.0)
         return self.drop(self.proj(y.transpose(1, 2).reshape(B, S, D)))
 
 
@@ -94,8 +95,9 @@ class Block(nn.Module):
         self.ln2, self.mlp = nn.LayerNorm(cfg.d_model), MLP(cfg)
 
     def forward(self, x, *, causal=False, kv_lens=None, doc_ids=None, memory=None, memory_lens=None,
-                memory_doc_ids=None, prefix_lens=None):
-        x = x + self.attn(self.ln1(x), causal=causal, kv_lens=kv_lens, doc_ids=doc_ids, prefix_lens=prefix_lens)
+                memory_doc_ids=None, prefix_lens=None, prefix_mask=None):
+        x = x + self.attn(self.ln1(x), causal=causal, kv_lens=kv_lens, doc_ids=doc_ids, prefix_lens=prefix_lens,
+                          prefix_mask=prefix_mask)
         if self.xattn is not None:  # with memory_doc_ids, a position reads only its own document's memory
             x = x + self.xattn(self.ln_x(x), memory, kv_lens=memory_lens,
                                doc_ids=doc_ids if memory_doc_ids is not None else None, kv_doc_ids=memory_doc_ids)
@@ -130,7 +132,8 @@ def _init(module: nn.Module, n_layer: int) -> None:
 
 class GPT(nn.Module):
     """Decoder-only: causal attention (with a batch's `prefix_lens`: bidirectional inside each row's prefix, the
-    prefix LM); loss = next-token cross-entropy (labels = the inputs, shifted inside)."""
+    prefix LM; `prefix_mask` instead: inside each packed document's prefix); loss = next-token cross-entropy (labels
+    = the inputs, shifted inside)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -139,19 +142,20 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model)
         _init(self, cfg.n_layer)
 
-    def hidden(self, ids: Tensor, doc_ids: Tensor | None = None, prefix_lens: Tensor | None = None) -> Tensor:
+    def hidden(self, ids: Tensor, doc_ids: Tensor | None = None, prefix_lens: Tensor | None = None,
+               prefix_mask: Tensor | None = None) -> Tensor:
         x = self.emb(ids)
         for block in self.blocks:
-            x = block(x, causal=True, doc_ids=doc_ids, prefix_lens=prefix_lens)
+            x = block(x, causal=True, doc_ids=doc_ids, prefix_lens=prefix_lens, prefix_mask=prefix_mask)
         return self.ln_f(x)
 
     def forward(self, batch: dict, reduction: str = "sum") -> Tensor:
-        h = self.hidden(batch["input_ids"], batch.get("doc_ids"), batch.get("prefix_lens"))
+        h = self.hidden(batch["input_ids"], batch.get("doc_ids"), batch.get("prefix_lens"), batch.get("prefix_mask"))
         return kernels.causal_lm_loss(h, self.emb.weight, batch["labels"], reduction=reduction)
 
     def logits(self, batch: dict) -> tuple[Tensor, Tensor]:
         """(logits, targets) aligned: position t predicts token t+1."""
-        h = self.hidden(batch["input_ids"], batch.get("doc_ids"), batch.get("prefix_lens"))
+        h = self.hidden(batch["input_ids"], batch.get("doc_ids"), batch.get("prefix_lens"), batch.get("prefix_mask"))
         return h[:, :-1] @ self.emb.weight.T, batch["labels"][:, 1:]
 
 

@@ -87,12 +87,33 @@ def _decoder_docs(batch: dict, tok: ByteTokenizer) -> dict:
 def prefix_batch(ids: Tensor, tok: ByteTokenizer, seed: int, opts: dict) -> dict:
     """Prefix LM (T5's prefix-LM objective, UL2's S-denoiser): each row's first prefix_lens[b] tokens, drawn
     uniformly in [S/4, 3S/4], are read bidirectionally (causal attention with `prefix_lens`), and the model is scored
-    on continuing them: the labels of prefix positions are ignored (a prefix position sees the tokens after it)."""
+    on continuing them: the labels of prefix positions are ignored (a prefix position sees the tokens after it).
+    Under --doc-mask each packed document has its own prefix, the row's share of its tokens (`prefix_mask`, t5x's
+    decoder_causal_attention), as a packed prefix LM trains."""
     B, S = ids.shape
     g = torch.Generator().manual_seed(seed)
     prefix = torch.randint(S // 4, 3 * S // 4 + 1, (B,), generator=g).to(ids.device)
-    labels = torch.where(torch.arange(S, device=ids.device) < prefix[:, None], -100, ids)
-    return _docs({"input_ids": ids, "labels": labels, "prefix_lens": prefix}, tok, opts)
+    batch = _docs({"input_ids": ids}, tok, opts)
+    if "doc_ids" in batch:
+        in_prefix = batch["prefix_mask"] = _document_prefixes(batch["doc_ids"], prefix, S)
+    else:
+        in_prefix = torch.arange(S, device=ids.device) < prefix[:, None]
+        batch["prefix_lens"] = prefix
+    batch["labels"] = torch.where(in_prefix, -100, ids)
+    return batch
+
+
+def _document_prefixes(docs: Tensor, prefix: Tensor, S: int) -> Tensor:
+    """(B, S) bool: the first prefix[b] / S of each document's tokens (documents: runs of equal doc ids), on the
+    device, without a host sync."""
+    pos = torch.arange(S, device=docs.device).expand_as(docs)
+    first = torch.ones_like(docs, dtype=torch.bool)
+    first[:, 1:] = docs[:, 1:] != docs[:, :-1]
+    last = torch.ones_like(first)
+    last[:, :-1] = first[:, 1:]
+    start = torch.cummax(torch.where(first, pos, 0), dim=1).values
+    end = torch.flip(torch.cummin(torch.flip(torch.where(last, pos, S), [1]), dim=1).values, [1]) + 1
+    return (pos - start) * S < prefix[:, None] * (end - start)
 
 
 def t5_batch(ids: Tensor, tok: ByteTokenizer, seed: int, opts: dict) -> dict:

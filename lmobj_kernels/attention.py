@@ -467,6 +467,7 @@ def attention_varlen(
     cu_seqlens_k: Tensor | Sequence[int] | None = None,
     *,
     causal: bool = False,
+    prefix_mask: Tensor | None = None,
     window: tuple[int | None, int | None] | None = None,
     scale: float | None = None,
     softcap: float | None = None,
@@ -490,7 +491,8 @@ def attention_varlen(
     sequence: their queries get zeros and their keys are never read. The options are `attention`'s (None for no
     window side, no softcap, the default scale: not FlashAttention's -1 and 0.0). alibi_slopes (Hq,) only, and
     with self-attention only (FlashAttention aligns each sequence's bias to its own lengths, which for cross
-    attention `attention` does not).
+    attention `attention` does not). prefix_mask (total,) bool with causal=True: each sequence's prefix tokens
+    (`attention`'s prefix_mask: a packed prefix LM).
 
     It runs `attention` on the (1, Hq, total, D) view of the rows, the sequences told apart by their doc ids, so
     the Triton kernel skips the blocks between sequences as it does for packed documents; the one copy is the
@@ -524,7 +526,13 @@ def attention_varlen(
     to_bhsd = lambda t: t.transpose(0, 1).unsqueeze(0)  # noqa: E731  (1, H, total, D), a view
     docs = doc_ids_from_cu_seqlens(cu_q, q.shape[0])
     kv_docs = None if self_attn else doc_ids_from_cu_seqlens(cu_k, k.shape[0])
+    if prefix_mask is not None:
+        if not isinstance(prefix_mask, Tensor) or prefix_mask.dim() != 1:
+            raise ValueError(f"prefix_mask must be (total_q,) = ({q.shape[0]},) in the varlen layout, got "
+                             f"{tuple(getattr(prefix_mask, 'shape', ()))}")
+        prefix_mask = prefix_mask[None]
     res = attention(to_bhsd(q), to_bhsd(k), to_bhsd(v), causal=causal, doc_ids=docs, kv_doc_ids=kv_docs,
+                    prefix_mask=prefix_mask,
                     kv_lens=cu_k[-1:], window=window, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
                     dropout_p=dropout_p, seed=seed, generator=generator, return_lse=return_lse,
                     deterministic=deterministic, backend=backend)

@@ -771,7 +771,7 @@ def test_packed_cross_attention_equals_separate_pairs(gen, backend):
 
 
 # ---- FlashAttention's varlen layout ----
-def _varlen_expected(q, k, v, cu_q, cu_k, **opts):
+def _varlen_expected(q, k, v, cu_q, cu_k, pm=None, **opts):
     """Each sequence alone through the reference in q's precision (float64 in: the truth; float32: the yardstick),
     concatenated back into the varlen layout; rows past the last boundary are zeros, lse -inf."""
     lse = torch.full((q.shape[1], q.shape[0]), -math.inf, dtype=torch.float64 if q.dtype == torch.float64
@@ -779,7 +779,8 @@ def _varlen_expected(q, k, v, cu_q, cu_k, **opts):
     pieces, lses = [], []
     for a, b, c, d in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:]):
         o, s = ref.attention(*(t[x:y].transpose(0, 1)[None] for t, x, y in ((q, a, b), (k, c, d), (v, c, d))),
-                             upcast=q.dtype == torch.float64, **opts)
+                             upcast=q.dtype == torch.float64, prefix_mask=None if pm is None else pm[None, a:b],
+                             **opts)
         pieces.append(o[0].transpose(0, 1))
         lses.append(s[0])
     n = int(cu_q[-1])
@@ -787,7 +788,7 @@ def _varlen_expected(q, k, v, cu_q, cu_k, **opts):
 
 
 VARLEN = [("self", {}), ("causal", {"causal": True}), ("window", {"causal": True, "window": (5, None)}),
-          ("cross", {}), ("softcap", {"softcap": 3.0})]
+          ("cross", {}), ("softcap", {"softcap": 3.0}), ("prefix", {"causal": True, "prefix": True})]
 
 
 def _check_varlen(gen, backend, opts, cross, max_len, Hq, Hkv, D, dtype=torch.float32, device="cpu"):
@@ -802,12 +803,19 @@ def _check_varlen(gen, backend, opts, cross, max_len, Hq, Hkv, D, dtype=torch.fl
     q, k, v = mk(int(cu_q[-1]) + tail, Hq), mk(int(cu_k[-1]) + tail, Hkv), mk(int(cu_k[-1]) + tail, Hkv)
     with torch.no_grad():
         k[int(cu_k[-1]):] = float("nan")  # keys past the end are never read
+    pm, opts = None, dict(opts)  # the caller's dict (a parametrize constant) unchanged
+    if opts.pop("prefix", False):  # each sequence's leading tokens its prefix (a packed prefix LM)
+        pm = torch.zeros(q.shape[0], dtype=torch.bool)
+        for a, n in zip(cu_q[:-1].tolist(), lens_q.tolist()):
+            pm[a:a + int(torch.randint(0, n + 1, (1,), generator=gen))] = True
+        opts = {**opts, "prefix_mask": pm.to(device)}
     out, lse = L.attention_varlen(q, k, v, cu_q.to(device), cu_k.to(device) if cross else None, return_lse=True,
                                   backend=backend, **opts)
+    opts.pop("prefix_mask", None)
     assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous() and lse.shape == (Hq, q.shape[0])
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    r, rlse = _varlen_expected(q64, k64, v64, cu_q, cu_k, **opts)
-    p, _ = _varlen_expected(q, k, v, cu_q, cu_k, **opts)
+    r, rlse = _varlen_expected(q64, k64, v64, cu_q, cu_k, pm, **opts)
+    p, _ = _varlen_expected(q, k, v, cu_q, cu_k, pm, **opts)
     assert_lowp_close(out, r, p, factor=out_factor(backend, dtype), floor=rule_floor(r, dtype, backend),
                       what=f"{backend} varlen out")
     assert torch.equal(torch.isneginf(lse), torch.isneginf(rlse))
@@ -850,6 +858,8 @@ def test_attention_varlen_bad_input(gen):
         ((q, k, v, cu, torch.tensor([0, 5, 10])), {"window": (2, 2)}, ValueError, "window needs self-attention"),
         ((q, k, v, cu, torch.tensor([0, 5, 10])), {"alibi_slopes": torch.ones(2)}, ValueError, "alibi_slopes"),
         ((q, k, v, cu), {"alibi_slopes": torch.ones(2, 2)}, ValueError, "alibi_slopes \\(Hq,\\)"),
+        ((q, k, v, cu), {"causal": True, "prefix_mask": torch.zeros(1, 10, dtype=torch.bool)}, ValueError,
+         "prefix_mask must be \\(total_q,\\)"),
     ]
     for args, kwargs, exc, match in cases:
         with pytest.raises(exc, match=match):

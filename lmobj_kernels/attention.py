@@ -125,7 +125,7 @@ def _check_prefix_mask(q, causal, prefix_lens, prefix_mask) -> Tensor | None:
     if _is_seq(prefix_mask):
         prefix_mask = torch.as_tensor(prefix_mask, device=q.device)
     if not isinstance(prefix_mask, Tensor) or not (prefix_mask.dtype == torch.bool or prefix_mask.dtype in _INTS):
-        raise TypeError(f"prefix_mask must be a bool (or 0/1 integer) tensor, got "
+        raise TypeError(f"prefix_mask must be a bool tensor (or an integer one: nonzero flags a token), got "
                         f"{getattr(prefix_mask, 'dtype', type(prefix_mask).__name__)}")
     B, _, S, _ = q.shape
     if tuple(prefix_mask.shape) != (B, S):
@@ -394,7 +394,8 @@ def attention(
     Sq == Sk; so do doc_ids alone and a window. kv_doc_ids (B, Sk): packed cross attention (a packed T5's
     decoder over its packed encoder, FlashAttention's cu_seqlens_q / cu_seqlens_k): doc_ids are then the queries'
     documents (B, Sq) and query i attends key j when doc_ids[b, i] == kv_doc_ids[b, j]; a query whose document has
-    no key gets zeros. prefix_mask (B, S) bool, with causal=True instead of prefix_lens: a prefix per token, t5x's
+    no key gets zeros. prefix_mask (B, S) bool (integer: nonzero), with causal=True instead of prefix_lens: a prefix
+    per token, t5x's
     `decoder_causal_attention`: query i attends key j when j <= i or both are flagged, so with doc_ids each packed
     document has its own prefix (flag each document's leading tokens). scale defaults to D ** -0.5. softcap c
     (Gemma 2's attention logit soft-capping): the scaled scores s become c * tanh(s / c) before the softmax; the
@@ -524,13 +525,19 @@ def attention_varlen(
         raise ValueError("attention_varlen takes alibi_slopes (Hq,) with self-attention only (FlashAttention aligns a "
                          "cross sequence's bias to its own lengths; use attention() per sequence there)")
     to_bhsd = lambda t: t.transpose(0, 1).unsqueeze(0)  # noqa: E731  (1, H, total, D), a view
+    _check_cu_values("cu_seqlens_q", cu_q, q.shape[0], "q")
     docs = doc_ids_from_cu_seqlens(cu_q, q.shape[0])
-    kv_docs = None if self_attn else doc_ids_from_cu_seqlens(cu_k, k.shape[0])
+    kv_docs = None
+    if not self_attn:
+        _check_cu_values("cu_seqlens_k", cu_k, k.shape[0], "k")
+        kv_docs = doc_ids_from_cu_seqlens(cu_k, k.shape[0])
     if prefix_mask is not None:
-        if not isinstance(prefix_mask, Tensor) or prefix_mask.dim() != 1:
-            raise ValueError(f"prefix_mask must be (total_q,) = ({q.shape[0]},) in the varlen layout, got "
-                             f"{tuple(getattr(prefix_mask, 'shape', ()))}")
-        prefix_mask = prefix_mask[None]
+        if _is_seq(prefix_mask):
+            prefix_mask = torch.as_tensor(prefix_mask, device=q.device)
+        if isinstance(prefix_mask, Tensor) and tuple(prefix_mask.shape) != (q.shape[0],):
+            raise ValueError(f"prefix_mask must be (total_q,) = ({q.shape[0]},) in the varlen layout, got shape "
+                             f"{tuple(prefix_mask.shape)}")
+        prefix_mask = prefix_mask[None] if isinstance(prefix_mask, Tensor) else prefix_mask  # attention() checks
     res = attention(to_bhsd(q), to_bhsd(k), to_bhsd(v), causal=causal, doc_ids=docs, kv_doc_ids=kv_docs,
                     prefix_mask=prefix_mask,
                     kv_lens=cu_k[-1:], window=window, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
@@ -539,6 +546,17 @@ def attention_varlen(
     out, lse = res if return_lse else (res, None)
     out = out[0].transpose(0, 1).contiguous()
     return (out, lse[0]) if return_lse else out
+
+
+def _check_cu_values(name: str, cu: Tensor, rows: int, t: str) -> None:
+    """On the CPU: boundaries from 0, non-decreasing, within the tensor's rows (doc_ids_from_cu_seqlens checks the
+    same, but names its own arguments)."""
+    if cu.is_cuda or torch.compiler.is_compiling() or not cu.numel():
+        return
+    if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
+        raise ValueError(f"{name} must start at 0 and be non-decreasing, got {cu.tolist()}"[:200])
+    if int(cu[-1]) > rows:
+        raise ValueError(f"{name} ends at {int(cu[-1])}, past {t}'s {rows} rows")
 
 
 def _cu_tensor(name: str, cu, device) -> Tensor:

@@ -850,8 +850,12 @@ def test_attention_varlen_bad_input(gen):
         ((q[None], k, v, cu), {}, ValueError, "q must be \\(total, heads, head_dim\\)"),
         ((q, k, v, [0, 4.5, 10]), {}, TypeError, "cu_seqlens_q"),
         ((q, k, v, cu[None]), {}, ValueError, "cu_seqlens_q must be \\(n \\+ 1,\\)"),
-        ((q, k, v, torch.tensor([0, 6, 4])), {}, ValueError, "non-decreasing"),
-        ((q, k, v, torch.tensor([0, 4, 11])), {}, ValueError, "past seq_len"),
+        ((q, k, v, torch.tensor([0, 6, 4])), {}, ValueError, "cu_seqlens_q must start at 0 and be non-decreasing"),
+        ((q, k, v, torch.tensor([1, 4, 10])), {}, ValueError, "cu_seqlens_q must start at 0"),
+        ((q, k, v, torch.tensor([0, 4, 11])), {}, ValueError, "cu_seqlens_q ends at 11, past q's 10 rows"),
+        ((q, k[:8], v[:8], cu, torch.tensor([0, 4, 9])), {}, ValueError, "cu_seqlens_k ends at 9, past k's 8 rows"),
+        ((q, k, v, cu), {"causal": True, "prefix_mask": torch.zeros(9, dtype=torch.bool)}, ValueError,
+         "prefix_mask must be \\(total_q,\\) = \\(10,\\)"),
         ((q, k, v, cu, torch.tensor([0, 10])), {}, ValueError, "cu_seqlens_k must have cu_seqlens_q's shape"),
         ((q, k[:7], v[:7], cu), {}, ValueError, "pass cu_seqlens_k"),
         ((q, k, v, cu, torch.tensor([0, 5, 10])), {"causal": True}, ValueError, "causal needs self-attention"),
@@ -868,6 +872,9 @@ def test_attention_varlen_bad_input(gen):
     a = L.attention_varlen(q, k, v, cu, cu.clone(), causal=True, alibi_slopes=L.alibi_slopes(2))
     assert torch.equal(a, L.attention_varlen(q, k, v, cu, causal=True, alibi_slopes=L.alibi_slopes(2)))
     assert torch.equal(L.attention_varlen(q, k, v, [0, 4, 10]), L.attention_varlen(q, k, v, cu))
+    flags = [True, True] + [False] * 5 + [True] * 3  # a list, as attention() takes it
+    assert torch.equal(L.attention_varlen(q, k, v, cu, causal=True, prefix_mask=flags),
+                       L.attention_varlen(q, k, v, cu, causal=True, prefix_mask=torch.tensor(flags)))
 
 
 def test_module_and_auto_backend(gen):

@@ -123,6 +123,8 @@ def _check_prefix_mask(q, causal, prefix_lens, prefix_mask) -> Tensor | None:
     if prefix_lens is not None:
         raise ValueError("give prefix_lens (one prefix per row) or prefix_mask (per token), not both")
     if _is_seq(prefix_mask):
+        if len({len(r) if _is_seq(r) else -1 for r in prefix_mask}) > 1:
+            raise ValueError("prefix_mask's rows must have one length (lists of bools, one per batch row)")
         prefix_mask = torch.as_tensor(prefix_mask, device=q.device)
     if not isinstance(prefix_mask, Tensor) or not (prefix_mask.dtype == torch.bool or prefix_mask.dtype in _INTS):
         raise TypeError(f"prefix_mask must be a bool tensor (or an integer one: nonzero flags a token), got "
@@ -513,7 +515,8 @@ def attention_varlen(
     if self_attn and k.shape[0] != q.shape[0]:
         raise ValueError(f"without cu_seqlens_k, k must have q's {q.shape[0]} rows (self-attention), got "
                          f"{k.shape[0]}: pass cu_seqlens_k for cross attention")
-    needs_self = [n for n, on in (("causal", causal is True), ("window", window is not None)) if on]
+    needs_self = [n for n, on in (("causal", causal is True), ("window", window is not None),
+                                  ("alibi_slopes", alibi_slopes is not None)) if on]
     if needs_self and not self_attn:
         same = cu_k.to(torch.int64) == cu_q.to(torch.int64)
         if cu_q.is_cuda or torch.compiler.is_compiling():

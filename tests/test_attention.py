@@ -248,7 +248,8 @@ def test_prefix_mask_bad_input(gen):
              ({"causal": True, "prefix_mask": pm[:, :7]}, ValueError, r"prefix_mask must have shape \(B, S\)"),
              ({"causal": True, "prefix_mask": pm.float()}, TypeError, "prefix_mask must be a bool"),
              ({"causal": True, "prefix_mask": pm.to("meta")}, ValueError, "prefix_mask is on meta"),
-             ({"causal": True, "prefix_mask": "all"}, TypeError, "prefix_mask")]
+             ({"causal": True, "prefix_mask": "all"}, TypeError, "prefix_mask"),
+             ({"causal": True, "prefix_mask": [[True] * 8, [True] * 7]}, ValueError, "prefix_mask's rows")]
     for kwargs, exc, match in cases:
         with pytest.raises(exc, match=match):
             L.attention(q, k, v, **kwargs)
@@ -860,7 +861,8 @@ def test_attention_varlen_bad_input(gen):
         ((q, k[:7], v[:7], cu), {}, ValueError, "pass cu_seqlens_k"),
         ((q, k, v, cu, torch.tensor([0, 5, 10])), {"causal": True}, ValueError, "causal needs self-attention"),
         ((q, k, v, cu, torch.tensor([0, 5, 10])), {"window": (2, 2)}, ValueError, "window needs self-attention"),
-        ((q, k, v, cu, torch.tensor([0, 5, 10])), {"alibi_slopes": torch.ones(2)}, ValueError, "alibi_slopes"),
+        ((q, k, v, cu, torch.tensor([0, 5, 10])), {"alibi_slopes": torch.ones(2)}, ValueError,
+         "alibi_slopes needs self-attention"),
         ((q, k, v, cu), {"alibi_slopes": torch.ones(2, 2)}, ValueError, "alibi_slopes \\(Hq,\\)"),
         ((q, k, v, cu), {"causal": True, "prefix_mask": torch.zeros(1, 10, dtype=torch.bool)}, ValueError,
          "prefix_mask must be \\(total_q,\\)"),
@@ -871,6 +873,8 @@ def test_attention_varlen_bad_input(gen):
     # cu_seqlens_k equal to cu_seqlens_q (another tensor) is self-attention: causal works, as does ALiBi
     a = L.attention_varlen(q, k, v, cu, cu.clone(), causal=True, alibi_slopes=L.alibi_slopes(2))
     assert torch.equal(a, L.attention_varlen(q, k, v, cu, causal=True, alibi_slopes=L.alibi_slopes(2)))
+    a = L.attention_varlen(q, k, v, cu, cu.clone(), alibi_slopes=L.alibi_slopes(2))  # non-causal too
+    assert torch.equal(a, L.attention_varlen(q, k, v, cu, alibi_slopes=L.alibi_slopes(2)))
     assert torch.equal(L.attention_varlen(q, k, v, [0, 4, 10]), L.attention_varlen(q, k, v, cu))
     flags = [True, True] + [False] * 5 + [True] * 3  # a list, as attention() takes it
     assert torch.equal(L.attention_varlen(q, k, v, cu, causal=True, prefix_mask=flags),

@@ -397,9 +397,9 @@ def attention(
     decoder over its packed encoder, FlashAttention's cu_seqlens_q / cu_seqlens_k): doc_ids are then the queries'
     documents (B, Sq) and query i attends key j when doc_ids[b, i] == kv_doc_ids[b, j]; a query whose document has
     no key gets zeros. prefix_mask (B, S) bool (integer: nonzero), with causal=True instead of prefix_lens: a prefix
-    per token, t5x's
-    `decoder_causal_attention`: query i attends key j when j <= i or both are flagged, so with doc_ids each packed
-    document has its own prefix (flag each document's leading tokens). scale defaults to D ** -0.5. softcap c
+    per token, t5x's `decoder_causal_attention`: query i attends key j when j <= i or both are flagged, so with
+    doc_ids each packed document has its own prefix (flag each document's leading tokens). scale defaults to
+    D ** -0.5. softcap c
     (Gemma 2's attention logit soft-capping): the scaled scores s become c * tanh(s / c) before the softmax; the
     torch backend then materialises the scores (SDPA has no cap).
     alibi_slopes: ALiBi, a float tensor (Hq,) or (B, Hq) (`alibi_slopes(Hq)` gives the paper's): the bias

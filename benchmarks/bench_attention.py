@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, table, time_cpu, time_gpu, write_results  # noqa: E402
 
 import lmobj_kernels as L  # noqa: E402
+from lmobj_kernels.attention import _document_prefixes  # noqa: E402
 from lmobj_kernels.reference import attention as ref  # noqa: E402
 
 
@@ -60,13 +61,7 @@ def make_mask(name: str, B: int, S: int, device, gen: torch.Generator) -> dict:
         return {"causal": True, "alibi_slopes": None}
     if name == "prefix_docs":  # a packed prefix LM: the documents of "docs", each the first half of it its prefix
         opts = make_mask("docs", B, S, device, gen)
-        d = opts["doc_ids"]
-        pos = torch.arange(S, device=device).expand(B, S)
-        start = torch.cummax(torch.where(torch.cat([torch.ones_like(d[:, :1]), d[:, 1:] - d[:, :-1]], 1) != 0,
-                                         pos, 0), dim=1).values
-        length = torch.stack([torch.repeat_interleave(c, c) for c in
-                              (torch.unique_consecutive(r, return_counts=True)[1] for r in d)])
-        return {**opts, "prefix_mask": (pos - start) * 2 < length}
+        return {**opts, "prefix_mask": _document_prefixes(opts["doc_ids"], torch.ones(B, dtype=torch.long), 2)}
     if name == "cross_docs":  # a packed T5: S // 4 decoder queries over S encoder keys, 4 documents per row, each
         # document's decoder part a quarter of its encoder part (T5's 114 targets per 568 raw tokens, roughly)
         Sq = S // 4

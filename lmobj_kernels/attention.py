@@ -528,12 +528,8 @@ def attention_varlen(
         raise ValueError("attention_varlen takes alibi_slopes (Hq,) with self-attention only (FlashAttention aligns a "
                          "cross sequence's bias to its own lengths; use attention() per sequence there)")
     to_bhsd = lambda t: t.transpose(0, 1).unsqueeze(0)  # noqa: E731  (1, H, total, D), a view
-    _check_cu_values("cu_seqlens_q", cu_q, q.shape[0], "q")
-    docs = doc_ids_from_cu_seqlens(cu_q, q.shape[0])
-    kv_docs = None
-    if not self_attn:
-        _check_cu_values("cu_seqlens_k", cu_k, k.shape[0], "k")
-        kv_docs = doc_ids_from_cu_seqlens(cu_k, k.shape[0])
+    docs = _varlen_doc_ids("cu_seqlens_q", cu_q, q.shape[0], "q")
+    kv_docs = None if self_attn else _varlen_doc_ids("cu_seqlens_k", cu_k, k.shape[0], "k")
     if prefix_mask is not None:
         if _is_seq(prefix_mask):
             prefix_mask = torch.as_tensor(prefix_mask, device=q.device)
@@ -551,15 +547,11 @@ def attention_varlen(
     return (out, lse[0]) if return_lse else out
 
 
-def _check_cu_values(name: str, cu: Tensor, rows: int, t: str) -> None:
-    """On the CPU: boundaries from 0, non-decreasing, within the tensor's rows (doc_ids_from_cu_seqlens checks the
-    same, but names its own arguments)."""
-    if cu.is_cuda or torch.compiler.is_compiling() or not cu.numel():
-        return
-    if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
-        raise ValueError(f"{name} must start at 0 and be non-decreasing, got {cu.tolist()}"[:200])
-    if int(cu[-1]) > rows:
-        raise ValueError(f"{name} ends at {int(cu[-1])}, past {t}'s {rows} rows")
+def _varlen_doc_ids(name: str, cu: Tensor, rows: int, t: str) -> Tensor:
+    """(1, rows) doc ids of one varlen tensor's boundaries, checked under the caller's name for them."""
+    cu = cu[None].to(torch.int64)
+    _check_cu(name, cu, rows, f"{t}'s {rows} rows")
+    return _cu_doc_ids(cu, rows)
 
 
 def _cu_tensor(name: str, cu, device) -> Tensor:
@@ -614,14 +606,25 @@ def doc_ids_from_cu_seqlens(cu_seqlens: Tensor, seq_len: int) -> Tensor:
     if seq_len < 0:
         raise ValueError(f"seq_len must be >= 0, got {seq_len}")
     cu = cu_seqlens.reshape(-1, cu_seqlens.shape[-1]).to(torch.int64)
-    if not cu.is_cuda and not torch.compiler.is_compiling() and cu.numel():
-        if bool((cu[:, 1:] < cu[:, :-1]).any()):
-            raise ValueError("cu_seqlens must be non-decreasing")
-        if bool((cu[:, 0] != 0).any()):
-            raise ValueError("cu_seqlens must start at 0 (the first document starts at position 0)")
-        if bool((cu[:, -1] > seq_len).any()):  # documents that claim more tokens than the row has: the wrong seq_len?
-            raise ValueError(f"cu_seqlens ends at {int(cu[:, -1].max())}, past seq_len={seq_len}: its documents hold "
-                             "more tokens than a row")
+    # documents that claim more tokens than the row has: the wrong seq_len?
+    _check_cu("cu_seqlens", cu, seq_len, f"seq_len={seq_len}: its documents hold more tokens than a row")
+    return _cu_doc_ids(cu, seq_len)
+
+
+def _check_cu(name: str, cu: Tensor, seq_len: int, past: str) -> None:
+    """cu (B, n + 1) int64 boundaries from 0, non-decreasing, ending at seq_len or before. Read on the CPU only: a
+    CUDA tensor is taken as it is (no host synchronisation)."""
+    if cu.is_cuda or torch.compiler.is_compiling() or not cu.numel():
+        return
+    if bool((cu[:, 0] != 0).any()) or bool((cu[:, 1:] < cu[:, :-1]).any()):
+        raise ValueError(f"{name} must start at 0 and be non-decreasing (the first document starts at position 0), "
+                         f"got {cu.tolist()}"[:240])
+    if bool((cu[:, -1] > seq_len).any()):
+        raise ValueError(f"{name} ends at {int(cu[:, -1].max())}, past {past}")
+
+
+def _cu_doc_ids(cu: Tensor, seq_len: int) -> Tensor:
+    """(B, seq_len) int32 doc ids of checked boundaries cu (B, n + 1) int64."""
     pos = torch.arange(seq_len, device=cu.device).expand(cu.shape[0], seq_len).contiguous()
     return torch.searchsorted(cu[:, 1:].contiguous(), pos, right=True).to(torch.int32)
 
@@ -656,6 +659,21 @@ def doc_ids_from_position_ids(position_ids: Tensor) -> Tensor:
     starts = (position_ids == 0).to(torch.int32)
     starts[:, :1] = 1
     return (torch.cumsum(starts, dim=1, dtype=torch.int32) - 1).to(torch.int32)
+
+
+def _document_prefixes(docs: Tensor, num: Tensor, den: int) -> Tensor:
+    """(B, S) bool prefix flags (attention's prefix_mask): the first num[b] / den of each document's tokens, rounded
+    up (documents: runs of equal doc ids); device ops, no host sync. The trainer's packed prefix LM, the verify rows
+    and the benchmark build their per-document prefixes with it."""
+    S = docs.shape[1]
+    pos = torch.arange(S, device=docs.device).expand_as(docs)
+    first = torch.ones_like(docs, dtype=torch.bool)
+    first[:, 1:] = docs[:, 1:] != docs[:, :-1]
+    last = torch.ones_like(first)
+    last[:, :-1] = first[:, 1:]
+    start = torch.cummax(torch.where(first, pos, 0), dim=1).values
+    end = torch.flip(torch.cummin(torch.flip(torch.where(last, pos, S), [1]), dim=1).values, [1]) + 1
+    return (pos - start) * den < num.to(docs.device)[:, None] * (end - start)
 
 
 class MaskedAttention(nn.Module):

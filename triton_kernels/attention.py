@@ -252,6 +252,26 @@ def _allowed(qi, kj, Sk, kv_len, prefix_len, k_pf, q_doc, k_doc, win_l, win_r, C
 
 
 @triton.jit
+def _rows_mask(offs_m, offs_n, kmask, Sk, kv_len, prefix_len, q_doc, DOC_row, PFX_row, win_l, win_r,
+               CAUSAL: tl.constexpr, HAS_PREFIX: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_DOCS: tl.constexpr,
+               HAS_WINDOW: tl.constexpr, PREFIX_MASK: tl.constexpr):
+    """`_allowed` (M, N) of a query block's rows against key block offs_n, as the forward and dQ steps need it:
+    the keys' doc ids (and prefix flags) read from DOC_row (PFX_row); the rows' own come in q_doc and prefix_len."""
+    k_doc = offs_n
+    if HAS_DOCS:
+        k_doc = tl.load(DOC_row + offs_n, mask=kmask, other=-1)
+    if HAS_PREFIX and PREFIX_MASK:
+        k_pf = tl.load(PFX_row + offs_n, mask=offs_n < Sk, other=0)
+        ok = _allowed(offs_m[:, None], offs_n[None, :], Sk, kv_len, prefix_len[:, None], k_pf[None, :],
+                      q_doc[:, None], k_doc[None, :], win_l, win_r, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS,
+                      HAS_WINDOW, PREFIX_MASK)
+    else:
+        ok = _allowed(offs_m[:, None], offs_n[None, :], Sk, kv_len, prefix_len, prefix_len, q_doc[:, None],
+                      k_doc[None, :], win_l, win_r, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, PREFIX_MASK)
+    return ok
+
+
+@triton.jit
 def _key_range(b, pid_m, start_m, Sq, Sk, kv_len, prefix_len, DOC_RANGE, n_outer, win_l, win_r,
                CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, PREFIX_MASK: tl.constexpr):
@@ -353,18 +373,8 @@ def _fwd_step(acc, m_i, l_i, q, K_base, V_base, stride_ks, stride_vs, start_n, o
     s, _ = _scores(_mm(q, kT, PREC, UPCAST), qk_scale, cap_in, cap_l2, HAS_SOFTCAP)
     s = _alibi(s, slope_l2, offs_m[:, None], offs_n[None, :], alibi_off, HAS_ALIBI)
     if MASK:
-        k_doc = offs_n
-        if HAS_DOCS:
-            k_doc = tl.load(DOC_row + offs_n, mask=kmask, other=-1)
-        if HAS_PREFIX and PREFIX_MASK:
-            k_pf = tl.load(PFX_row + offs_n, mask=offs_n < Sk, other=0)
-            ok = _allowed(offs_m[:, None], offs_n[None, :], Sk, kv_len, prefix_len[:, None], k_pf[None, :],
-                          q_doc[:, None], k_doc[None, :], win_l, win_r, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS,
-                          HAS_WINDOW, PREFIX_MASK)
-        else:
-            ok = _allowed(offs_m[:, None], offs_n[None, :], Sk, kv_len, prefix_len, prefix_len, q_doc[:, None],
-                          k_doc[None, :], win_l, win_r, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW,
-                          PREFIX_MASK)
+        ok = _rows_mask(offs_m, offs_n, kmask, Sk, kv_len, prefix_len, q_doc, DOC_row, PFX_row, win_l, win_r,
+                        CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, PREFIX_MASK)
         s = tl.where(ok, s, -float("inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows with nothing allowed yet: exp2(-inf - 0) = 0
@@ -668,18 +678,8 @@ def _dq_step(dq, q, do, lse, delta, K_base, V_base, stride_ks, stride_vs, start_
     s = _alibi(s, slope_l2, offs_m[:, None], offs_n[None, :], alibi_off, HAS_ALIBI)
     p = tl.exp2(s - lse[:, None])
     if MASK:
-        k_doc = offs_n
-        if HAS_DOCS:
-            k_doc = tl.load(DOC_row + offs_n, mask=kmask, other=-1)
-        if HAS_PREFIX and PREFIX_MASK:
-            k_pf = tl.load(PFX_row + offs_n, mask=offs_n < Sk, other=0)
-            ok = _allowed(offs_m[:, None], offs_n[None, :], Sk, kv_len, prefix_len[:, None], k_pf[None, :],
-                          q_doc[:, None], k_doc[None, :], win_l, win_r, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS,
-                          HAS_WINDOW, PREFIX_MASK)
-        else:
-            ok = _allowed(offs_m[:, None], offs_n[None, :], Sk, kv_len, prefix_len, prefix_len, q_doc[:, None],
-                          k_doc[None, :], win_l, win_r, CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW,
-                          PREFIX_MASK)
+        ok = _rows_mask(offs_m, offs_n, kmask, Sk, kv_len, prefix_len, q_doc, DOC_row, PFX_row, win_l, win_r,
+                        CAUSAL, HAS_PREFIX, HAS_KVLEN, HAS_DOCS, HAS_WINDOW, PREFIX_MASK)
         p = tl.where(ok, p, 0.0)
     dp = _mm(do, vT, PREC, UPCAST)
     if HAS_DROPOUT:
@@ -838,10 +838,10 @@ def _prefix_arg(prefix: torch.Tensor) -> torch.Tensor:
     if prefix.dim() == 1:
         return prefix.to(torch.int32).contiguous()
     flags = prefix.to(torch.int32)
-    S = flags.shape[1]
-    anyf = flags.amax(dim=1, keepdim=True) if S else flags.new_zeros((flags.shape[0], 1))
-    first = torch.where(anyf != 0, flags.argmax(dim=1, keepdim=True).to(torch.int32), S) if S else anyf + S
-    last = torch.where(anyf != 0, S - flags.flip(1).argmax(dim=1, keepdim=True).to(torch.int32), 0) if S else anyf
+    S = flags.shape[1]  # > 0: the launchers return before an empty sequence
+    anyf = flags.amax(dim=1, keepdim=True) != 0
+    first = torch.where(anyf, flags.argmax(dim=1, keepdim=True), S)
+    last = torch.where(anyf, S - flags.flip(1).argmax(dim=1, keepdim=True), 0)
     return torch.cat([first.to(torch.int32), last.to(torch.int32), flags], dim=1).contiguous()
 
 

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from lmobj_kernels.attention import _document_prefixes
 from lmobj_kernels.train import kernels
 from lmobj_kernels.train.data import ByteTokenizer
 
@@ -101,19 +102,6 @@ def prefix_batch(ids: Tensor, tok: ByteTokenizer, seed: int, opts: dict) -> dict
         batch["prefix_lens"] = prefix
     batch["labels"] = torch.where(in_prefix, -100, ids)
     return batch
-
-
-def _document_prefixes(docs: Tensor, prefix: Tensor, S: int) -> Tensor:
-    """(B, S) bool: the first prefix[b] / S of each document's tokens (documents: runs of equal doc ids), on the
-    device, without a host sync."""
-    pos = torch.arange(S, device=docs.device).expand_as(docs)
-    first = torch.ones_like(docs, dtype=torch.bool)
-    first[:, 1:] = docs[:, 1:] != docs[:, :-1]
-    last = torch.ones_like(first)
-    last[:, :-1] = first[:, 1:]
-    start = torch.cummax(torch.where(first, pos, 0), dim=1).values
-    end = torch.flip(torch.cummin(torch.flip(torch.where(last, pos, S), [1]), dim=1).values, [1]) + 1
-    return (pos - start) * S < prefix[:, None] * (end - start)
 
 
 def t5_batch(ids: Tensor, tok: ByteTokenizer, seed: int, opts: dict) -> dict:

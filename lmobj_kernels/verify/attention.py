@@ -7,6 +7,7 @@ import torch
 
 import lmobj_kernels as L
 from lmobj_kernels._backend import available_backends
+from lmobj_kernels.attention import _document_prefixes
 from lmobj_kernels.reference import attention as ref
 from lmobj_kernels.verify import lowp_bound, rule_floor
 
@@ -32,17 +33,9 @@ def _masks(B, Hq, S, gen):
         "dropout_padding": dict(kv_lens=kv, dropout_p=0.1, seed=int(torch.randint(0, 2**62, (1,), generator=gen))),
         "alibi_causal": dict(causal=True, alibi_slopes=L.alibi_slopes(Hq)),
         # a packed prefix LM: each document's first third of tokens is its prefix (t5x's decoder_causal_attention)
-        "prefix_per_doc": dict(causal=True, doc_ids=docs, prefix_mask=_leading_third(docs)),
+        "prefix_per_doc": dict(causal=True, doc_ids=docs,
+                               prefix_mask=_document_prefixes(docs, torch.ones(B, dtype=torch.long), 3)),
     }
-
-
-def _leading_third(docs):
-    """(B, S) bool: the first third of each document's tokens (runs of equal doc ids)."""
-    rows = []
-    for row in docs:  # small: a few hundred tokens
-        counts = torch.unique_consecutive(row, return_counts=True)[1].tolist()
-        rows.append(torch.cat([torch.arange(n) < n // 3 for n in counts]))
-    return torch.stack(rows)
 
 
 def _cross_masks(B, S, Sk, gen):
